@@ -1,0 +1,143 @@
+"""Staff authentication: HTTP Basic against scrypt hashes, with lockout.
+
+scrypt is deliberately slow (tens of milliseconds), so a credential that verified once
+is remembered for a short while as an HMAC under a key that lives only in this
+process; the password itself is never kept. A user is locked out for
+``lockout_seconds`` after ``max_failures`` consecutive failures (429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.errors import ProblemError
+from gateway.registry import dummy_hash, ID_PATTERN, UserRegistry, verify_password
+
+MAX_TRACKED = 10_000
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    locked_until: float = 0.0
+
+
+def parse_basic(header: str | None) -> tuple[str, str] | None:
+    """``(user_id, password)`` from an ``Authorization: Basic`` header, or None."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return user, password
+
+
+def basic_authorization(user_id: str, password: str) -> str:
+    """An ``Authorization`` header value for HTTP Basic (RFC 7617, UTF-8)."""
+    return "Basic " + base64.b64encode(f"{user_id}:{password}".encode()).decode()
+
+
+def unauthorized(detail: str) -> ProblemError:
+    return ProblemError(401, "unauthorized", "Staff credential required", detail)
+
+
+class StaffAuthenticator:
+    """Checks staff credentials; the clock and the verifier are injected for tests."""
+
+    def __init__(
+        self,
+        users: Callable[[], UserRegistry],
+        *,
+        max_failures: int,
+        lockout_seconds: int,
+        cache_seconds: int,
+        clock: Callable[[], float],
+        on_failure: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self._users = users
+        self._max_failures = max_failures
+        self._lockout = lockout_seconds
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        self._on_failure = on_failure
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: OrderedDict[bytes, float] = OrderedDict()
+        self._failures: OrderedDict[str, _Failures] = OrderedDict()
+
+    def _fingerprint(self, user_id: str, password: str, password_hash: str) -> bytes:
+        material = f"{user_id}\0{password}\0{password_hash}".encode()
+        return hmac.new(self._cache_key, material, hashlib.sha256).digest()
+
+    async def authenticate(self, header: str | None) -> str:
+        """The staff user ID, or a :class:`ProblemError` (401, or 429 when locked out)."""
+        parsed = parse_basic(header)
+        if parsed is None:
+            self._on_failure("missing_credential")
+            raise unauthorized("send the staff user ID and password as HTTP Basic")
+        user_id, password = parsed
+        now = self._clock()
+        key = user_id if ID_PATTERN.match(user_id) else "\0invalid"
+        state = self._failures.get(key)
+        if state and state.locked_until > now:
+            self._on_failure("locked_out")
+            raise ProblemError(
+                429,
+                "locked-out",
+                "Too many failed attempts",
+                "this staff user is locked out after repeated failures; try again later",
+                retry_after=max(1, int(state.locked_until - now + 0.999)),
+            )
+        user = self._users().get(user_id) if key == user_id else None
+        password_hash = user.password_hash if user else dummy_hash()
+        fingerprint = self._fingerprint(user_id, password, password_hash)
+        cached_at = self._verified.get(fingerprint)
+        ok: bool
+        if user is not None and cached_at is not None and now - cached_at < self._cache_seconds:
+            ok = True
+        else:
+            ok = await asyncio.to_thread(verify_password, password, password_hash)
+            ok = ok and user is not None
+        if ok and user is not None and user.enabled:
+            self._failures.pop(key, None)
+            if cached_at is None or now - cached_at >= self._cache_seconds:
+                self._remember(fingerprint, now)
+            return user_id
+        self._count_failure(key, now)
+        if ok and user is not None and not user.enabled:
+            self._on_failure("user_disabled")
+            raise unauthorized("this staff user is disabled")
+        self._on_failure("bad_credential")
+        raise unauthorized("unknown staff user ID or wrong password")
+
+    def _remember(self, fingerprint: bytes, now: float) -> None:
+        if self._cache_seconds <= 0:
+            return
+        self._verified[fingerprint] = now
+        self._verified.move_to_end(fingerprint)
+        while len(self._verified) > MAX_TRACKED:
+            self._verified.popitem(last=False)
+
+    def _count_failure(self, key: str, now: float) -> None:
+        state = self._failures.setdefault(key, _Failures())
+        self._failures.move_to_end(key)
+        state.count += 1
+        if state.count >= self._max_failures:
+            state.locked_until = now + self._lockout
+            state.count = 0
+        while len(self._failures) > MAX_TRACKED:
+            self._failures.popitem(last=False)

@@ -1,0 +1,279 @@
+"""One validated, immutable configuration tree, loaded from a TOML file.
+
+Unknown keys are errors that name the file and the dotted key, with the closest known
+key suggested. Relative paths resolve against the configuration file's directory.
+Secrets (keys, passwords, upstream credentials) are never inline: the configuration
+holds only where they are (a path, or ``credential:NAME`` for a systemd credential).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from datetime import date
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from gateway.channels.fields import FORMAT_NAMES, SAFE_FIELD_NAME
+from gateway.errors import ConfigError, ConfigProblem
+
+FILE_FORMATS = frozenset({"jpeg_photo", "opaque_file"})
+"""Field formats that arrive as a file part and stream to the spool."""
+
+BATCH_MANIFEST = ("batch_id", "record_count", "sha256")
+"""The manifest a batch channel requires beside its opaque file (資料30)."""
+
+MAX_BODY_LIMIT = 64 * 1024 * 1024
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base")
+    if value.is_absolute() or base is None:
+        return value
+    return Path(base) / value
+
+
+def _secret_spec(value: str, info: ValidationInfo) -> str:
+    """A secret's location: a path (resolved like other paths) or ``credential:NAME``."""
+    if value.startswith("credential:"):
+        name = value.removeprefix("credential:")
+        if not name or "/" in name or name in {".", ".."}:
+            raise ValueError("credential:NAME needs a plain credential name")
+        return value
+    if "\n" in value or len(value) > 4096:
+        raise ValueError("must be a file path or credential:NAME, never the secret itself")
+    return str(_resolve_path(Path(value), info))
+
+
+RelPath = Annotated[Path, AfterValidator(_resolve_path)]
+SecretRef = Annotated[str, AfterValidator(_secret_spec)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class IngressConfig(_Model):
+    """The device-facing HTTPS listener (client certificate required)."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - the ingress listens for ward devices
+    port: Port = 8443
+    certificate: RelPath
+    private_key: SecretRef
+    client_ca: RelPath
+    tls_profile: Literal["intermediate", "modern"] = "intermediate"
+    keepalive_timeout: Annotated[float, Field(gt=0, le=3600)] = 75.0
+    shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
+class AdminConfig(_Model):
+    """The operators' listener: metrics and health, loopback by default, no personal data."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9464
+
+
+class SpoolConfig(_Model):
+    """Where accepted submissions are kept, encrypted, until delivered and erased."""
+
+    directory: RelPath
+    master_key: SecretRef
+    quota_bytes: Annotated[int, Field(gt=0)] = 20 * 1024**3
+    min_free_bytes: Annotated[int, Field(ge=0)] = 1024**3
+    retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+
+
+class AuthConfig(_Model):
+    """Device and staff registries and the staff password policy."""
+
+    devices_file: RelPath
+    users_file: RelPath
+    max_failures: Annotated[int, Field(ge=1, le=100)] = 5
+    lockout_seconds: Annotated[int, Field(ge=1, le=86400)] = 900
+    credential_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 300
+
+
+class RetryConfig(_Model):
+    """Exponential backoff with full jitter; ``Retry-After`` wins when it asks for longer."""
+
+    initial_backoff: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    max_backoff: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    max_retry_after: Annotated[float, Field(gt=0, le=86400)] = 3600.0
+
+
+class DestinationConfig(_Model):
+    """An upstream reached over mutual TLS: J-LIS, the contractor, or the ward's own system."""
+
+    url: Annotated[str, Field(pattern=r"^https://[^\s/]+(/\S*)?$")]
+    ca: RelPath
+    client_certificate: RelPath
+    client_key: SecretRef
+    spki_pins: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")], ...] = ()
+    credential: SecretRef | None = None
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 4
+    connect_timeout: Annotated[float, Field(gt=0, le=600)] = 10.0
+    request_timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    tls_profile: Literal["intermediate", "modern"] = "intermediate"
+    retry: RetryConfig = RetryConfig()
+
+
+class FieldConfig(_Model):
+    """One field a channel lets through, with its format rule."""
+
+    format: str
+    required: bool = False
+    max_length: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    label: str = ""
+
+    @model_validator(mode="after")
+    def _known_format(self) -> FieldConfig:
+        if self.format not in FORMAT_NAMES | FILE_FORMATS:
+            known = sorted(FORMAT_NAMES | FILE_FORMATS)
+            hint = difflib.get_close_matches(self.format, known, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"unknown format{extra}; known formats: {', '.join(known)}")
+        return self
+
+
+class ChannelConfig(_Model):
+    """One approved flow: who may send which fields where, and how long a copy is kept."""
+
+    description: str = ""
+    destination: Name
+    devices: tuple[str, ...]
+    source_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    active_from: date | None = None
+    active_until: date | None = None
+    on_unlisted: Literal["drop", "reject"] = "drop"
+    retention_days: Annotated[int, Field(ge=1, le=366)] = 7
+    erase_on_delivery: bool = False
+    max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_BODY_LIMIT)] = 8 * 1024 * 1024
+    fields: dict[str, FieldConfig]
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ChannelConfig:
+        for name in self.fields:
+            if not SAFE_FIELD_NAME.match(name):
+                raise ValueError("field names must match ^[a-z][a-z0-9_]{0,63}$")
+        files = [n for n, f in self.fields.items() if f.format in FILE_FORMATS]
+        if len(files) > 1:
+            raise ValueError("a channel takes at most one file field")
+        if self.active_from and self.active_until and self.active_from > self.active_until:
+            raise ValueError("active_from must not be after active_until")
+        if not self.devices:
+            raise ValueError("devices must name at least one device or group:NAME")
+        if not self.source_networks:
+            raise ValueError("source_networks must name at least one network")
+        if any(f.format == "opaque_file" for f in self.fields.values()):
+            missing = [m for m in BATCH_MANIFEST if m not in self.fields]
+            if missing:
+                raise ValueError(f"a batch channel needs manifest fields {', '.join(missing)}")
+        return self
+
+    @property
+    def file_field(self) -> str | None:
+        for name, rule in self.fields.items():
+            if rule.format in FILE_FORMATS:
+                return name
+        return None
+
+
+class GatewayConfig(_Model):
+    """The whole configuration; build it with :func:`load_config`."""
+
+    ingress: IngressConfig
+    admin: AdminConfig = AdminConfig()
+    spool: SpoolConfig
+    auth: AuthConfig
+    destinations: dict[Name, DestinationConfig]
+    channels: dict[Name, ChannelConfig]
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        for name, channel in self.channels.items():
+            if channel.destination not in self.destinations:
+                known = difflib.get_close_matches(channel.destination, list(self.destinations), 1)
+                hint = f" (did you mean {known[0]!r}?)" if known else ""
+                raise ValueError(f"channels.{name}.destination: no destination by that name{hint}")
+        return self
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model expects at ``loc`` (the parent of an unknown key)."""
+    current: Any = model
+    index = 0
+    while index < len(loc):
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(str(loc[index]))
+        if info is None:
+            return []
+        current = info.annotation
+        index += 1
+        if get_origin(current) is dict:
+            current = get_args(current)[1]
+            index += 1  # the next part is a user-chosen name (a channel, a field)
+        if get_origin(current) in (UnionType, Union):
+            models = [a for a in get_args(current) if isinstance(a, type)]
+            current = next((a for a in models if issubclass(a, BaseModel)), None)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _problems_from(error: ValidationError, file: str) -> list[ConfigProblem]:
+    problems = []
+    for item in error.errors(include_url=False):
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc)
+        message = str(item["msg"])
+        if item["type"] == "extra_forbidden":
+            known = _known_keys(GatewayConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        problems.append(ConfigProblem(file, key, message))
+    return problems
+
+
+def parse_config(data: Mapping[str, Any], *, base: Path, file: str = "<config>") -> GatewayConfig:
+    """Validate a configuration mapping; relative paths resolve against ``base``."""
+    try:
+        return GatewayConfig.model_validate(data, context={"base": base})
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc, file)) from None
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and validate a TOML configuration file; :class:`ConfigError` lists every problem."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(str(path), "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = ConfigProblem(str(path), "", f"cannot read: {type(exc).__name__}")
+        raise ConfigError([problem]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(str(path), "", f"not valid TOML: {exc}")]) from None
+    return parse_config(data, base=path.resolve().parent, file=str(path))

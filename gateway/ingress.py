@@ -1,0 +1,452 @@
+"""The device-facing HTTPS API (DESIGN.md section 3).
+
+Checks run cheapest first and all of them before the body is read: the device's
+certificate, the channel, the device's right to it, the source network, the active
+window, the staff credential, the media type, the size, and the spool's room. Then the
+body streams once through :mod:`gateway.intake` into an encrypted pending record, the
+photo is decode-checked from that record, and only when the record and its index row
+are on disk does the device get its 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway.auth import StaffAuthenticator
+from gateway.channels.photo import check_jpeg
+from gateway.channels.policy import (
+    ChannelPolicy,
+    device_allowed,
+    expires_at,
+    field_label,
+    source_allowed,
+    window_problem,
+)
+from gateway.config import GatewayConfig
+from gateway.crypto.pki import cert_fingerprint
+from gateway.crypto.tls import peer_cert_der
+from gateway.errors import ProblemError, SpoolError, Violation
+from gateway.intake import MultipartIntake, multipart_boundary
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.registry import Device, RegistryWatcher
+from gateway.spool import (
+    DuplicateIdempotencyKey,
+    NewRecord,
+    PendingRecord,
+    Record,
+    Spool,
+    is_submission_id,
+    new_submission_id,
+)
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+PROBLEM_JSON = "application/problem+json"
+
+log = get_logger("gateway.ingress")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    moment = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    return moment.replace("+00:00", "Z")
+
+
+@dataclass
+class Runtime:
+    """What the handlers need; built by the daemon, replaced whole on reload."""
+
+    config: GatewayConfig
+    policies: dict[str, ChannelPolicy]
+    registries: RegistryWatcher
+    auth: StaffAuthenticator
+    spool: Spool
+    metrics: Metrics
+    clock: Callable[[], float]
+    on_accepted: Callable[[Record], None]
+    accepting: bool = True
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def receipt(record: Record) -> dict[str, Any]:
+    return {
+        "submission_id": record.id,
+        "channel": record.channel,
+        "sha256": record.body_sha256,
+        "received_at": iso(record.received_at),
+        "expires_at": iso(record.expires_at),
+    }
+
+
+def problem_response(problem: ProblemError, instance: str | None = None) -> web.Response:
+    headers = {}
+    if problem.retry_after is not None:
+        headers["Retry-After"] = str(problem.retry_after)
+    if problem.status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="gateway", charset="UTF-8"'
+    return web.json_response(
+        problem.body(instance), status=problem.status, content_type=PROBLEM_JSON, headers=headers
+    )
+
+
+def identify_device(rt: Runtime, request: web.Request) -> Device:
+    """The registered, unrevoked device behind the TLS client certificate, or 403."""
+    transport = request.transport
+    der = peer_cert_der(transport.get_extra_info("ssl_object") if transport else None)
+    if der is None:
+        rt.metrics.auth_failures.labels(reason="no_client_certificate").inc()
+        raise ProblemError(
+            403,
+            "device-unknown",
+            "Device not recognised",
+            "a device client certificate is required",
+        )
+    rt.registries.refresh()
+    device = rt.registries.devices.by_fingerprint(cert_fingerprint(der))
+    if device is None:
+        rt.metrics.auth_failures.labels(reason="device_unknown").inc()
+        raise ProblemError(
+            403,
+            "device-unknown",
+            "Device not recognised",
+            "this device certificate is not registered",
+        )
+    if device.revoked:
+        rt.metrics.auth_failures.labels(reason="device_revoked").inc()
+        raise ProblemError(
+            403, "device-revoked", "Device revoked", "this device has been disabled (端末無効化)"
+        )
+    return device
+
+
+def _admission(rt: Runtime, request: web.Request, channel: str, device: Device) -> ChannelPolicy:
+    policy = rt.policies.get(channel)
+    config = rt.config.channels.get(channel)
+    if policy is None or config is None:
+        raise ProblemError(404, "unknown-channel", "Unknown channel", "no channel by that name")
+    if not device_allowed(config, device.id, device.group):
+        rt.metrics.auth_failures.labels(reason="device_not_allowed").inc()
+        raise ProblemError(
+            403,
+            "device-not-allowed",
+            "Device not allowed on this channel",
+            "this device may not post on this channel",
+        )
+    if not source_allowed(config, request.remote):
+        rt.metrics.auth_failures.labels(reason="source_network").inc()
+        raise ProblemError(
+            403,
+            "source-network-not-allowed",
+            "Source network not allowed",
+            "this channel does not accept submissions from this network",
+        )
+    inactive = window_problem(config, datetime.fromtimestamp(rt.clock(), UTC))
+    if inactive is not None:
+        raise inactive
+    return policy
+
+
+def _check_room(rt: Runtime, expected: int) -> None:
+    spool_cfg = rt.config.spool
+    if rt.spool.bytes + expected > spool_cfg.quota_bytes:
+        raise ProblemError(
+            507,
+            "spool-full",
+            "Spool full",
+            "the gateway's spool is at its quota; retry later",
+            retry_after=spool_cfg.retry_after_seconds,
+        )
+    if rt.spool.free_bytes() - expected < spool_cfg.min_free_bytes:
+        raise ProblemError(
+            507,
+            "disk-low",
+            "Disk space low",
+            "the gateway's disk is nearly full; retry later",
+            retry_after=spool_cfg.retry_after_seconds,
+        )
+
+
+async def _body_sha256(request: web.Request, limit: int) -> str:
+    digest = hashlib.sha256()
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _too_large(limit: int) -> ProblemError:
+    return ProblemError(
+        413, "too-large", "Request too large", f"this channel takes at most {limit} bytes"
+    )
+
+
+def _replay(existing: Record, body_sha256: str) -> web.Response:
+    if existing.body_sha256 != body_sha256:
+        raise ProblemError(
+            409,
+            "idempotency-conflict",
+            "Idempotency-Key reused",
+            "this Idempotency-Key was used for a different body",
+        )
+    return web.json_response(receipt(existing), status=202, headers={"Idempotent-Replayed": "true"})
+
+
+async def _check_photo(
+    pending: PendingRecord, intake: MultipartIntake, policy: ChannelPolicy
+) -> Violation | None:
+    file = intake.result.file
+    if file is None or file.rule.format != "jpeg_photo":
+        return None
+    if any(v.field == file.rule.name for v in intake.result.violations):
+        return None
+
+    def check() -> Violation | None:
+        with pending.window(file.start, file.length) as photo:
+            return check_jpeg(file.rule.name, photo, file.length, policy.photo)
+
+    return await asyncio.to_thread(check)
+
+
+async def _submit(
+    rt: Runtime, request: web.Request, channel: str, context: dict[str, Any]
+) -> web.Response:
+    if not rt.accepting:
+        raise ProblemError(
+            503,
+            "shutting-down",
+            "Gateway is shutting down",
+            "retry on another node or later",
+            retry_after=5,
+        )
+    device = identify_device(rt, request)
+    context["device_id"] = device.id
+    policy = _admission(rt, request, channel, device)
+    user_id = await rt.auth.authenticate(request.headers.get("Authorization"))
+    context["user_id"] = user_id
+    boundary = multipart_boundary(request.headers.get("Content-Type", ""))
+    declared = request.content_length
+    if declared is not None and declared > policy.max_body_bytes:
+        raise _too_large(policy.max_body_bytes)
+    _check_room(rt, declared if declared is not None else policy.max_body_bytes)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise ProblemError(
+            400,
+            "malformed",
+            "Malformed request",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )
+    if key is not None:
+        existing = await rt.spool.find_idempotent(device.id, key)
+        if existing is not None:
+            context["outcome"] = "replayed"
+            return _replay(existing, await _body_sha256(request, policy.max_body_bytes))
+
+    received_at = rt.clock()
+    pending = rt.spool.begin(new_submission_id(rt.clock))
+    committed = False
+    try:
+        intake = MultipartIntake(policy, pending, boundary)
+        async for chunk in request.content.iter_any():
+            if intake.result.body_bytes + len(chunk) > policy.max_body_bytes:
+                raise _too_large(policy.max_body_bytes)
+            intake.feed(chunk)
+        result = intake.finish()
+        pending.finish()
+        photo_violation = await _check_photo(pending, intake, policy)
+        if photo_violation is not None:
+            result.violations.append(photo_violation)
+        context["fields"] = sorted(result.fields)
+        context["dropped"] = sorted(field_label(n) for n in result.dropped)
+        if result.violations:
+            context["rules"] = sorted({f"{v.field}:{v.rule}" for v in result.violations})
+            raise ProblemError(
+                422,
+                "invalid-fields",
+                "Invalid fields",
+                "one or more fields break the channel's rules",
+                violations=tuple(result.violations),
+            )
+        config = rt.config.channels[channel]
+        meta = NewRecord(
+            channel=channel,
+            destination=config.destination,
+            device_id=device.id,
+            user_id=user_id,
+            received_at=received_at,
+            expires_at=expires_at(received_at, config.retention_days),
+            content_type=intake.content_type,
+            body_sha256=result.body_sha256,
+            field_names=tuple(result.fields),
+            idempotency_key=key,
+        )
+        try:
+            record = await rt.spool.commit(pending, meta)
+        except DuplicateIdempotencyKey:
+            # A concurrent request with the same key won the race.
+            existing = await rt.spool.find_idempotent(device.id, key or "")
+            if existing is None:
+                raise
+            context["outcome"] = "replayed"
+            return _replay(existing, result.body_sha256)
+        committed = True
+    finally:
+        if not committed:
+            rt.spool.discard(pending)
+    for name in result.dropped:
+        rt.metrics.fields_dropped.labels(channel=channel, field=field_label(name)).inc()
+    context["submission_id"] = record.id
+    context["outcome"] = "accepted"
+    rt.on_accepted(record)
+    return web.json_response(receipt(record), status=202)
+
+
+def _channel_label(rt: Runtime, channel: str) -> str:
+    return channel if channel in rt.config.channels else "unknown"
+
+
+async def submit(request: web.Request) -> web.StreamResponse:
+    """POST /v1/channels/{channel}/submissions"""
+    rt = request.app[RUNTIME]
+    channel = request.match_info["channel"]
+    label = _channel_label(rt, channel)
+    return await _handle(request, rt, label, lambda ctx: _submit(rt, request, channel, ctx))
+
+
+async def status(request: web.Request) -> web.StreamResponse:
+    """GET /v1/submissions/{submission_id}: the state, for the submitting device only."""
+    rt = request.app[RUNTIME]
+
+    async def run(context: dict[str, Any]) -> web.Response:
+        device = identify_device(rt, request)
+        context["device_id"] = device.id
+        context["user_id"] = await rt.auth.authenticate(request.headers.get("Authorization"))
+        submission_id = request.match_info["submission_id"]
+        record = await rt.spool.get(submission_id) if is_submission_id(submission_id) else None
+        if record is None or record.device_id != device.id:
+            raise ProblemError(
+                404,
+                "unknown-submission",
+                "Unknown submission",
+                "no submission by that id for this device",
+            )
+        context["submission_id"] = record.id
+        context["outcome"] = "ok"
+        return web.json_response(
+            {
+                "submission_id": record.id,
+                "channel": record.channel,
+                "state": record.state,
+                "received_at": iso(record.received_at),
+                "expires_at": iso(record.expires_at),
+                "delivered_at": iso(record.delivered_at),
+                "held_at": iso(record.held_at),
+                "erased_at": iso(record.erased_at),
+                "attempts": record.attempts,
+                "upstream_receipt": record.upstream_receipt,
+            }
+        )
+
+    return await _handle(request, rt, None, run)
+
+
+async def _handle(
+    request: web.Request,
+    rt: Runtime,
+    channel_label: str | None,
+    run: Callable[[dict[str, Any]], Awaitable[web.Response]],
+) -> web.StreamResponse:
+    request_id = secrets.token_hex(8)
+    context: dict[str, Any] = {"request_id": request_id}
+    if channel_label is not None:
+        context["channel"] = channel_label
+    started = time.perf_counter()
+    rt.metrics.in_flight.inc()
+    try:
+        response = await run(context)
+        outcome = context.pop("outcome", "ok")
+        level = "info"
+    except ProblemError as problem:
+        context.pop("outcome", None)
+        response = problem_response(problem, instance=f"urn:request:{request_id}")
+        outcome = problem.slug
+        level = "warning" if problem.status >= 500 else "info"
+    except (SpoolError, OSError) as exc:
+        unavailable = ProblemError(
+            503,
+            "spool-unavailable",
+            "Spool unavailable",
+            "the gateway cannot store submissions right now",
+            retry_after=rt.config.spool.retry_after_seconds,
+        )
+        response = problem_response(unavailable, instance=f"urn:request:{request_id}")
+        outcome = unavailable.slug
+        level = "error"
+        context["error"] = type(exc).__name__
+    finally:
+        rt.metrics.in_flight.dec()
+    duration = time.perf_counter() - started
+    if channel_label is not None:
+        rt.metrics.submissions.labels(channel=channel_label, outcome=outcome).inc()
+        if outcome == "accepted":
+            rt.metrics.time_to_accept.labels(channel=channel_label).observe(duration)
+    response.headers["X-Request-Id"] = request_id
+    getattr(log, level)(
+        "request",
+        method=request.method,
+        status=response.status,
+        outcome=outcome,
+        duration_ms=round(duration * 1000, 2),
+        **context,
+    )
+    return response
+
+
+@web.middleware
+async def last_resort(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Unknown routes and unexpected errors still answer problem+json, without details."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "http-error")
+        problem = ProblemError(exc.status, slug, exc.reason or "Error")
+        return problem_response(problem)
+    except Exception as exc:
+        frame = exc.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}" if frame else "?"
+        log.error("unexpected_error", error=type(exc).__name__, reason=where)
+        problem = ProblemError(
+            500,
+            "internal-error",
+            "Internal error",
+            "the gateway failed; the submission was not accepted",
+        )
+        return problem_response(problem)
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    app = web.Application(middlewares=[last_resort], client_max_size=64 * 1024)
+    app[RUNTIME] = runtime
+    app.router.add_post("/v1/channels/{channel}/submissions", submit)
+    app.router.add_get("/v1/submissions/{submission_id}", status)
+    return app

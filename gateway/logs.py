@@ -1,0 +1,89 @@
+"""Structured JSON logs that cannot carry personal data.
+
+structlog processors are pure functions of the event dict. The last one before
+rendering keeps only keys from :data:`SAFE_KEYS`; anything else is replaced by
+``"[redacted]"``, so a careless ``log.info(..., value=x)`` cannot leak a field value.
+Values of the safe keys are names, ids, counts and reasons chosen by the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+SAFE_KEYS = frozenset(
+    {
+        "event",
+        "level",
+        "timestamp",
+        "logger",
+        "request_id",
+        "channel",
+        "device_id",
+        "user_id",
+        "outcome",
+        "status",
+        "problem",
+        "duration_ms",
+        "fields",
+        "dropped",
+        "rules",
+        "submission_id",
+        "destination",
+        "attempt",
+        "reason",
+        "retry_in",
+        "receipt",
+        "state",
+        "bytes",
+        "address",
+        "port",
+        "url",
+        "records",
+        "requeued",
+        "orphans_removed",
+        "missing_files",
+        "error",
+        "config",
+        "version",
+        "count",
+        "remote",
+        "pid",
+        "signal",
+    }
+)
+REDACTED = "[redacted]"
+
+
+def keep_safe_keys(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Replace the value of any key outside :data:`SAFE_KEYS`."""
+    for key in list(event_dict):
+        if key not in SAFE_KEYS:
+            event_dict[key] = REDACTED
+    return event_dict
+
+
+def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
+    """JSON lines to ``stream`` (stderr by default), one event per line."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            keep_safe_keys,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(logger_name=name)

@@ -1,0 +1,111 @@
+"""Prometheus metrics with the names of DESIGN.md section 3.
+
+One :class:`Metrics` per daemon, on its own registry (tests run several daemons in one
+process). Label values are channel, destination, state and reason names from the
+configuration or from fixed sets: never anything a device sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+
+SPOOL_STATES = ("queued", "delivering", "delivered", "held")
+
+
+class _SpoolCollector(Collector):
+    """Reads the spool's in-memory counters at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], tuple[dict[str, int], int, float | None]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        counts, size, oldest_age = self._snapshot()
+        records = GaugeMetricFamily(
+            "gateway_spool_records", "Records in the spool by state", labels=["state"]
+        )
+        for state in SPOOL_STATES:
+            records.add_metric([state], counts.get(state, 0))
+        yield records
+        yield GaugeMetricFamily(
+            "gateway_spool_bytes", "Bytes of encrypted records in the spool", value=size
+        )
+        yield GaugeMetricFamily(
+            "gateway_spool_oldest_undelivered_age_seconds",
+            "Age of the oldest record not yet delivered (0 when none)",
+            value=oldest_age or 0.0,
+        )
+
+
+class Metrics:
+    """Every metric the gateway exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.submissions = Counter(
+            "gateway_submissions",
+            "Submissions by channel and outcome",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.fields_dropped = Counter(
+            "gateway_fields_dropped",
+            "Fields dropped because the channel does not allow them",
+            ["channel", "field"],
+            registry=r,
+        )
+        self.relay_attempts = Counter(
+            "gateway_relay_attempts",
+            "Upstream delivery attempts by outcome",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.relay_duration = Histogram(
+            "gateway_relay_duration_seconds",
+            "Duration of one upstream delivery attempt",
+            ["destination"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.deliveries = Counter(
+            "gateway_deliveries", "Submissions delivered upstream", ["channel"], registry=r
+        )
+        self.erasures = Counter(
+            "gateway_erasures", "Server copies erased", ["channel", "reason"], registry=r
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures",
+            "Refused device or staff authentication",
+            ["reason"],
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "gateway_certificate_expiry_timestamp_seconds",
+            "When a certificate the gateway uses expires",
+            ["certificate"],
+            registry=r,
+        )
+        self.build_info = Gauge("gateway_build_info", "Gateway version", ["version"], registry=r)
+        self.build_info.labels(version=__version__).set(1)
+        self.in_flight = Gauge(
+            "gateway_ingress_requests_in_flight", "Ingress requests being handled", registry=r
+        )
+        self.time_to_accept = Histogram(
+            "gateway_accept_duration_seconds",
+            "Time from request to 202 receipt",
+            ["channel"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.relay_in_flight = Gauge(
+            "gateway_relay_in_flight", "Upstream deliveries under way", ["destination"], registry=r
+        )
+
+    def watch_spool(self, snapshot: Callable[[], tuple[dict[str, int], int, float | None]]) -> None:
+        self.registry.register(_SpoolCollector(snapshot))

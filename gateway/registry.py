@@ -1,0 +1,304 @@
+"""Device and staff registries: who may connect, and with which password.
+
+A device is known by the SHA-256 fingerprint of its client certificate (端末の証明書);
+staff by user ID with an scrypt password hash. Both live in small JSON files that
+``gatewayctl`` rewrites atomically; the daemon re-reads them when they change, so a
+revoked device or a disabled user is refused on its next request without a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hmac
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidKey
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from gateway.errors import GatewayError
+
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+FINGERPRINT_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+MIN_PASSWORD_LENGTH = 10
+
+
+class RegistryError(GatewayError):
+    """A registry file is malformed; the message names the file and the entry, no secrets."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """A tablet or PC, identified by its client certificate's fingerprint."""
+
+    id: str
+    fingerprint: str
+    group: str
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class User:
+    """A staff member who operates a device (職員ID)."""
+
+    id: str
+    password_hash: str
+    enabled: bool = True
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N) -> str:
+    """An scrypt hash as ``scrypt$N$r$p$salt$hash`` (base64, no padding)."""
+    salt = secrets.token_bytes(16)
+    digest = Scrypt(salt=salt, length=32, n=n, r=SCRYPT_R, p=SCRYPT_P).derive(password.encode())
+    return "$".join(["scrypt", str(n), str(SCRYPT_R), str(SCRYPT_P), _b64(salt), _b64(digest)])
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Constant-time check of ``password`` against an scrypt hash; False for any bad hash."""
+    try:
+        scheme, n, r, p, salt, digest = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        kdf = Scrypt(salt=_unb64(salt), length=32, n=int(n), r=int(r), p=int(p))
+        kdf.verify(password.encode(), _unb64(digest))
+    except (ValueError, InvalidKey):
+        return False
+    return True
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """Verified against when the user ID is unknown, so timing does not tell which IDs exist."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
+def check_password_rule(password: str) -> str | None:
+    """Why ``password`` is too weak to set, or None."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"a staff password needs at least {MIN_PASSWORD_LENGTH} characters"
+    return None
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+@dataclass(frozen=True)
+class DeviceRegistry:
+    """An immutable snapshot of the device registry."""
+
+    devices: tuple[Device, ...] = ()
+
+    def by_fingerprint(self, fingerprint: str) -> Device | None:
+        return self._index().get(fingerprint)
+
+    def by_id(self, device_id: str) -> Device | None:
+        return next((d for d in self.devices if d.id == device_id), None)
+
+    def _index(self) -> Mapping[str, Device]:
+        index: dict[str, Device] | None = self.__dict__.get("_fp_index")
+        if index is None:
+            index = {d.fingerprint: d for d in self.devices}
+            object.__setattr__(self, "_fp_index", index)
+        return index
+
+
+@dataclass(frozen=True)
+class UserRegistry:
+    """An immutable snapshot of the staff registry."""
+
+    users: tuple[User, ...] = ()
+
+    def get(self, user_id: str) -> User | None:
+        index: dict[str, User] | None = self.__dict__.get("_index")
+        if index is None:
+            index = {u.id: u for u in self.users}
+            object.__setattr__(self, "_index", index)
+        return index.get(user_id)
+
+
+def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"{path}: cannot read: {type(exc).__name__}") from None
+    if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get(key), list):
+        raise RegistryError(f'{path}: expected {{"version": 1, "{key}": [...]}}')
+    entries: list[dict[str, Any]] = doc[key]
+    return entries
+
+
+def load_devices(path: Path) -> DeviceRegistry:
+    """Read ``devices.json``; a missing file is an empty registry."""
+    devices = []
+    for i, entry in enumerate(_read_json(path, "devices")):
+        where = f"{path}: devices[{i}]"
+        try:
+            device = Device(
+                id=str(entry["id"]),
+                fingerprint=str(entry["fingerprint"]),
+                group=str(entry.get("group", "")),
+                revoked=bool(entry.get("revoked", False)),
+            )
+        except (KeyError, TypeError):
+            raise RegistryError(f"{where}: needs id and fingerprint") from None
+        if not ID_PATTERN.match(device.id):
+            raise RegistryError(f"{where}.id: must match {ID_PATTERN.pattern}")
+        if not FINGERPRINT_PATTERN.match(device.fingerprint):
+            raise RegistryError(f"{where}.fingerprint: must be sha256:<64 hex digits>")
+        devices.append(device)
+    _unique(path, "devices", [d.id for d in devices], "id")
+    _unique(path, "devices", [d.fingerprint for d in devices], "fingerprint")
+    return DeviceRegistry(tuple(devices))
+
+
+def load_users(path: Path) -> UserRegistry:
+    """Read ``users.json``; a missing file is an empty registry."""
+    users = []
+    for i, entry in enumerate(_read_json(path, "users")):
+        where = f"{path}: users[{i}]"
+        try:
+            user = User(
+                id=str(entry["id"]),
+                password_hash=str(entry["password_hash"]),
+                enabled=bool(entry.get("enabled", True)),
+            )
+        except (KeyError, TypeError):
+            raise RegistryError(f"{where}: needs id and password_hash") from None
+        if not ID_PATTERN.match(user.id):
+            raise RegistryError(f"{where}.id: must match {ID_PATTERN.pattern}")
+        if not user.password_hash.startswith("scrypt$"):
+            raise RegistryError(f"{where}.password_hash: must be an scrypt hash")
+        users.append(user)
+    _unique(path, "users", [u.id for u in users], "id")
+    return UserRegistry(tuple(users))
+
+
+def _unique(path: Path, key: str, values: Iterable[str], what: str) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise RegistryError(f"{path}: {key}: two entries share one {what}")
+        seen.add(value)
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Write, fsync, rename, fsync the directory: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(doc, handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_devices(path: Path, registry: DeviceRegistry) -> None:
+    _write_json_atomic(path, {"version": 1, "devices": [asdict(d) for d in registry.devices]})
+
+
+def save_users(path: Path, registry: UserRegistry) -> None:
+    _write_json_atomic(path, {"version": 1, "users": [asdict(u) for u in registry.users]})
+
+
+def upsert_device(path: Path, device: Device) -> DeviceRegistry:
+    """Add ``device`` or replace the entry with its id; returns the new registry."""
+    current = load_devices(path)
+    others = tuple(d for d in current.devices if d.id != device.id)
+    if any(d.fingerprint == device.fingerprint for d in others):
+        raise RegistryError(f"{path}: another device already has that certificate fingerprint")
+    registry = DeviceRegistry((*others, device))
+    save_devices(path, registry)
+    return registry
+
+
+def upsert_user(path: Path, user: User) -> UserRegistry:
+    """Add ``user`` or replace the entry with its id; returns the new registry."""
+    current = load_users(path)
+    users = tuple(u for u in current.users if u.id != user.id)
+    registry = UserRegistry((*users, user))
+    save_users(path, registry)
+    return registry
+
+
+class RegistryWatcher:
+    """Holds the current snapshots and re-reads a file when its mtime or size changes.
+
+    ``refresh`` costs two ``stat`` calls and runs at most once per ``interval`` seconds
+    of the injected clock, so revocation takes effect within that interval.
+    """
+
+    def __init__(
+        self,
+        devices_file: Path,
+        users_file: Path,
+        *,
+        clock: Callable[[], float],
+        interval: float = 0.5,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._files = (devices_file, users_file)
+        self._clock = clock
+        self._interval = interval
+        self._on_error = on_error
+        self._checked_at = float("-inf")
+        self._stamps: tuple[tuple[int, int] | None, ...] = (None, None)
+        self.devices = load_devices(devices_file)
+        self.users = load_users(users_file)
+        self._stamps = tuple(self._stamp(p) for p in self._files)
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def refresh(self, *, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now - self._checked_at < self._interval:
+            return
+        self._checked_at = now
+        stamps = tuple(self._stamp(p) for p in self._files)
+        if stamps == self._stamps and not force:
+            return
+        try:
+            devices = load_devices(self._files[0])
+            users = load_users(self._files[1])
+        except RegistryError as exc:
+            # Keep the last good snapshot; a half-edited file must not open the door.
+            if self._on_error:
+                self._on_error(str(exc))
+            return
+        self.devices, self.users, self._stamps = devices, users, stamps
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())

@@ -1,0 +1,332 @@
+"""Relay workers: deliver spooled records to their destination over mutual TLS.
+
+Each destination has a queue and ``concurrency`` workers sharing one aiohttp session
+whose connector verifies the upstream's CA and hostname (and SPKI pin when configured)
+and presents the gateway's client certificate. Every attempt carries
+``Idempotency-Key: <submission_id>``. tenacity retries 408, 429, 5xx and connection
+errors with exponential backoff and full jitter, waiting at least what ``Retry-After``
+asks; any other 4xx puts the record on ``held`` for an operator. The sleep and the
+clock are injected, so tests retry without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.payload import Payload
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never
+from tenacity.wait import wait_random_exponential
+
+from gateway.auth import basic_authorization
+from gateway.config import DestinationConfig, GatewayConfig
+from gateway.crypto.keys import read_secret_file, resolve_secret_path
+from gateway.crypto.pki import spki_sha256_b64
+from gateway.crypto.tls import client_context, peer_cert_der
+from gateway.errors import RecordCorrupt, RelayError, SecretFileError
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.spool import Record, Spool
+
+Sleep = Callable[[float], Awaitable[None]]
+RETRYABLE_STATUS = frozenset({408, 429})
+MAX_RECEIPT_BYTES = 4096
+ROOT = Path("/")  # secret paths in a loaded configuration are already absolute
+
+log = get_logger("gateway.relay")
+
+
+class SpoolPayload(Payload):
+    """A record's plaintext streamed from its encrypted file, with a known length."""
+
+    def __init__(self, chunks: Iterator[bytes], size: int, content_type: str) -> None:
+        super().__init__(chunks, content_type=content_type)
+        self._chunks = chunks
+        self._size_hint = size
+
+    @property
+    def size(self) -> int:
+        return self._size_hint
+
+    async def write(self, writer: Any) -> None:
+        for chunk in self._chunks:
+            await writer.write(chunk)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a spooled record is not decoded as text")
+
+
+class PinningConnector(aiohttp.TCPConnector):
+    """Refuses an upstream whose certificate's SPKI hash is not pinned (when pins are set)."""
+
+    def __init__(self, *, pins: frozenset[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pins = pins
+
+    async def _create_direct_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, proto = await super()._create_direct_connection(*args, **kwargs)
+        if self._pins:
+            der = peer_cert_der(transport.get_extra_info("ssl_object"))
+            if der is None or spki_sha256_b64(der) not in self._pins:
+                transport.close()
+                raise RelayError("upstream certificate does not match the SPKI pin", retryable=True)
+        return transport, proto
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+@dataclass
+class DestinationRelay:
+    """One destination's queue, session and workers."""
+
+    name: str
+    config: DestinationConfig
+    queue: asyncio.Queue[str]
+    session: aiohttp.ClientSession
+    authorization: str | None
+    tasks: list[asyncio.Task[None]]
+
+
+class Relay:
+    """Owns the relay workers; :meth:`enqueue` is called after a record is committed."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        spool: Spool,
+        metrics: Metrics,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._metrics = metrics
+        self._sleep = sleep
+        self._clock = clock
+        self._destinations: dict[str, DestinationRelay] = {}
+        self._channels_of = {name: ch for name, ch in config.channels.items()}
+
+    async def start(self) -> None:
+        for name, dest in self._config.destinations.items():
+            relay = DestinationRelay(
+                name, dest, asyncio.Queue(), self._session(dest), self._authorization(dest), []
+            )
+            self._destinations[name] = relay
+            for record_id in await self._spool.queued_ids(name):
+                relay.queue.put_nowait(record_id)
+            relay.tasks = [
+                asyncio.create_task(self._worker(relay), name=f"relay-{name}-{i}")
+                for i in range(dest.concurrency)
+            ]
+
+    async def stop(self) -> None:
+        tasks = [t for relay in self._destinations.values() for t in relay.tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for relay in self._destinations.values():
+            await relay.session.close()
+        self._destinations.clear()
+
+    def enqueue(self, record: Record) -> None:
+        relay = self._destinations.get(record.destination)
+        if relay is not None:
+            relay.queue.put_nowait(record.id)
+
+    def backlog(self) -> dict[str, int]:
+        return {name: r.queue.qsize() for name, r in self._destinations.items()}
+
+    # ------------------------------------------------------------------ set-up
+
+    def _session(self, dest: DestinationConfig) -> aiohttp.ClientSession:
+        context = client_context(
+            ca=dest.ca,
+            cert=dest.client_certificate,
+            key=resolve_secret_path(dest.client_key, ROOT),
+            profile=dest.tls_profile,
+        )
+        connector = PinningConnector(
+            pins=frozenset(dest.spki_pins),
+            ssl=context,
+            limit=dest.concurrency,
+            enable_cleanup_closed=False,
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=dest.request_timeout, sock_connect=dest.connect_timeout
+        )
+        return aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False, raise_for_status=False
+        )
+
+    def _authorization(self, dest: DestinationConfig) -> str | None:
+        if dest.credential is None:
+            return None
+        path = resolve_secret_path(dest.credential, ROOT)
+        raw = read_secret_file(path, what="upstream credential").decode("utf-8").strip()
+        user, sep, password = raw.partition(":")
+        if not sep or not user:
+            raise SecretFileError(f"{path}: an upstream credential file holds user-id:password")
+        return basic_authorization(user, password)
+
+    # ----------------------------------------------------------------- workers
+
+    async def _worker(self, relay: DestinationRelay) -> None:
+        while True:
+            record_id = await relay.queue.get()
+            if not self._spool.claim(record_id):
+                continue
+            try:
+                record = await self._spool.get(record_id)
+                if record is None or record.state not in ("queued", "delivering"):
+                    continue
+                self._metrics.relay_in_flight.labels(destination=relay.name).inc()
+                try:
+                    await self._deliver(relay, record)
+                finally:
+                    self._metrics.relay_in_flight.labels(destination=relay.name).dec()
+            finally:
+                self._spool.release(record_id)
+
+    def _wait(self, dest: DestinationConfig) -> Callable[[RetryCallState], float]:
+        jitter = wait_random_exponential(
+            multiplier=dest.retry.initial_backoff, max=dest.retry.max_backoff
+        )
+
+        def wait(state: RetryCallState) -> float:
+            backoff = float(jitter(state))
+            error = state.outcome.exception() if state.outcome else None
+            asked = error.retry_after if isinstance(error, RelayError) else None
+            if asked is not None:
+                return max(backoff, min(asked, dest.retry.max_retry_after))
+            return backoff
+
+        return wait
+
+    async def _deliver(self, relay: DestinationRelay, record: Record) -> None:
+        retrying = AsyncRetrying(
+            sleep=self._sleep,
+            stop=stop_never,
+            wait=self._wait(relay.config),
+            retry=retry_if_exception(lambda e: isinstance(e, RelayError) and e.retryable),
+            before_sleep=lambda state: self._before_sleep(relay, record, state),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    receipt = await self._attempt(relay, record)
+        except RelayError as exc:
+            await self._spool.mark_held(record.id, at=self._clock(), reason=exc.reason)
+            log.warning(
+                "held",
+                submission_id=record.id,
+                destination=relay.name,
+                channel=record.channel,
+                status=exc.status,
+                reason=exc.reason,
+            )
+            return
+        except RecordCorrupt:
+            await self._spool.mark_held(record.id, at=self._clock(), reason="record corrupt")
+            log.error(
+                "held",
+                submission_id=record.id,
+                destination=relay.name,
+                channel=record.channel,
+                reason="record corrupt",
+            )
+            return
+        await self._spool.mark_delivered(record.id, at=self._clock(), receipt=receipt)
+        self._metrics.deliveries.labels(channel=record.channel).inc()
+        log.info(
+            "delivered",
+            submission_id=record.id,
+            destination=relay.name,
+            channel=record.channel,
+            receipt=receipt,
+        )
+
+    async def _before_sleep(
+        self, relay: DestinationRelay, record: Record, state: RetryCallState
+    ) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        reason = error.reason if isinstance(error, RelayError) else type(error).__name__
+        await self._spool.note_failed_attempt(record.id, reason)
+        log.info(
+            "retry",
+            submission_id=record.id,
+            destination=relay.name,
+            attempt=state.attempt_number,
+            reason=reason,
+            retry_in=round(state.upcoming_sleep, 3),
+        )
+
+    async def _attempt(self, relay: DestinationRelay, record: Record) -> str | None:
+        headers = {
+            "Idempotency-Key": record.id,
+            "Gateway-Channel": record.channel,
+        }
+        if relay.authorization:
+            headers["Authorization"] = relay.authorization
+        chunks = await self._spool.open_plaintext(record)
+        payload = SpoolPayload(chunks, record.plaintext_size, record.content_type)
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            async with relay.session.post(
+                relay.config.url, data=payload, headers=headers
+            ) as response:
+                outcome = str(response.status)
+                if 200 <= response.status < 300:
+                    outcome = "delivered"
+                    return await _upstream_receipt(response)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock())
+                retryable = response.status in RETRYABLE_STATUS or response.status >= 500
+                raise RelayError(
+                    f"upstream answered {response.status}",
+                    retryable=retryable,
+                    status=response.status,
+                    retry_after=retry_after,
+                )
+        except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
+            outcome = "connection_error"
+            raise RelayError(f"connection failed: {type(exc).__name__}", retryable=True) from None
+        finally:
+            self._metrics.relay_attempts.labels(destination=relay.name, outcome=outcome).inc()
+            self._metrics.relay_duration.labels(destination=relay.name).observe(
+                time.perf_counter() - started
+            )
+
+
+async def _upstream_receipt(response: aiohttp.ClientResponse) -> str | None:
+    """The upstream's own receipt id, when it sends one as JSON ``receipt_id``."""
+    try:
+        raw = await response.content.read(MAX_RECEIPT_BYTES)
+        doc = json.loads(raw)
+    except (ValueError, aiohttp.ClientError):
+        return None
+    value = doc.get("receipt_id") if isinstance(doc, dict) else None
+    if isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable():
+        return value
+    return None

@@ -1,0 +1,451 @@
+"""The durable encrypted spool: one encrypted file per submission plus a SQLite index.
+
+A record exists when, and only when, its index row is committed. Its file is written
+(encrypted with the record's own data key), fsynced, and only then is the row, holding
+the data key wrapped by the master key, committed with the file's directory fsynced.
+A crash at any moment leaves either a committed record or an orphan file that
+:meth:`Spool.open` removes: never a half-present record (cf. Postfix's queue).
+
+States: ``queued`` → (``delivering``, held only in memory) → ``delivered`` | ``held``;
+``erased`` once the data key is destroyed. A restart forgets ``delivering``, so records
+that were in flight go back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from gateway.crypto.envelope import (
+    SEGMENT_SIZE,
+    DecryptingReader,
+    EncryptingWriter,
+    iter_plaintext,
+    new_data_key,
+    unwrap_key,
+    wrap_key,
+)
+from gateway.errors import SpoolError
+from gateway.spool_db import IndexThread, fsync_dir
+
+STATES = ("queued", "delivering", "delivered", "held", "erased")
+_COLUMNS = (
+    "id, channel, destination, device_id, user_id, state, received_at, expires_at, "
+    "delivered_at, held_at, erased_at, content_type, plaintext_size, ciphertext_size, "
+    "ciphertext_sha256, body_sha256, field_names, idempotency_key, upstream_receipt, "
+    "attempts, last_error"
+)
+
+
+def new_submission_id(clock: Callable[[], float] = time.time) -> str:
+    """32 hex digits: milliseconds since the epoch, then 80 random bits (sortable, unguessable)."""
+    return f"{int(clock() * 1000):012x}{secrets.token_hex(10)}"
+
+
+def is_submission_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A spooled submission's metadata: no field values, no key."""
+
+    id: str
+    channel: str
+    destination: str
+    device_id: str
+    user_id: str
+    state: str
+    received_at: float
+    expires_at: float
+    delivered_at: float | None
+    held_at: float | None
+    erased_at: float | None
+    content_type: str
+    plaintext_size: int
+    ciphertext_size: int
+    ciphertext_sha256: str
+    body_sha256: str
+    field_names: tuple[str, ...]
+    idempotency_key: str | None
+    upstream_receipt: str | None
+    attempts: int
+    last_error: str | None
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> Record:
+        values = list(row)
+        values[16] = tuple(json.loads(values[16]))
+        return cls(*values)
+
+
+@dataclass(frozen=True)
+class NewRecord:
+    """What ingress knows about a submission when it commits it."""
+
+    channel: str
+    destination: str
+    device_id: str
+    user_id: str
+    received_at: float
+    expires_at: float
+    content_type: str
+    body_sha256: str
+    field_names: tuple[str, ...]
+    idempotency_key: str | None
+
+
+class DuplicateIdempotencyKey(SpoolError):
+    """Another record of this device already holds the Idempotency-Key."""
+
+
+class PendingRecord:
+    """A record being written: its encrypted file is open, it is not in the index yet."""
+
+    def __init__(self, record_id: str, path: Path, dek: bytes) -> None:
+        self.id = record_id
+        self.path = path
+        self._dek = dek
+        self._file: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - owned here
+        self.writer = EncryptingWriter(self._file, dek, record_id.encode())
+        self.finished = False
+
+    @property
+    def aad(self) -> bytes:
+        return self.id.encode()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writer.write(data)
+
+    def finish(self) -> None:
+        """Seal the last segment; the file is complete but not yet durable."""
+        if not self.finished:
+            self.writer.close()
+            self.finished = True
+
+    @contextmanager
+    def window(self, start: int, length: int) -> Iterator[BinaryIO]:
+        """A seekable plaintext view of ``[start, start+length)`` of the finished file."""
+        with open(self.path, "rb") as fileobj:
+            reader = DecryptingReader(
+                fileobj, self._dek, self.aad, self.writer.plaintext_size, start=start, length=length
+            )
+            with io.BufferedReader(reader, buffer_size=SEGMENT_SIZE) as buffered:
+                yield buffered
+
+    def sync_and_close(self) -> None:
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abandon(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    records: int
+    requeued: int
+    orphans_removed: int
+    missing_files: int
+
+
+class Spool:
+    """The local spool backend (SQLite index + one encrypted file per record)."""
+
+    def __init__(
+        self, directory: Path, master_key: bytes, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.directory = directory
+        self._master = master_key
+        self._clock = clock
+        self._records_dir = directory / "records"
+        self._index = IndexThread(directory / "index.sqlite3")
+        self.counts: Counter[str] = Counter()
+        self.bytes = 0
+        self._delivering: set[str] = set()
+        # Undelivered records (queued or held) by id, in order of receipt: the first one
+        # is the oldest, read in O(1) for gateway_spool_oldest_undelivered_age_seconds.
+        self._undelivered: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def open(self) -> RecoveryReport:
+        """Open the index, remove orphans, forget in-flight claims; safe after a crash."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._records_dir.mkdir(exist_ok=True, mode=0o700)
+        for i in range(256):
+            (self._records_dir / f"{i:02x}").mkdir(exist_ok=True, mode=0o700)
+        fsync_dir(self._records_dir)
+        fsync_dir(self.directory)
+        await self._index.start()
+
+        def live(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute("SELECT id FROM records WHERE wrapped_key IS NOT NULL")
+            return {r[0] for r in rows}
+
+        keep = await self._index.run(live)
+        orphans = await asyncio.to_thread(self._remove_orphans, keep)
+        missing = [rid for rid in keep if not self._path(rid).exists()]
+        if missing:
+            await self._index.run(
+                lambda c: c.executemany(
+                    "UPDATE records SET state='held', held_at=?, last_error='data file missing' "
+                    "WHERE id=?",
+                    [(self._clock(), rid) for rid in missing],
+                )
+            )
+        await self._reload_stats()
+        return RecoveryReport(len(keep), self.counts["queued"], orphans, len(missing))
+
+    def _remove_orphans(self, keep: set[str]) -> int:
+        removed = 0
+        for sub in self._records_dir.iterdir():
+            if not sub.is_dir():
+                continue
+            dirty = False
+            for entry in sub.iterdir():
+                if entry.name not in keep:
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+                    dirty = True
+            if dirty:
+                fsync_dir(sub)
+        return removed
+
+    async def _reload_stats(self) -> None:
+        def stats(conn: sqlite3.Connection) -> tuple[list[tuple[str, int]], int]:
+            counts = conn.execute(
+                "SELECT state, COUNT(*) FROM records WHERE erased_at IS NULL GROUP BY state"
+            ).fetchall()
+            total = conn.execute(
+                "SELECT COALESCE(SUM(ciphertext_size), 0) FROM records WHERE erased_at IS NULL"
+            ).fetchone()[0]
+            return counts, int(total)
+
+        def undelivered(conn: sqlite3.Connection) -> list[tuple[str, float]]:
+            return conn.execute(
+                "SELECT id, received_at FROM records WHERE state IN ('queued', 'held') "
+                "AND erased_at IS NULL ORDER BY received_at, id"
+            ).fetchall()
+
+        counts, total = await self._index.run(stats)
+        self.counts = Counter(dict(counts))
+        self.bytes = total
+        self._undelivered = dict(await self._index.run(undelivered))
+
+    @property
+    def oldest_queued_at(self) -> float | None:
+        """When the oldest undelivered record was received, or None."""
+        return next(iter(self._undelivered.values()), None)
+
+    async def close(self) -> None:
+        await self._index.stop()
+
+    # ------------------------------------------------------------------ writing
+
+    def _path(self, record_id: str) -> Path:
+        return self._records_dir / record_id[-2:] / record_id
+
+    def begin(self, record_id: str) -> PendingRecord:
+        return PendingRecord(record_id, self._path(record_id), new_data_key())
+
+    async def commit(self, pending: PendingRecord, meta: NewRecord) -> Record:
+        """Make the record durable, then index it; returns only after both are on disk."""
+        pending.finish()
+        await asyncio.to_thread(pending.sync_and_close)
+        writer = pending.writer
+        wrapped = wrap_key(self._master, pending._dek)
+        row = (
+            pending.id,
+            meta.channel,
+            meta.destination,
+            meta.device_id,
+            meta.user_id,
+            "queued",
+            meta.received_at,
+            meta.expires_at,
+            meta.content_type,
+            writer.plaintext_size,
+            writer.ciphertext_size,
+            writer.ciphertext_sha256(),
+            meta.body_sha256,
+            json.dumps(list(meta.field_names)),
+            wrapped,
+            meta.idempotency_key,
+        )
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO records (id, channel, destination, device_id, user_id, state, "
+                    "received_at, expires_at, content_type, plaintext_size, ciphertext_size, "
+                    "ciphertext_sha256, body_sha256, field_names, wrapped_key, idempotency_key) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    row,
+                )
+            except sqlite3.IntegrityError:
+                raise DuplicateIdempotencyKey("idempotency key already used") from None
+
+        # Once the insert is queued it may commit: even if the caller is cancelled (a
+        # drain that ran out of time), wait for the outcome so the file is deleted only
+        # when the row did not commit, never under a committed row.
+        task = asyncio.ensure_future(
+            self._index.run(insert, sync_dirs=(pending.path.parent,)))
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                cancelled = True
+        error = task.exception()
+        if error is not None:
+            pending.abandon()
+            raise error
+        self.counts["queued"] += 1
+        self.bytes += writer.ciphertext_size
+        self._undelivered[pending.id] = meta.received_at
+        if cancelled:
+            raise asyncio.CancelledError
+        record = await self.get(pending.id)
+        assert record is not None
+        return record
+
+    def discard(self, pending: PendingRecord) -> None:
+        pending.abandon()
+
+    # ------------------------------------------------------------------ reading
+
+    async def get(self, record_id: str) -> Record | None:
+        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE id=?",  # noqa: S608 - constant columns
+                (record_id,),
+            ).fetchone()
+            return row
+
+        row = await self._index.run(fetch)
+        return self._with_live_state(Record.from_row(row)) if row else None
+
+    def _with_live_state(self, record: Record) -> Record:
+        if record.state == "queued" and record.id in self._delivering:
+            return Record(**{**record.__dict__, "state": "delivering"})
+        return record
+
+    async def find_idempotent(self, device_id: str, key: str) -> Record | None:
+        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE device_id=? AND idempotency_key=?",  # noqa: S608 - constant columns
+                (device_id, key),
+            ).fetchone()
+            return row
+
+        row = await self._index.run(fetch)
+        return self._with_live_state(Record.from_row(row)) if row else None
+
+    async def queued_ids(self, destination: str) -> list[str]:
+        """Queued records of ``destination``, oldest first."""
+
+        def fetch(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id FROM records WHERE state='queued' AND destination=? "
+                "ORDER BY received_at, id",
+                (destination,),
+            )
+            return [r[0] for r in rows]
+
+        return await self._index.run(fetch)
+
+    async def _data_key(self, record_id: str) -> bytes:
+        def fetch(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT wrapped_key FROM records WHERE id=?", (record_id,)
+            ).fetchone()
+            return bytes(row[0]) if row and row[0] is not None else None
+
+        wrapped = await self._index.run(fetch)
+        if wrapped is None:
+            raise SpoolError("record has no data key (erased or unknown)")
+        return unwrap_key(self._master, wrapped)
+
+    async def open_plaintext(self, record: Record) -> Iterator[bytes]:
+        """Decrypt the record segment by segment; each segment is authenticated."""
+        dek = await self._data_key(record.id)
+        path = self._path(record.id)
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as fileobj:
+                yield from iter_plaintext(fileobj, dek, record.id.encode(), record.plaintext_size)
+
+        return chunks()
+
+    # ------------------------------------------------------------ state changes
+
+    def claim(self, record_id: str) -> bool:
+        """Mark a queued record as being delivered (in memory only)."""
+        if record_id in self._delivering:
+            return False
+        self._delivering.add(record_id)
+        return True
+
+    def release(self, record_id: str) -> None:
+        self._delivering.discard(record_id)
+
+    @property
+    def delivering(self) -> int:
+        return len(self._delivering)
+
+    async def mark_delivered(self, record_id: str, *, at: float, receipt: str | None) -> None:
+        await self._transition(
+            record_id,
+            "delivered",
+            "UPDATE records SET state='delivered', delivered_at=?, upstream_receipt=?, "
+            "attempts=attempts+1, last_error=NULL WHERE id=? AND state='queued'",
+            (at, receipt, record_id),
+        )
+
+    async def mark_held(self, record_id: str, *, at: float, reason: str) -> None:
+        await self._transition(
+            record_id,
+            "held",
+            "UPDATE records SET state='held', held_at=?, last_error=?, attempts=attempts+1 "
+            "WHERE id=? AND state='queued'",
+            (at, reason, record_id),
+        )
+
+    async def note_failed_attempt(self, record_id: str, reason: str) -> None:
+        await self._index.run(
+            lambda c: c.execute(
+                "UPDATE records SET attempts=attempts+1, last_error=? WHERE id=?",
+                (reason, record_id),
+            )
+        )
+
+    async def _transition(
+        self, record_id: str, new_state: str, sql: str, params: tuple[Any, ...]
+    ) -> None:
+        changed = await self._index.run(lambda c: c.execute(sql, params).rowcount)
+        self._delivering.discard(record_id)
+        if changed:
+            self.counts["queued"] -= 1
+            self.counts[new_state] += 1
+            if new_state == "delivered":
+                self._undelivered.pop(record_id, None)
+
+    # --------------------------------------------------------------- capacity
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize

@@ -1,0 +1,172 @@
+"""The spool's SQLite index, owned by one thread that commits in groups.
+
+Every operation is a function of a connection; the thread takes every operation that
+is waiting, runs each inside its own savepoint, fsyncs the directories that the batch
+asked for, and commits once (WAL, ``synchronous=FULL``). Under load many submissions
+share one fsync of the index, the way a mail queue batches its acknowledgements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+MAX_BATCH = 512
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    delivered_at REAL,
+    held_at REAL,
+    erased_at REAL,
+    content_type TEXT NOT NULL,
+    plaintext_size INTEGER NOT NULL,
+    ciphertext_size INTEGER NOT NULL,
+    ciphertext_sha256 TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    field_names TEXT NOT NULL,
+    wrapped_key BLOB,
+    idempotency_key TEXT,
+    upstream_receipt TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_idempotency
+    ON records (device_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_queue ON records (state, destination, received_at);
+CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_at) WHERE erased_at IS NULL;
+"""
+
+
+@dataclass
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: concurrent.futures.Future[Any]
+    sync_dirs: tuple[Path, ...] = field(default_factory=tuple)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class IndexThread:
+    """A single writer thread over one SQLite connection, with group commit."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, name="spool-index", daemon=True)
+        self.commits = 0
+
+    async def start(self) -> None:
+        self._thread.start()
+        await asyncio.wrap_future(self._ready)
+
+    async def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    async def run(
+        self, fn: Callable[[sqlite3.Connection], T], *, sync_dirs: Iterable[Path] = ()
+    ) -> T:
+        """Run ``fn`` in the next batch; returns once the batch is committed."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put(_Op(fn, future, tuple(sync_dirs)))
+        return await asyncio.wrap_future(future)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(SCHEMA)
+        return conn
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except Exception as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._execute(conn, batch)
+                if stop:
+                    break
+        finally:
+            conn.close()
+
+    def _execute(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        results: list[tuple[_Op, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                if not op.future.set_running_or_notify_cancel():
+                    continue  # the caller gave up before the operation started
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.fn(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((op, None, exc))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((op, value, None))
+            for directory in {d for op in batch for d in op.sync_dirs}:
+                fsync_dir(directory)
+            conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for op in batch:
+                if op.future.done():
+                    continue
+                if op.future.running() or op.future.set_running_or_notify_cancel():
+                    op.future.set_exception(exc)
+            return
+        for op, value, error in results:
+            if error is not None:
+                op.future.set_exception(error)
+            else:
+                op.future.set_result(value)

@@ -1,0 +1,372 @@
+"""A complete throw-away gateway on loopback, shared by the tests, the demo and the bench.
+
+:func:`build_sandbox` makes a PKI with the project's own code, starts one upstream
+simulator per destination, writes a master key, the device and staff registries and a
+configuration derived from the shipped ``conf/gateway.toml`` (the same six channels,
+with destinations pointed at the simulators and loopback added to every channel's
+source networks), and :class:`DeviceClient` posts as a real device would: HTTPS with a
+client certificate, staff credential in HTTP Basic, multipart body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import tomli_w
+from PIL import Image
+
+from gateway.auth import basic_authorization
+from gateway.config import GatewayConfig, load_config
+from gateway.crypto.keys import write_new_master_key
+from gateway.crypto.pki import PkiLayout, init_pki
+from gateway.crypto.tls import client_context
+from gateway.registry import (
+    Device,
+    DeviceRegistry,
+    User,
+    UserRegistry,
+    hash_password,
+    save_devices,
+    save_users,
+)
+from gateway.simulator import UpstreamSimulator
+
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "gateway.toml"
+
+DEVICES: Mapping[str, str] = {
+    "tablet-01": "assist-tablet",
+    "tablet-lost": "assist-tablet",
+    "pc-01": "intranet-pc",
+    "records-01": "records-terminal",
+    "callcentre-01": "callcentre-pc",
+    "counter-01": "counter-terminal",
+}
+REVOKED = frozenset({"tablet-lost"})
+STAFF: Mapping[str, str] = {"staff-001": "correct horse battery", "staff-002": "tr0ub4dor&3-xyz"}
+UPSTREAM_CREDENTIAL = ("ward-shinjuku", "lgwan-secret-pass")
+FAST_SCRYPT_N = 2**10  # sandboxes only: production hashes use registry.SCRYPT_N
+
+
+def shipped_config_data(path: Path = SHIPPED_CONFIG) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        return tomllib.load(handle)
+
+
+@lru_cache(maxsize=16)
+def make_jpeg(
+    width: int = 600,
+    height: int = 800,
+    *,
+    mode: str = "RGB",
+    quality: int = 85,
+    seed: int = 1,
+    noise: float = 1.0,
+) -> bytes:
+    """A JPEG of the given size: noise blended into a gradient so it compresses like a photo."""
+    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
+    bands = len(mode)
+    base = Image.linear_gradient("L").resize((width, height))
+    if mode != "L":
+        base = Image.merge(mode, [base] * bands)
+    noisy = Image.frombytes(mode, (width, height), rng.randbytes(width * height * bands))
+    image = Image.blend(base, noisy, noise) if noise < 1.0 else noisy
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def photo_of_size(target_bytes: int) -> bytes:
+    """A valid face photo of roughly ``target_bytes`` (for the bench)."""
+    side = 480
+    while True:
+        data = make_jpeg(side, side * 4 // 3, quality=85)
+        if len(data) >= target_bytes * 0.9 or side >= 6000:
+            return data
+        side = int(side * (target_bytes / len(data)) ** 0.5) + 16
+
+
+APPLICATION_ID = "12345678901234567890123"
+INDIVIDUAL_NUMBER = "983205673214"
+
+
+def sample_submission(channel: str) -> tuple[dict[str, str], dict[str, bytes]]:
+    """Realistic valid fields and files for each of the six channels (fictional people)."""
+    photo = make_jpeg()
+    common = {
+        "application_id": APPLICATION_ID,
+        "wants_e_certificate": "true",
+        "wants_braille": "false",
+    }
+    pins = {
+        "pin_signature_cert": "ABC12345",
+        "pin_user_cert": "1234",
+        "pin_resident_registry": "5678",
+        "pin_card_info_input": "9012",
+    }
+    office = {
+        "name": "新宿 花子",
+        "birth_date": "1985-04-01",
+        "address": "東京都新宿区歌舞伎町1-4-1",
+        "reservation_number": "R-2026-000123",
+        "reception_number": "U-0042",
+        "issuance_window": "本庁舎1階 3番窓口",
+        "card_expiry_date": "2036-04-01",
+        "application_id": APPLICATION_ID,
+        "processing_status": "reserved",
+        "reservation_datetime": "2026-12-01T10:30:00+09:00",
+    }
+    if channel == "online-application":
+        return common, {"face_photo": photo}
+    if channel == "express-issuance":
+        return {**common, **pins}, {"face_photo": photo}
+    if channel == "overseas-application":
+        return (
+            {
+                **common,
+                **pins,
+                "name": "新宿 太郎",
+                "name_kana": "シンジュク タロウ",
+                "birth_date": "1990-01-31",
+                "sex": "1",
+                "registered_domicile": "東京都新宿区",
+            },
+            {"face_photo": photo},
+        )
+    if channel == "card-delegation-batch":
+        batch = random.Random(7).randbytes(50_000)  # noqa: S311 - an opaque test file
+        return (
+            {
+                "batch_id": "B-20261122-01",
+                "record_count": "42",
+                "sha256": hashlib.sha256(batch).hexdigest(),
+            },
+            {"batch_file": batch},
+        )
+    if channel == "issuance-reservation":
+        return {**office, "phone": "03-3209-1111", "email": "hanako@example.jp"}, {}
+    if channel == "window-reception":
+        return {**office, "individual_number": INDIVIDUAL_NUMBER}, {}
+    raise KeyError(channel)
+
+
+def encode_form(fields: Mapping[str, str], files: Mapping[str, bytes]) -> aiohttp.FormData:
+    form = aiohttp.FormData(quote_fields=False)
+    for name, value in fields.items():
+        form.add_field(name, value)
+    for name, data in files.items():
+        media = "image/jpeg" if name == "face_photo" else "application/octet-stream"
+        form.add_field(name, data, filename=f"{name}.bin", content_type=media)
+    return form
+
+
+@dataclass
+class Sandbox:
+    """Everything a loopback gateway needs, in one directory."""
+
+    dir: Path
+    pki: PkiLayout
+    config_path: Path
+    simulators: dict[str, UpstreamSimulator]
+    config: GatewayConfig | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def reload_config(self) -> GatewayConfig:
+        self.config = load_config(self.config_path)
+        return self.config
+
+    async def stop_simulators(self) -> None:
+        for sim in self.simulators.values():
+            await sim.stop()
+
+
+def _secret(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+    return path
+
+
+async def build_sandbox(
+    directory: Path,
+    *,
+    base: Path = SHIPPED_CONFIG,
+    overrides: Mapping[str, Any] | None = None,
+    start_simulators: bool = True,
+    simulator_ports: Mapping[str, int] | None = None,
+) -> Sandbox:
+    """Make the PKI, registries, secrets and config; start one simulator per destination."""
+    data = shipped_config_data(base)
+    destinations: dict[str, Any] = data["destinations"]
+    pki = init_pki(
+        directory / "pki", devices=tuple(DEVICES), upstreams=tuple(destinations), overwrite=True
+    )
+    simulators: dict[str, UpstreamSimulator] = {}
+    for name, dest in destinations.items():
+        credential = UPSTREAM_CREDENTIAL if "credential" in dest else None
+        upstream = pki.upstreams[name]
+        sim = UpstreamSimulator(
+            name,
+            cert=upstream.cert,
+            key=upstream.key,
+            client_ca=pki.gateway_ca.cert,
+            credential=credential,
+            port=(simulator_ports or {}).get(name, 0),
+        )
+        if start_simulators:
+            await sim.start()
+        simulators[name] = sim
+    secrets_dir = directory / "secrets"
+    master = secrets_dir / "spool-master.key"
+    if not master.exists():
+        secrets_dir.mkdir(parents=True, exist_ok=True)
+        write_new_master_key(master)
+    credential_file = _secret(
+        secrets_dir / "upstream.credential", ":".join(UPSTREAM_CREDENTIAL).encode()
+    )
+    state = directory / "state"
+    state.mkdir(exist_ok=True)
+    save_devices(
+        state / "devices.json",
+        DeviceRegistry(
+            tuple(
+                Device(d, pki.devices[d].fingerprint, group, d in REVOKED)
+                for d, group in DEVICES.items()
+            )
+        ),
+    )
+    save_users(
+        state / "users.json",
+        UserRegistry(tuple(User(u, hash_password(p, n=FAST_SCRYPT_N)) for u, p in STAFF.items())),
+    )
+
+    data["ingress"].update(
+        host="127.0.0.1",
+        port=0,
+        certificate=str(pki.gateway_server.cert),
+        private_key=str(pki.gateway_server.key),
+        client_ca=str(pki.device_ca.cert),
+        shutdown_timeout=5,
+    )
+    data["admin"].update(host="127.0.0.1", port=0)
+    data["spool"].update(
+        directory=str(state / "spool"),
+        master_key=str(master),
+        quota_bytes=8 * 1024**3,
+        min_free_bytes=64 * 1024**2,
+    )
+    data["auth"].update(
+        devices_file=str(state / "devices.json"), users_file=str(state / "users.json")
+    )
+    for name, dest in destinations.items():
+        dest.update(
+            url=simulators[name].url
+            if start_simulators
+            else f"https://localhost:{(simulator_ports or {}).get(name, 9)}/submissions",
+            ca=str(pki.upstream_ca.cert),
+            client_certificate=str(pki.gateway_client.cert),
+            client_key=str(pki.gateway_client.key),
+        )
+        dest.setdefault("retry", {}).update(initial_backoff=0.05, max_backoff=0.5)
+        if "credential" in dest:
+            dest["credential"] = str(credential_file)
+    for channel in data["channels"].values():
+        channel["source_networks"] = [*channel["source_networks"], "127.0.0.0/8", "::1/128"]
+    for dotted, value in (overrides or {}).items():
+        target = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = value
+    config_path = directory / "gateway.toml"
+    config_path.write_text(tomli_w.dumps(data), "utf-8")
+    sandbox = Sandbox(directory, pki, config_path, simulators)
+    sandbox.reload_config()
+    return sandbox
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: Mapping[str, str]
+
+
+class DeviceClient:
+    """A ward device: its own client certificate, a staff login, multipart posts."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        device_id: str,
+        *,
+        port: int,
+        user: str = "staff-001",
+        password: str | None = None,
+    ) -> None:
+        device = sandbox.pki.devices[device_id]
+        context = client_context(ca=sandbox.pki.gateway_ca.cert, cert=device.cert, key=device.key)
+        self.base = f"https://localhost:{port}"
+        self.authorization = basic_authorization(
+            user, STAFF.get(user, "") if password is None else password
+        )
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def __aenter__(self) -> DeviceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _headers(self, extra: Mapping[str, str] | None) -> dict[str, str]:
+        return {"Authorization": self.authorization, **(extra or {})}
+
+    async def submit(
+        self,
+        channel: str,
+        fields: Mapping[str, str],
+        files: Mapping[str, bytes] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        data: Any = None,
+    ) -> Reply:
+        extra = dict(headers or {})
+        if idempotency_key:
+            extra["Idempotency-Key"] = idempotency_key
+        body = data if data is not None else encode_form(fields, files or {})
+        async with self.session.post(
+            f"{self.base}/v1/channels/{channel}/submissions",
+            data=body,
+            headers=self._headers(extra),
+        ) as response:
+            return Reply(response.status, await _json(response), dict(response.headers))
+
+    async def status(self, submission_id: str) -> Reply:
+        async with self.session.get(
+            f"{self.base}/v1/submissions/{submission_id}", headers=self._headers(None)
+        ) as response:
+            return Reply(response.status, await _json(response), dict(response.headers))
+
+
+async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    text = await response.text()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return {"_text": text}
+    return doc if isinstance(doc, dict) else {"_value": doc}
