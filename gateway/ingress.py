@@ -11,7 +11,6 @@ are on disk does the device get its 202.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import secrets
 import time
@@ -179,25 +178,15 @@ def _check_room(rt: Runtime, expected: int) -> None:
         )
 
 
-async def _body_sha256(request: web.Request, limit: int) -> str:
-    digest = hashlib.sha256()
-    total = 0
-    async for chunk in request.content.iter_any():
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _too_large(limit: int) -> ProblemError:
     return ProblemError(
         413, "too-large", "Request too large", f"this channel takes at most {limit} bytes"
     )
 
 
-def _replay(existing: Record, body_sha256: str) -> web.Response:
-    if existing.body_sha256 != body_sha256:
+def _replay(existing: Record, content_sha256: str) -> web.Response:
+    """The original receipt for a repeat; 409 when the key came with other content."""
+    if existing.content_sha256 != content_sha256:
         raise ProblemError(
             409,
             "idempotency-conflict",
@@ -252,12 +241,6 @@ async def _submit(
             "Malformed request",
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         )
-    if key is not None:
-        existing = await rt.spool.find_idempotent(device.id, key)
-        if existing is not None:
-            context["outcome"] = "replayed"
-            return _replay(existing, await _body_sha256(request, policy.max_body_bytes))
-
     received_at = rt.clock()
     pending = rt.spool.begin(new_submission_id(rt.clock))
     committed = False
@@ -269,6 +252,11 @@ async def _submit(
             intake.feed(chunk)
         result = intake.finish()
         pending.finish()
+        if key is not None:
+            existing = await rt.spool.find_idempotent(device.id, key)
+            if existing is not None:
+                context["outcome"] = "replayed"
+                return _replay(existing, result.content_sha256)
         photo_violation = await _check_photo(pending, intake, policy)
         if photo_violation is not None:
             result.violations.append(photo_violation)
@@ -293,6 +281,7 @@ async def _submit(
             expires_at=expires_at(received_at, config.retention_days),
             content_type=intake.content_type,
             body_sha256=result.body_sha256,
+            content_sha256=result.content_sha256,
             field_names=tuple(result.fields),
             idempotency_key=key,
         )
@@ -304,7 +293,7 @@ async def _submit(
             if existing is None:
                 raise
             context["outcome"] = "replayed"
-            return _replay(existing, result.body_sha256)
+            return _replay(existing, result.content_sha256)
         committed = True
     finally:
         if not committed:

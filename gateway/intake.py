@@ -75,6 +75,7 @@ class IntakeResult:
     violations: list[Violation] = field(default_factory=list)
     file: FilePart | None = None
     body_sha256: str = ""
+    content_sha256: str = ""
     body_bytes: int = 0
 
 
@@ -93,6 +94,11 @@ class MultipartIntake:
         self._eb = self.egress_boundary.encode()
         self.result = IntakeResult()
         self._body_hash = hashlib.sha256()
+        # The content digest ignores the multipart boundary: a device that retries with
+        # the same Idempotency-Key re-encodes its body with a new boundary, and that is
+        # still the same submission. Per part: name length, name, SHA-256 of its bytes.
+        self._content_hash = hashlib.sha256()
+        self._part_hash = hashlib.sha256()
         self._parser = MultipartParser(
             boundary,
             {
@@ -138,9 +144,10 @@ class MultipartIntake:
     def finish(self) -> IntakeResult:
         result = self.result
         result.body_sha256 = self._body_hash.hexdigest()
+        result.content_sha256 = self._content_hash.hexdigest()
         if not self._ended:
             raise malformed("the multipart body ends before its closing boundary")
-        result.violations.extend(self.policy.missing(result.fields))
+        result.violations.extend(self.policy.missing(self._seen))
         file = result.file
         if file is not None and file.rule.format == "opaque_file":
             result.violations.extend(
@@ -176,6 +183,9 @@ class MultipartIntake:
             name = raw_name.decode("utf-8")
         except UnicodeDecodeError:
             raise malformed("a part name is not valid UTF-8") from None
+        encoded = name.encode()
+        self._content_hash.update(len(encoded).to_bytes(4, "big") + encoded)
+        self._part_hash = hashlib.sha256()
         result = self.result
         if name in self._seen:
             result.violations.append(
@@ -215,6 +225,7 @@ class MultipartIntake:
         self.pending.write(head + b"\r\n")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self._part_hash.update(memoryview(data)[start:end])
         if self._mode is _Mode.FILE:
             file = self.result.file
             assert file is not None and self._rule is not None
@@ -234,6 +245,7 @@ class MultipartIntake:
                 self._text += data[start:end]
 
     def _part_end(self) -> None:
+        self._content_hash.update(self._part_hash.digest())
         rule, mode = self._rule, self._mode
         self._mode = _Mode.SKIP
         if rule is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import ssl
 import time
@@ -229,7 +230,7 @@ class Relay:
             stop=stop_never,
             wait=self._wait(relay.config),
             retry=retry_if_exception(lambda e: isinstance(e, RelayError) and e.retryable),
-            before_sleep=lambda state: self._before_sleep(relay, record, state),
+            before_sleep=functools.partial(self._before_sleep, relay, record),
             reraise=True,
         )
         try:

@@ -43,8 +43,8 @@ STATES = ("queued", "delivering", "delivered", "held", "erased")
 _COLUMNS = (
     "id, channel, destination, device_id, user_id, state, received_at, expires_at, "
     "delivered_at, held_at, erased_at, content_type, plaintext_size, ciphertext_size, "
-    "ciphertext_sha256, body_sha256, field_names, idempotency_key, upstream_receipt, "
-    "attempts, last_error"
+    "ciphertext_sha256, body_sha256, content_sha256, field_names, idempotency_key, "
+    "upstream_receipt, attempts, last_error"
 )
 
 
@@ -77,6 +77,7 @@ class Record:
     ciphertext_size: int
     ciphertext_sha256: str
     body_sha256: str
+    content_sha256: str
     field_names: tuple[str, ...]
     idempotency_key: str | None
     upstream_receipt: str | None
@@ -86,7 +87,7 @@ class Record:
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Record:
         values = list(row)
-        values[16] = tuple(json.loads(values[16]))
+        values[17] = tuple(json.loads(values[17]))
         return cls(*values)
 
 
@@ -102,6 +103,7 @@ class NewRecord:
     expires_at: float
     content_type: str
     body_sha256: str
+    content_sha256: str
     field_names: tuple[str, ...]
     idempotency_key: str | None
 
@@ -282,6 +284,7 @@ class Spool:
             writer.ciphertext_size,
             writer.ciphertext_sha256(),
             meta.body_sha256,
+            meta.content_sha256,
             json.dumps(list(meta.field_names)),
             wrapped,
             meta.idempotency_key,
@@ -292,8 +295,8 @@ class Spool:
                 conn.execute(
                     "INSERT INTO records (id, channel, destination, device_id, user_id, state, "
                     "received_at, expires_at, content_type, plaintext_size, ciphertext_size, "
-                    "ciphertext_sha256, body_sha256, field_names, wrapped_key, idempotency_key) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "ciphertext_sha256, body_sha256, content_sha256, field_names, wrapped_key, "
+                    "idempotency_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     row,
                 )
             except sqlite3.IntegrityError:
@@ -302,8 +305,7 @@ class Spool:
         # Once the insert is queued it may commit: even if the caller is cancelled (a
         # drain that ran out of time), wait for the outcome so the file is deleted only
         # when the row did not commit, never under a committed row.
-        task = asyncio.ensure_future(
-            self._index.run(insert, sync_dirs=(pending.path.parent,)))
+        task = asyncio.ensure_future(self._index.run(insert, sync_dirs=(pending.path.parent,)))
         cancelled = False
         while not task.done():
             try:

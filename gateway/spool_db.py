@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS records (
     ciphertext_size INTEGER NOT NULL,
     ciphertext_sha256 TEXT NOT NULL,
     body_sha256 TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL,
     field_names TEXT NOT NULL,
     wrapped_key BLOB,
     idempotency_key TEXT,

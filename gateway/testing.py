@@ -10,6 +10,7 @@ client certificate, staff credential in HTTP Basic, multipart body.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -31,6 +32,8 @@ from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import write_new_master_key
 from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import client_context
+from gateway.daemon import Bound, serve
+from gateway.metrics import Metrics
 from gateway.registry import (
     Device,
     DeviceRegistry,
@@ -40,6 +43,7 @@ from gateway.registry import (
     save_devices,
     save_users,
 )
+from gateway.relay import Sleep
 from gateway.simulator import UpstreamSimulator
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "gateway.toml"
@@ -161,7 +165,7 @@ def sample_submission(channel: str) -> tuple[dict[str, str], dict[str, bytes]]:
 
 
 def encode_form(fields: Mapping[str, str], files: Mapping[str, bytes]) -> aiohttp.FormData:
-    form = aiohttp.FormData(quote_fields=False)
+    form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
     for name, value in fields.items():
         form.add_field(name, value)
     for name, data in files.items():
@@ -294,6 +298,44 @@ async def build_sandbox(
     sandbox = Sandbox(directory, pki, config_path, simulators)
     sandbox.reload_config()
     return sandbox
+
+
+@dataclass
+class RunningGateway:
+    """A daemon running in this event loop, as the tests, the demo and the bench use it."""
+
+    bound: Bound
+    metrics: Metrics
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await self.task
+
+
+async def start_gateway(
+    config: GatewayConfig, *, sleep: Sleep = asyncio.sleep, metrics: Metrics | None = None
+) -> RunningGateway:
+    """Start :func:`gateway.daemon.serve` as a task; returns once it listens."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[Bound] = asyncio.get_running_loop().create_future()
+    metrics = metrics or Metrics()
+    task = asyncio.create_task(
+        serve(
+            config,
+            shutdown_trigger=stop.wait,
+            sleep=sleep,
+            metrics=metrics,
+            on_ready=ready.set_result,
+        )
+    )
+    waiters: set[asyncio.Future[Any]] = {task, ready}
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+        raise RuntimeError("the gateway stopped before it was ready")
+    return RunningGateway(ready.result(), metrics, stop, task)
 
 
 @dataclass

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.daemon import Bound, serve
+from gateway.daemon import Bound
 from gateway.metrics import Metrics
-from gateway.testing import DeviceClient, Sandbox, build_sandbox
+from gateway.testing import DeviceClient, RunningGateway, Sandbox, build_sandbox
+from gateway.testing import start_gateway as start_in_loop
 
 
 @dataclass
@@ -27,33 +28,36 @@ class FakeSleep:
 
 @dataclass
 class Running:
+    """A running daemon plus what tests poke at."""
+
     sandbox: Sandbox
-    bound: Bound
-    metrics: Metrics
+    gateway: RunningGateway
     sleep: FakeSleep
-    stop: asyncio.Event
-    task: asyncio.Task[None]
+
+    @property
+    def bound(self) -> Bound:
+        return self.gateway.bound
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.gateway.metrics
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        return self.gateway.task
 
     def client(self, device_id: str = "tablet-01", **kwargs: str) -> DeviceClient:
         return DeviceClient(self.sandbox, device_id, port=self.bound.ingress_port, **kwargs)
 
     async def shutdown(self) -> None:
-        self.stop.set()
-        await self.task
+        await self.gateway.shutdown()
 
 
 async def start_gateway(sandbox: Sandbox, sleep: FakeSleep | None = None) -> Running:
+    """Start the daemon on ``sandbox`` with a fake relay sleep."""
     assert sandbox.config is not None
-    stop = asyncio.Event()
-    ready: asyncio.Future[Bound] = asyncio.get_running_loop().create_future()
-    metrics = Metrics()
     fake = sleep or FakeSleep()
-    task = asyncio.create_task(serve(sandbox.config, shutdown_trigger=stop.wait, sleep=fake,
-                                     metrics=metrics, on_ready=ready.set_result))
-    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    return Running(sandbox, ready.result(), metrics, fake, stop, task)
+    return Running(sandbox, await start_in_loop(sandbox.config, sleep=fake), fake)
 
 
 @pytest.fixture

@@ -1,0 +1,247 @@
+"""``gatewayctl demo``: the gateway's main job on an embedded default, end to end.
+
+A throw-away PKI, one simulated upstream per destination, the shipped six channels, and
+the real daemon on loopback; realistic submissions on every channel plus the mistakes a
+ward office makes (a field that must be dropped, a revoked tablet, a wrong password, a
+bad photo, a 個人番号 with a wrong check digit, an upstream that is briefly down). It
+prints what was accepted, rejected (and why), dropped and delivered: names and rules,
+never values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import logs
+from gateway.daemon import Bound
+from gateway.metrics import Metrics
+from gateway.testing import (
+    DeviceClient,
+    Reply,
+    Sandbox,
+    build_sandbox,
+    make_jpeg,
+    sample_submission,
+    start_gateway,
+)
+
+CHANNEL_DEVICE = {
+    "online-application": "tablet-01",
+    "express-issuance": "tablet-01",
+    "overseas-application": "pc-01",
+    "card-delegation-batch": "records-01",
+    "issuance-reservation": "callcentre-01",
+    "window-reception": "counter-01",
+}
+
+
+@dataclass
+class Case:
+    title: str
+    channel: str
+    device: str
+    fields: dict[str, str]
+    files: dict[str, bytes]
+    password: str | None = None
+    idempotency_key: str | None = None
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for channel, device in CHANNEL_DEVICE.items():
+        fields, files = sample_submission(channel)
+        cases.append(Case(f"valid {channel}", channel, device, fields, files))
+    fields, files = sample_submission("online-application")
+    cases.append(
+        Case(
+            "name and address must not travel (dropped)",
+            "online-application",
+            "tablet-01",
+            {**fields, "name": "新宿 花子", "address": "東京都新宿区"},
+            files,
+            idempotency_key="tablet-01-0002",
+        )
+    )
+    cases.append(
+        Case(
+            "the same post again with its Idempotency-Key (device retry)",
+            "online-application",
+            "tablet-01",
+            {**fields, "name": "新宿 花子", "address": "東京都新宿区"},
+            files,
+            idempotency_key="tablet-01-0002",
+        )
+    )
+    cases.append(Case("lost tablet, revoked", "online-application", "tablet-lost", fields, files))
+    cases.append(
+        Case(
+            "wrong staff password",
+            "express-issuance",
+            "tablet-01",
+            *sample_submission("express-issuance"),
+            password="not-the-password",  # noqa: S106 - the wrong one, on purpose
+        )
+    )
+    cases.append(
+        Case(
+            "photo below 480 px a side (400×400)",
+            "online-application",
+            "tablet-01",
+            fields,
+            {"face_photo": make_jpeg(400, 400)},
+        )
+    )
+    office, _ = sample_submission("window-reception")
+    cases.append(
+        Case(
+            "個人番号 with a wrong check digit",
+            "window-reception",
+            "counter-01",
+            {**office, "individual_number": "983205673215"},
+            {},
+        )
+    )
+    cases.append(
+        Case("tablet posting on the counter's channel", "window-reception", "tablet-01", office, {})
+    )
+    return cases
+
+
+def _describe(reply: Reply) -> str:
+    body = reply.body
+    if reply.status == 202:
+        replay = " (original receipt returned)" if reply.headers.get("Idempotent-Replayed") else ""
+        return f"202 accepted as {body.get('submission_id', '?')[:12]}…{replay}"
+    kind = str(body.get("type", "")).rsplit("/", 1)[-1]
+    violations = body.get("violations") or []
+    rules = ", ".join(f"{v['field']}: {v['rule']}" for v in violations)
+    detail = rules or body.get("detail", "")
+    return f"{reply.status} {kind} — {detail}"
+
+
+async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) -> int:
+    express = sandbox.simulators["jlis-express"]
+    express.fail_next(1, 503, retry_after="1")
+    clients: dict[tuple[str, str | None], DeviceClient] = {}
+    accepted: list[tuple[str, str]] = []
+    failures = 0
+    print("\nposting through the gateway (mutual TLS, staff login, multipart):", file=out)
+    try:
+        for case in _cases():
+            key = (case.device, case.password)
+            if key not in clients:
+                clients[key] = DeviceClient(
+                    sandbox, case.device, port=bound.ingress_port, password=case.password
+                )
+            reply = await clients[key].submit(
+                case.channel, case.fields, case.files, idempotency_key=case.idempotency_key
+            )
+            print(
+                f"  {case.channel:<22} {case.device:<14} {case.title}\n"
+                f"  {'':<22} → {_describe(reply)}",
+                file=out,
+            )
+            if reply.status == 202 and not reply.headers.get("Idempotent-Replayed"):
+                accepted.append((case.channel, reply.body["submission_id"]))
+            if reply.status >= 500:
+                failures += 1
+        expected: dict[str, int] = {}
+        for channel, _ in accepted:
+            dest = sandbox.config.channels[channel].destination if sandbox.config else ""
+            expected[dest] = expected.get(dest, 0) + 1
+        for dest, count in expected.items():
+            await sandbox.simulators[dest].wait_for(count, timeout=30)
+        print("\ndelivered upstream (what each destination received):", file=out)
+        for dest, sim in sandbox.simulators.items():
+            for received in sim.received:
+                names = sorted([*received.fields, *received.files])
+                print(
+                    f"  {dest:<22} {received.channel:<22} receipt {received.receipt_id}"
+                    f"  fields: {', '.join(names)}",
+                    file=out,
+                )
+        client = clients[("tablet-01", None)]
+        channel, first = accepted[0]
+        status = await client.status(first)
+        print(
+            f"\nstatus of {first[:12]}… as its tablet sees it: {status.body.get('state')}"
+            f", upstream receipt {status.body.get('upstream_receipt')}",
+            file=out,
+        )
+    finally:
+        for c in clients.values():
+            await c.close()
+    dropped = {
+        s.labels["field"]: s.value
+        for m in metrics.registry.collect()
+        if m.name == "gateway_fields_dropped"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    retries = sum(
+        s.value
+        for m in metrics.registry.collect()
+        if m.name == "gateway_relay_attempts"
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels["outcome"] != "delivered"
+    )
+    delivered = sum(len(sim.received) for sim in sandbox.simulators.values())
+    print(
+        f"\nsummary: {len(accepted)} accepted, {delivered} delivered, "
+        f"{int(retries)} upstream attempt(s) retried, fields dropped: "
+        f"{', '.join(f'{k}×{int(v)}' for k, v in sorted(dropped.items())) or 'none'}",
+        file=out,
+    )
+    return 1 if failures or delivered != len(accepted) else 0
+
+
+async def _main(directory: Path, out: Any) -> int:
+    print(f"demo files in {directory}", file=out)
+    started = time.perf_counter()
+    sandbox = await build_sandbox(directory)
+    assert sandbox.config is not None
+    print(
+        f"  PKI, registries and config made ({sandbox.config_path.name}: "
+        f"{len(sandbox.config.channels)} channels, {len(sandbox.simulators)} simulated "
+        f"upstreams)",
+        file=out,
+    )
+    running = await start_gateway(sandbox.config)
+    try:
+        bound = running.bound
+        print(
+            f"  gateway listening on https://localhost:{bound.ingress_port} "
+            f"(metrics on http://127.0.0.1:{bound.admin_port}/metrics)",
+            file=out,
+        )
+        code = await _scenario(sandbox, bound, running.metrics, out)
+    finally:
+        await running.shutdown()
+        await sandbox.stop_simulators()
+    print(
+        f"gateway drained and stopped cleanly in {time.perf_counter() - started:.1f} s "
+        f"(JSON logs: {directory / 'gateway.log'})",
+        file=out,
+    )
+    return code
+
+
+def run_demo(*, keep: Path | None = None, out: Any = None) -> int:
+    out = out or sys.stdout
+    directory = keep or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "gateway.log").open("w", encoding="utf-8") as log_file:
+        logs.configure(log_file, level=logging.INFO)
+        try:
+            return asyncio.run(_main(directory, out))
+        finally:
+            if keep is None:
+                shutil.rmtree(directory, ignore_errors=True)
