@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -48,20 +49,34 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 def _secret_spec(value: str, info: ValidationInfo) -> str:
     """A secret's location: a path (resolved like other paths) or ``credential:NAME``."""
+    # Checked first: a secret pasted after "credential:" is still a secret pasted inline.
+    if "\n" in value or len(value) > 4096:
+        raise ValueError("must be a file path or credential:NAME, never the secret itself")
     if value.startswith("credential:"):
         name = value.removeprefix("credential:")
         if not name or "/" in name or name in {".", ".."}:
             raise ValueError("credential:NAME needs a plain credential name")
         return value
-    if "\n" in value or len(value) > 4096:
-        raise ValueError("must be a file path or credential:NAME, never the secret itself")
     return str(_resolve_path(Path(value), info))
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """One CIDR network; a single validator so an error is one problem under one key."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    try:
+        if isinstance(value, str):
+            return ipaddress.ip_network(value)
+    except ValueError:
+        pass
+    raise ValueError("must be a network in CIDR notation without host bits, e.g. 10.31.0.0/16")
 
 
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 SecretRef = Annotated[str, AfterValidator(_secret_spec)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, PlainValidator(_network)]
 
 
 class _Model(BaseModel):
@@ -157,7 +172,7 @@ class ChannelConfig(_Model):
     description: str = ""
     destination: Name
     devices: tuple[str, ...]
-    source_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    source_networks: tuple[Network, ...]
     active_from: date | None = None
     active_until: date | None = None
     on_unlisted: Literal["drop", "reject"] = "drop"
@@ -206,12 +221,38 @@ class GatewayConfig(_Model):
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
+        # parse_config reports each broken reference under its own key beforehand; this
+        # check keeps a GatewayConfig built any other way just as coherent.
         for name, channel in self.channels.items():
             if channel.destination not in self.destinations:
-                known = difflib.get_close_matches(channel.destination, list(self.destinations), 1)
-                hint = f" (did you mean {known[0]!r}?)" if known else ""
-                raise ValueError(f"channels.{name}.destination: no destination by that name{hint}")
+                raise ValueError(f"channels.{name}.destination: {_NO_DESTINATION}")
         return self
+
+
+_NO_DESTINATION = "no destination by that name"
+
+
+def _reference_problems(data: Mapping[str, Any], file: str) -> list[ConfigProblem]:
+    """Every channel whose destination is not configured, each under its dotted key.
+
+    Read from the raw mapping so these are reported beside every other problem (an
+    "after" model validator would run only once the rest of the file is valid).
+    """
+    channels = data.get("channels")
+    destinations = data.get("destinations")
+    if not isinstance(channels, Mapping):
+        return []
+    known = [str(d) for d in destinations] if isinstance(destinations, Mapping) else []
+    problems = []
+    for name, channel in channels.items():
+        target = channel.get("destination") if isinstance(channel, Mapping) else None
+        if isinstance(target, str) and target not in known:
+            close = difflib.get_close_matches(target, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(
+                ConfigProblem(file, f"channels.{name}.destination", _NO_DESTINATION + hint)
+            )
+    return problems
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
@@ -257,10 +298,19 @@ def _problems_from(error: ValidationError, file: str) -> list[ConfigProblem]:
 
 def parse_config(data: Mapping[str, Any], *, base: Path, file: str = "<config>") -> GatewayConfig:
     """Validate a configuration mapping; relative paths resolve against ``base``."""
+    references = _reference_problems(data, file)
     try:
-        return GatewayConfig.model_validate(data, context={"base": base})
+        config = GatewayConfig.model_validate(data, context={"base": base})
     except ValidationError as exc:
-        raise ConfigError(_problems_from(exc, file)) from None
+        problems = [
+            p
+            for p in _problems_from(exc, file)
+            if not (references and not p.key and _NO_DESTINATION in p.message)
+        ]
+        raise ConfigError(problems + references) from None
+    if references:  # pragma: no cover - the model validator refuses these first
+        raise ConfigError(references)
+    return config
 
 
 def load_config(path: Path) -> GatewayConfig:

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -162,6 +163,27 @@ def sample_submission(channel: str) -> tuple[dict[str, str], dict[str, bytes]]:
     if channel == "window-reception":
         return {**office, "individual_number": INDIVIDUAL_NUMBER}, {}
     raise KeyError(channel)
+
+
+def multipart_body(fields: Mapping[str, str], files: Mapping[str, bytes]) -> tuple[bytes, str]:
+    """A finished multipart/form-data body and its Content-Type, built once for reuse."""
+    boundary = "bench" + hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:24]
+    parts = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + value.encode()
+            + b"\r\n"
+        )
+    for name, data in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{name}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 def encode_form(fields: Mapping[str, str], files: Mapping[str, bytes]) -> aiohttp.FormData:
@@ -356,6 +378,7 @@ class DeviceClient:
         port: int,
         user: str = "staff-001",
         password: str | None = None,
+        limit: int = 100,
     ) -> None:
         device = sandbox.pki.devices[device_id]
         context = client_context(ca=sandbox.pki.gateway_ca.cert, cert=device.cert, key=device.key)
@@ -363,7 +386,9 @@ class DeviceClient:
         self.authorization = basic_authorization(
             user, STAFF.get(user, "") if password is None else password
         )
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, limit=limit)
+        )
 
     async def close(self) -> None:
         await self.session.close()
@@ -398,6 +423,19 @@ class DeviceClient:
         ) as response:
             return Reply(response.status, await _json(response), dict(response.headers))
 
+    async def post_raw(
+        self, channel: str, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> int:
+        """Post a prepared body; returns the status only (for load generation)."""
+        extra = {"Content-Type": content_type, **(headers or {})}
+        async with self.session.post(
+            f"{self.base}/v1/channels/{channel}/submissions",
+            data=body,
+            headers=self._headers(extra),
+        ) as response:
+            await response.read()
+            return response.status
+
     async def status(self, submission_id: str) -> Reply:
         async with self.session.get(
             f"{self.base}/v1/submissions/{submission_id}", headers=self._headers(None)
@@ -412,3 +450,109 @@ async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
     except ValueError:
         return {"_text": text}
     return doc if isinstance(doc, dict) else {"_value": doc}
+
+
+class DaemonProcess:
+    """``gatewayd`` as a separate process (crash tests and the bench).
+
+    Waits for the daemon's ``ready`` log line to learn its port, then copies its JSON log
+    lines to ``log_path`` while it runs.
+    """
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.process: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self._pump: asyncio.Task[None] | None = None
+
+    async def start(self, *, ready_within: float = 30.0) -> DaemonProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli.gatewayd",
+            "--config",
+            str(self.config_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stderr is not None
+        log = self.log_path.open("ab")
+        async with asyncio.timeout(ready_within):
+            while True:
+                line = await self.process.stderr.readline()
+                if not line:
+                    log.close()
+                    raise RuntimeError(f"gatewayd exited before ready (log: {self.log_path})")
+                log.write(line)
+                event = _json_line(line)
+                if event.get("event") == "ready":
+                    self.port = int(event["port"])
+                    break
+        self._pump = asyncio.create_task(self._copy(self.process.stderr, log))
+        return self
+
+    @staticmethod
+    async def _copy(stream: asyncio.StreamReader, log: Any) -> None:
+        try:
+            while line := await stream.readline():
+                log.write(line)
+        finally:
+            log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def kill(self) -> int:
+        """SIGKILL: no drain, no cleanup; what a power cut or an OOM kill does."""
+        assert self.process is not None
+        self.process.kill()
+        return await self._reap()
+
+    async def terminate(self) -> int:
+        """SIGTERM: the daemon drains and exits."""
+        assert self.process is not None
+        self.process.terminate()
+        return await self._reap()
+
+    async def _reap(self) -> int:
+        assert self.process is not None
+        code = await self.process.wait()
+        if self._pump is not None:
+            await self._pump
+        return code
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def _status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def rss_bytes(self) -> int:
+        return self._status("VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        return self._status("VmHWM")
+
+    async def __aenter__(self) -> DaemonProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.returncode is None:
+            await self.terminate()
+
+
+def _json_line(line: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}

@@ -1,0 +1,179 @@
+"""``make bench``: the gateway's performance targets (DESIGN.md section 6), measured.
+
+The real daemon (``gatewayd``) runs as its own process with a throw-away PKI and
+simulated upstreams in this process, both legs over mutual TLS on loopback. Reported:
+
+* sustained submissions/s with 300 KB photos (closed loop, 16 concurrent devices), with
+  the daemon's CPU time per relayed submission;
+* p50/p99 time-to-202 at a steady 100 submissions/s (open loop);
+* the daemon's peak RSS while 100 devices upload 7 MB photos at once.
+
+Figures go to stdout and to ``bench-results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.testing import (
+    DaemonProcess,
+    DeviceClient,
+    build_sandbox,
+    multipart_body,
+    photo_of_size,
+    sample_submission,
+)
+
+CHANNEL = "online-application"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def progress(text: str) -> None:
+    print(f"  … {text}", file=sys.stderr, flush=True)
+
+
+async def closed_loop(
+    poster: DeviceClient, body: bytes, ctype: str, *, total: int, concurrency: int
+) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(total))
+
+    async def device() -> None:
+        nonlocal failures
+        for _ in counter:
+            started = time.perf_counter()
+            status = await poster.post_raw(CHANNEL, body, ctype)
+            latencies.append(time.perf_counter() - started)
+            failures += status != 202
+
+    started = time.perf_counter()
+    await asyncio.gather(*(device() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies, failures
+
+
+async def open_loop(
+    poster: DeviceClient, body: bytes, ctype: str, *, rate: float, seconds: float
+) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    failures = 0
+    tasks = []
+
+    async def one() -> None:
+        nonlocal failures
+        started = time.perf_counter()
+        status = await poster.post_raw(CHANNEL, body, ctype)
+        latencies.append(time.perf_counter() - started)
+        failures += status != 202
+
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    return latencies, failures
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        directory = Path(tmp)
+        progress("making PKI, config and simulated upstreams")
+        sandbox = await build_sandbox(directory)
+        fields, _ = sample_submission("online-application")
+        photo = photo_of_size(300_000)
+        body, ctype = multipart_body(fields, {"face_photo": photo})
+        results["photo_bytes"] = len(photo)
+        results["body_bytes"] = len(body)
+        async with DaemonProcess(sandbox.config_path, directory / "daemon.log") as daemon:
+            async with DeviceClient(sandbox, "tablet-01", port=daemon.port, limit=128) as poster:
+                progress("warming up")
+                await closed_loop(poster, body, ctype, total=100, concurrency=8)
+                sim = sandbox.simulators["dnp-relay"]
+                await sim.wait_for(100, timeout=60)
+
+                progress(f"closed loop: {args.total} × 300 KB, {args.concurrency} concurrent")
+                delivered_before = len(sim.received)
+                cpu_before = daemon.cpu_seconds()
+                elapsed, lat, failed = await closed_loop(
+                    poster, body, ctype, total=args.total, concurrency=args.concurrency
+                )
+                await sim.wait_for(delivered_before + args.total, timeout=120)
+                cpu = daemon.cpu_seconds() - cpu_before
+                results["sustained"] = {
+                    "submissions": args.total,
+                    "concurrency": args.concurrency,
+                    "per_second": round(args.total / elapsed, 1),
+                    "p50_ms": round(percentile(lat, 50) * 1000, 2),
+                    "p99_ms": round(percentile(lat, 99) * 1000, 2),
+                    "failures": failed,
+                    "daemon_cpu_ms_per_submission": round(cpu / args.total * 1000, 3),
+                }
+
+                progress(f"open loop: 100/s for {args.seconds:.0f} s")
+                lat, failed = await open_loop(poster, body, ctype, rate=100, seconds=args.seconds)
+                results["at_100_per_second"] = {
+                    "submissions": len(lat),
+                    "p50_ms": round(percentile(lat, 50) * 1000, 2),
+                    "p99_ms": round(percentile(lat, 99) * 1000, 2),
+                    "mean_ms": round(statistics.fmean(lat) * 1000, 2),
+                    "failures": failed,
+                }
+
+            progress("100 concurrent 7 MB uploads")
+            big = photo_of_size(6_800_000)
+            big_body, big_ctype = multipart_body(fields, {"face_photo": big})
+            async with DeviceClient(sandbox, "tablet-01", port=daemon.port, limit=128) as poster:
+                rss_before = daemon.rss_bytes()
+                started = time.perf_counter()
+                statuses = await asyncio.gather(
+                    *(poster.post_raw(CHANNEL, big_body, big_ctype) for _ in range(args.big))
+                )
+                results["big_uploads"] = {
+                    "uploads": args.big,
+                    "photo_bytes": len(big),
+                    "accepted": sum(s == 202 for s in statuses),
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "daemon_rss_before_mb": round(rss_before / 2**20, 1),
+                    "daemon_peak_rss_mb": round(daemon.peak_rss_bytes() / 2**20, 1),
+                }
+        await sandbox.stop_simulators()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--total", type=int, default=3000, help="closed-loop submissions")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=15.0, help="open-loop duration")
+    parser.add_argument("--big", type=int, default=100, help="concurrent 7 MB uploads")
+    parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
