@@ -27,6 +27,7 @@ from gateway.errors import ConfigProblem
 from gateway.ingress import Runtime, build_app
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.photo_check import PhotoChecker
 from gateway.registry import RegistryWatcher
 from gateway.relay import Relay, Sleep
 from gateway.spool import Spool
@@ -113,6 +114,7 @@ async def serve(
     sleep: Sleep = asyncio.sleep,
     on_ready: Callable[[Bound], None] | None = None,
     metrics: Metrics | None = None,
+    inline_photo_checks: bool = False,
 ) -> None:
     """Run the gateway until ``shutdown_trigger`` returns, then drain and stop."""
     metrics = metrics or Metrics()
@@ -153,6 +155,8 @@ async def serve(
         on_failure=lambda reason: metrics.auth_failures.labels(reason=reason).inc(),
     )
     relay = Relay(config, spool, metrics, sleep=sleep, clock=clock)
+    photos = PhotoChecker(inline=inline_photo_checks)
+    photos.start()
     runtime = Runtime(
         config=config,
         policies={n: ChannelPolicy.from_config(n, c) for n, c in config.channels.items()},
@@ -162,6 +166,7 @@ async def serve(
         metrics=metrics,
         clock=clock,
         on_accepted=relay.enqueue,
+        photos=photos,
     )
     ingress = web.AppRunner(
         build_app(runtime),
@@ -203,6 +208,7 @@ async def serve(
         await relay.stop()
         await admin.cleanup()
         await ingress.cleanup()
+        photos.close()
         await spool.close()
         log.info("stopped")
 

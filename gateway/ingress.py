@@ -10,7 +10,6 @@ are on disk does the device get its 202.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import time
@@ -22,7 +21,6 @@ from typing import Any
 from aiohttp import web
 
 from gateway.auth import StaffAuthenticator
-from gateway.channels.photo import check_jpeg
 from gateway.channels.policy import (
     ChannelPolicy,
     device_allowed,
@@ -38,6 +36,7 @@ from gateway.errors import ProblemError, SpoolError, Violation
 from gateway.intake import MultipartIntake, multipart_boundary
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.photo_check import PhotoChecker
 from gateway.registry import Device, RegistryWatcher
 from gateway.spool import (
     DuplicateIdempotencyKey,
@@ -74,6 +73,7 @@ class Runtime:
     metrics: Metrics
     clock: Callable[[], float]
     on_accepted: Callable[[Record], None]
+    photos: PhotoChecker
     accepting: bool = True
 
 
@@ -197,19 +197,15 @@ def _replay(existing: Record, content_sha256: str) -> web.Response:
 
 
 async def _check_photo(
-    pending: PendingRecord, intake: MultipartIntake, policy: ChannelPolicy
+    rt: Runtime, pending: PendingRecord, intake: MultipartIntake, policy: ChannelPolicy
 ) -> Violation | None:
     file = intake.result.file
     if file is None or file.rule.format != "jpeg_photo":
         return None
     if any(v.field == file.rule.name for v in intake.result.violations):
         return None
-
-    def check() -> Violation | None:
-        with pending.window(file.start, file.length) as photo:
-            return check_jpeg(file.rule.name, photo, file.length, policy.photo)
-
-    return await asyncio.to_thread(check)
+    where = pending.location(file.start, file.length)
+    return await rt.photos.check(file.rule.name, where, policy.photo)
 
 
 async def _submit(
@@ -257,7 +253,8 @@ async def _submit(
             if existing is not None:
                 context["outcome"] = "replayed"
                 return _replay(existing, result.content_sha256)
-        photo_violation = await _check_photo(pending, intake, policy)
+        rt.spool.start_sync(pending)  # fsync the record while the photo is checked
+        photo_violation = await _check_photo(rt, pending, intake, policy)
         if photo_violation is not None:
             result.violations.append(photo_violation)
         context["fields"] = sorted(result.fields)

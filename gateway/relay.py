@@ -32,7 +32,7 @@ from gateway.config import DestinationConfig, GatewayConfig
 from gateway.crypto.keys import read_secret_file, resolve_secret_path
 from gateway.crypto.pki import spki_sha256_b64
 from gateway.crypto.tls import client_context, peer_cert_der
-from gateway.errors import RecordCorrupt, RelayError, SecretFileError
+from gateway.errors import RecordCorrupt, RelayError, SecretFileError, SpoolError
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.spool import Record, Spool
@@ -65,6 +65,10 @@ class SpoolPayload(Payload):
         raise TypeError("a spooled record is not decoded as text")
 
 
+class SpkiPinMismatch(aiohttp.ClientConnectionError):
+    """The upstream's certificate key is not among the destination's SPKI pins."""
+
+
 class PinningConnector(aiohttp.TCPConnector):
     """Refuses an upstream whose certificate's SPKI hash is not pinned (when pins are set)."""
 
@@ -78,7 +82,7 @@ class PinningConnector(aiohttp.TCPConnector):
             der = peer_cert_der(transport.get_extra_info("ssl_object"))
             if der is None or spki_sha256_b64(der) not in self._pins:
                 transport.close()
-                raise RelayError("upstream certificate does not match the SPKI pin", retryable=True)
+                raise SpkiPinMismatch("upstream certificate does not match the SPKI pins")
         return transport, proto
 
 
@@ -102,7 +106,7 @@ class DestinationRelay:
 
     name: str
     config: DestinationConfig
-    queue: asyncio.Queue[str]
+    queue: asyncio.Queue[str | Record]  # ids loaded at start-up, records as accepted
     session: aiohttp.ClientSession
     authorization: str | None
     tasks: list[asyncio.Task[None]]
@@ -153,7 +157,7 @@ class Relay:
     def enqueue(self, record: Record) -> None:
         relay = self._destinations.get(record.destination)
         if relay is not None:
-            relay.queue.put_nowait(record.id)
+            relay.queue.put_nowait(record)
 
     def backlog(self) -> dict[str, int]:
         return {name: r.queue.qsize() for name, r in self._destinations.items()}
@@ -194,11 +198,12 @@ class Relay:
 
     async def _worker(self, relay: DestinationRelay) -> None:
         while True:
-            record_id = await relay.queue.get()
+            item = await relay.queue.get()
+            record_id = item.id if isinstance(item, Record) else item
             if not self._spool.claim(record_id):
                 continue
             try:
-                record = await self._spool.get(record_id)
+                record = item if isinstance(item, Record) else await self._spool.get(item)
                 if record is None or record.state not in ("queued", "delivering"):
                     continue
                 self._metrics.relay_in_flight.labels(destination=relay.name).inc()
@@ -206,6 +211,21 @@ class Relay:
                     await self._deliver(relay, record)
                 finally:
                     self._metrics.relay_in_flight.labels(destination=relay.name).dec()
+            except SpoolError as exc:
+                # Erased or unreadable meanwhile: nothing left to deliver.
+                log.warning(
+                    "skipped",
+                    submission_id=record_id,
+                    destination=relay.name,
+                    error=type(exc).__name__,
+                )
+            except Exception as exc:
+                log.error(
+                    "relay_failed",
+                    submission_id=record_id,
+                    destination=relay.name,
+                    error=type(exc).__name__,
+                )
             finally:
                 self._spool.release(record_id)
 

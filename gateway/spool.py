@@ -22,6 +22,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from gateway.crypto.envelope import (
     wrap_key,
 )
 from gateway.errors import SpoolError
+from gateway.photo_check import PhotoLocation
 from gateway.spool_db import IndexThread, fsync_dir
 
 STATES = ("queued", "delivering", "delivered", "held", "erased")
@@ -122,6 +124,10 @@ class PendingRecord:
         self._file: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - owned here
         self.writer = EncryptingWriter(self._file, dek, record_id.encode())
         self.finished = False
+        self.committed = False
+        """True once the index row is committed: from then on the file is the record's."""
+        self.sync: asyncio.Future[None] | None = None
+        """The fsync of the finished file, once started (see :meth:`Spool.start_sync`)."""
 
     @property
     def aad(self) -> bytes:
@@ -146,14 +152,24 @@ class PendingRecord:
             with io.BufferedReader(reader, buffer_size=SEGMENT_SIZE) as buffered:
                 yield buffered
 
+    def location(self, start: int, length: int) -> PhotoLocation:
+        """Where a byte range of the finished file is, for a check in another process."""
+        return PhotoLocation(
+            self.path, self._dek, self.aad, self.writer.plaintext_size, start, length
+        )
+
     def sync_and_close(self) -> None:
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
 
     def abandon(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.path.unlink(missing_ok=True)
+        """Close and delete the file, unless its row committed (then the file is kept)."""
+        if self.sync is None and not self._file.closed:
+            self._file.close()  # else the fsync under way closes it
+        if not self.committed:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -178,6 +194,9 @@ class Spool:
         self.counts: Counter[str] = Counter()
         self.bytes = 0
         self._delivering: set[str] = set()
+        # fsync blocks in the kernel, not on the GIL: enough threads that concurrent
+        # requests' fsyncs overlap and share the filesystem journal's commits.
+        self._fsync_pool = ThreadPoolExecutor(16, thread_name_prefix="spool-fsync")
         # Undelivered records (queued or held) by id, in order of receipt: the first one
         # is the oldest, read in O(1) for gateway_spool_oldest_undelivered_age_seconds.
         self._undelivered: dict[str, float] = {}
@@ -203,9 +222,11 @@ class Spool:
         missing = [rid for rid in keep if not self._path(rid).exists()]
         if missing:
             await self._index.run(
+                # Only queued records are held: a delivered one stays delivered (its
+                # history must not be rewritten into "undelivered").
                 lambda c: c.executemany(
                     "UPDATE records SET state='held', held_at=?, last_error='data file missing' "
-                    "WHERE id=?",
+                    "WHERE id=? AND state='queued'",
                     [(self._clock(), rid) for rid in missing],
                 )
             )
@@ -253,7 +274,18 @@ class Spool:
         """When the oldest undelivered record was received, or None."""
         return next(iter(self._undelivered.values()), None)
 
+    def start_sync(self, pending: PendingRecord) -> asyncio.Future[None]:
+        """Start making the finished file durable, so other checks can run meanwhile."""
+        pending.finish()
+        if pending.sync is None:
+            loop = asyncio.get_running_loop()
+            pending.sync = loop.run_in_executor(self._fsync_pool, pending.sync_and_close)
+            # An abandoned record's fsync may fail once its file is gone: nobody awaits it.
+            pending.sync.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return pending.sync
+
     async def close(self) -> None:
+        self._fsync_pool.shutdown(wait=True)
         await self._index.stop()
 
     # ------------------------------------------------------------------ writing
@@ -267,7 +299,7 @@ class Spool:
     async def commit(self, pending: PendingRecord, meta: NewRecord) -> Record:
         """Make the record durable, then index it; returns only after both are on disk."""
         pending.finish()
-        await asyncio.to_thread(pending.sync_and_close)
+        await asyncio.shield(self.start_sync(pending))
         writer = pending.writer
         wrapped = wrap_key(self._master, pending._dek)
         row = (
@@ -316,14 +348,38 @@ class Spool:
         if error is not None:
             pending.abandon()
             raise error
+        # A caller that was cancelled meanwhile still discards its pending record in a
+        # finally block: that must not delete the file under the committed row.
+        pending.committed = True
         self.counts["queued"] += 1
         self.bytes += writer.ciphertext_size
         self._undelivered[pending.id] = meta.received_at
         if cancelled:
             raise asyncio.CancelledError
-        record = await self.get(pending.id)
-        assert record is not None
-        return record
+        return Record(
+            id=pending.id,
+            channel=meta.channel,
+            destination=meta.destination,
+            device_id=meta.device_id,
+            user_id=meta.user_id,
+            state="queued",
+            received_at=meta.received_at,
+            expires_at=meta.expires_at,
+            delivered_at=None,
+            held_at=None,
+            erased_at=None,
+            content_type=meta.content_type,
+            plaintext_size=writer.plaintext_size,
+            ciphertext_size=writer.ciphertext_size,
+            ciphertext_sha256=writer.ciphertext_sha256(),
+            body_sha256=meta.body_sha256,
+            content_sha256=meta.content_sha256,
+            field_names=meta.field_names,
+            idempotency_key=meta.idempotency_key,
+            upstream_receipt=None,
+            attempts=0,
+            last_error=None,
+        )
 
     def discard(self, pending: PendingRecord) -> None:
         pending.abandon()

@@ -1,0 +1,91 @@
+"""Runs the JPEG decode check in worker processes, off the event loop's GIL.
+
+Pillow holds the GIL while it decodes, so a decode in a thread stalls every request the
+event loop is serving. A small process pool (one worker per core by default) decodes
+instead. A worker receives only where the photo is (the record's file, its data key and
+the photo's byte range) and opens, decrypts and checks it itself: the photo never
+crosses a pipe, and at most ``workers`` photos are being decoded at once, which bounds
+memory as well as CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.channels.photo import PhotoRules, check_jpeg
+from gateway.crypto.envelope import SEGMENT_SIZE, DecryptingReader
+from gateway.errors import Violation
+
+
+@dataclass(frozen=True)
+class PhotoLocation:
+    """Where a photo sits inside an encrypted record (picklable, no photo bytes)."""
+
+    path: Path
+    data_key: bytes
+    aad: bytes
+    plaintext_size: int
+    start: int
+    length: int
+
+
+def check_located_photo(field: str, where: PhotoLocation, rules: PhotoRules) -> Violation | None:
+    """Decrypt the photo's window and decode-check it (runs in a worker process)."""
+    with where.path.open("rb") as fileobj:
+        reader = DecryptingReader(
+            fileobj,
+            where.data_key,
+            where.aad,
+            where.plaintext_size,
+            start=where.start,
+            length=where.length,
+        )
+        with io.BufferedReader(reader, buffer_size=SEGMENT_SIZE) as photo:
+            return check_jpeg(field, photo, where.length, rules)
+
+
+class PhotoChecker:
+    """A process pool for photo checks; ``inline=True`` checks in this process (tests)."""
+
+    def __init__(self, workers: int | None = None, *, inline: bool = False) -> None:
+        self._workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self._inline = inline
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["gateway.photo_check"])
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=context)
+        return self._pool
+
+    def start(self) -> None:
+        """Start the workers now rather than on the first photo."""
+        if not self._inline:
+            self._executor()
+
+    async def check(self, field: str, where: PhotoLocation, rules: PhotoRules) -> Violation | None:
+        if self._inline:
+            return await asyncio.to_thread(check_located_photo, field, where, rules)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor(), check_located_photo, field, where, rules
+            )
+        except BrokenProcessPool:
+            # A worker died while decoding (a decoder crash or the OOM killer): refuse
+            # this photo as undecodable and start a fresh pool for the next one.
+            self.close()
+            return Violation(field, "decode", "could not be decoded as a JPEG image")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
