@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import random
 import unicodedata
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,7 +119,9 @@ def sample_parts(channel: str, *, nfd: bool = False) -> list[Part]:
     fields, files = sample_submission(channel)
     form = unicodedata.normalize if nfd else (lambda _form, value: value)
     parts = [text(n, form("NFD", v)) for n, v in fields.items()]
-    return parts + [upload(n, d, "image/jpeg" if n == "face_photo" else None) for n, d in files.items()]
+    return parts + [
+        upload(n, d, "image/jpeg" if n == "face_photo" else None) for n, d in files.items()
+    ]
 
 
 def replaced(parts: Sequence[Part], name: str, part: Part | None) -> list[Part]:
@@ -163,6 +166,8 @@ async def post(
         sent.setdefault("Authorization", client.authorization)
     if content_type is not None:
         sent["Content-Type"] = content_type
+    if isinstance(body, bytes):
+        body = io.BytesIO(body)  # aiohttp warns about large raw bytes bodies
     async with client.session.post(
         f"{client.base}/v1/channels/{channel}/submissions", data=body, headers=sent
     ) as response:
@@ -296,8 +301,11 @@ async def test_valid_submission_gets_receipt_and_arrives_filtered(
     """Every channel: 202 receipt over the exact body; upstream gets only allowed, NFC fields."""
     allowed = sample_parts(channel, nfd=True)
     if channel == "overseas-application":
-        allowed = replaced(allowed, "name_kana", text("name_kana", unicodedata.normalize(
-            "NFD", "シンジュク ガブリエル")))
+        allowed = replaced(
+            allowed,
+            "name_kana",
+            text("name_kana", unicodedata.normalize("NFD", "シンジュク ガブリエル")),
+        )
     if channel in ("issuance-reservation", "window-reception"):
         allowed.append(text("alias_name", unicodedata.normalize("NFD", "ヴァン・ガブリエル")))
     dropped = DROPPED_ON.get(channel, [])
@@ -333,11 +341,7 @@ async def test_valid_submission_gets_receipt_and_arrives_filtered(
         assert name not in got.fields and name not in got.files
         assert value.encode() not in got.body
         labels = {"channel": channel, "field": label}
-        assert metric(gateway, "gateway_fields_dropped_total", labels) >= 1, labels
-    for name, _, label in dropped:
-        if label == name:
-            labels = {"channel": channel, "field": name}
-            assert metric(gateway, "gateway_fields_dropped_total", labels) == 1, labels
+        assert metric(gateway, "gateway_fields_dropped_total", labels) == 1, labels
 
 
 async def test_formdata_submission_receipt_hashes_the_sent_body(gateway: Running) -> None:
@@ -348,14 +352,7 @@ async def test_formdata_submission_receipt_hashes_the_sent_body(gateway: Running
         form.add_field(name, value)
     form.add_field("face_photo", files["face_photo"], filename="p.jpg", content_type="image/jpeg")
     writer = form()
-    sink = io.BytesIO()
-
-    class Sink:
-        async def write(self, chunk: bytes) -> None:
-            sink.write(chunk)
-
-    await writer.write(Sink())  # type: ignore[arg-type]
-    body = sink.getvalue()
+    body = await writer.as_bytes()
     async with gateway.client() as client:
         answer = await post(client, "online-application", body, content_type=writer.content_type)
     assert answer.status == 202, answer.text
@@ -405,7 +402,9 @@ async def test_malformed_multipart_is_400(gateway: Running, make: Any) -> None:
     """A body that is not well-formed multipart answers 400 problem+json, not 5xx."""
     body, content_type = make()
     async with gateway.client() as client:
-        doc = problem(await post(client, "online-application", body, content_type=content_type), 400)
+        doc = problem(
+            await post(client, "online-application", body, content_type=content_type), 400
+        )
     assert doc["type"].endswith("/malformed")
 
 
@@ -499,15 +498,16 @@ async def test_unregistered_device_certificate_is_403(gateway: Running) -> None:
     context = client_context(
         ca=gateway.sandbox.pki.gateway_ca.cert, cert=stranger.cert, key=stranger.key
     )
-    async with gateway.client() as client, aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=context)
-    ) as session:
-        async with session.post(
+    async with (
+        gateway.client() as client,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
+        session.post(
             f"{client.base}/v1/channels/online-application/submissions",
             data=planted_online_body(),
             headers={"Authorization": client.authorization, "Content-Type": MULTIPART},
-        ) as response:
-            answer = await _answer(response)
+        ) as response,
+    ):
+        answer = await _answer(response)
     doc = problem(answer, 403)
     assert doc["type"].endswith("/device-unknown")
 
@@ -544,7 +544,9 @@ async def test_channel_outside_active_window_is_403(
 async def test_overseas_channel_is_open_inside_its_window(gateway: Running) -> None:
     """The shipped window (2026-05-26 to 2027-03-31) admits overseas applications today."""
     async with gateway.client("pc-01") as client:
-        answer = await post(client, "overseas-application", body_of(sample_parts("overseas-application")))
+        answer = await post(
+            client, "overseas-application", body_of(sample_parts("overseas-application"))
+        )
     assert answer.status == 202, answer.text
 
 
@@ -560,9 +562,10 @@ async def test_client_without_device_certificate_fails_handshake(
         context = client_context(
             ca=pki.gateway_ca.cert, cert=pki.gateway_client.cert, key=pki.gateway_client.key
         )
-    async with gateway.client() as client, aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=context)
-    ) as session:
+    async with (
+        gateway.client() as client,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
+    ):
         with pytest.raises(aiohttp.ClientError):
             async with session.post(
                 f"{client.base}/v1/channels/online-application/submissions",
@@ -584,11 +587,14 @@ async def test_unknown_channel_is_404(gateway: Running) -> None:
 
 async def test_unknown_route_is_404_problem(gateway: Running) -> None:
     """Any other path answers 404 as problem+json too."""
-    async with gateway.client() as client, client.session.post(
-        f"{client.base}/v2/anything",
-        data=planted_online_body(),
-        headers={"Authorization": client.authorization, "Content-Type": MULTIPART},
-    ) as response:
+    async with (
+        gateway.client() as client,
+        client.session.post(
+            f"{client.base}/v2/anything",
+            data=planted_online_body(),
+            headers={"Authorization": client.authorization, "Content-Type": MULTIPART},
+        ) as response,
+    ):
         problem(await _answer(response), 404)
 
 
@@ -614,12 +620,39 @@ async def test_same_idempotency_key_and_body_replays_the_original_receipt(
     assert sim.attempts == 1
 
 
+async def test_retry_reencoded_with_new_boundary_replays_the_original_receipt(
+    gateway: Running,
+) -> None:
+    """Same key, same parts under a fresh multipart boundary: the original receipt, no 409."""
+    parts = sample_parts("online-application")
+    first_body = body_of(parts)
+    headers = {"Idempotency-Key": "tablet-01-2026-000019"}
+    async with gateway.client() as client:
+        first = await post(client, "online-application", first_body, headers=headers)
+        assert first.status == 202, first.text
+        other = "retry-boundary-0c1d"
+        second = await post(
+            client,
+            "online-application",
+            body_of(parts, boundary=other),
+            content_type=f"multipart/form-data; boundary={other}",
+            headers=headers,
+        )
+        assert second.status == 202, second.text
+        assert second.json() == first.json()
+        assert first.json()["sha256"] == hashlib.sha256(first_body).hexdigest()
+        await wait_state(client, first.json()["submission_id"], {"delivered"})
+    assert len(gateway.sandbox.simulators["dnp-relay"].received) == 1
+
+
 async def test_same_idempotency_key_with_other_body_is_409(gateway: Running) -> None:
     """Same key, different body: 409 idempotency conflict; nothing new is stored."""
     headers = {"Idempotency-Key": "tablet-01-2026-000018"}
     async with gateway.client() as client:
         first = await post(
-            client, "online-application", body_of(sample_parts("online-application")),
+            client,
+            "online-application",
+            body_of(sample_parts("online-application")),
             headers=headers,
         )
         assert first.status == 202, first.text
@@ -638,7 +671,9 @@ async def test_idempotency_keys_are_per_device(gateway: Running) -> None:
     async with gateway.client("tablet-01") as tablet, gateway.client("pc-01") as pc:
         one = await post(tablet, "online-application", fields_body, headers=headers)
         two = await post(
-            pc, "overseas-application", body_of(sample_parts("overseas-application")),
+            pc,
+            "overseas-application",
+            body_of(sample_parts("overseas-application")),
             headers=headers,
         )
     assert one.status == 202, one.text
@@ -705,7 +740,8 @@ async def test_non_multipart_media_type_is_415(
 
 def _png() -> bytes:
     out = io.BytesIO()
-    Image.frombytes("RGB", (600, 800), bytes(range(256)) * 5625).save(out, format="PNG")
+    noise = random.Random(3).randbytes(600 * 800 * 3)
+    Image.frombytes("RGB", (600, 800), noise).save(out, format="PNG")
     data = out.getvalue()
     assert len(data) > 20_000
     return data
@@ -808,7 +844,9 @@ INVALID = {
     "name-latin-1": (
         "overseas-application",
         lambda: replaced(
-            sample_parts("overseas-application"), "name", text("name", "José Müller".encode("latin-1"))
+            sample_parts("overseas-application"),
+            "name",
+            text("name", "José Müller".encode("latin-1")),
         ),
         ("name", "encoding"),
     ),
@@ -873,7 +911,9 @@ async def test_status_shows_state_to_the_submitting_device_only(gateway: Running
 async def test_status_needs_a_staff_credential(gateway: Running) -> None:
     """The status endpoint refuses a request without staff credential with 401."""
     async with gateway.client() as client:
-        answer = await post(client, "online-application", body_of(sample_parts("online-application")))
+        answer = await post(
+            client, "online-application", body_of(sample_parts("online-application"))
+        )
         submission_id = answer.json()["submission_id"]
         async with client.session.get(f"{client.base}/v1/submissions/{submission_id}") as response:
             problem(await _answer(response), 401)
