@@ -30,6 +30,14 @@ class _Failures:
     locked_until: float = 0.0
 
 
+@dataclass
+class _Gate:
+    """Serialises the checks of one user ID; dropped when nobody waits on it."""
+
+    lock: asyncio.Lock
+    users: int = 0
+
+
 def parse_basic(header: str | None) -> tuple[str, str] | None:
     """``(user_id, password)`` from an ``Authorization: Basic`` header, or None."""
     if not header:
@@ -78,6 +86,7 @@ class StaffAuthenticator:
         self._cache_key = secrets.token_bytes(32)
         self._verified: OrderedDict[bytes, float] = OrderedDict()
         self._failures: OrderedDict[str, _Failures] = OrderedDict()
+        self._gates: dict[str, _Gate] = {}
 
     def _fingerprint(self, user_id: str, password: str, password_hash: str) -> bytes:
         material = f"{user_id}\0{password}\0{password_hash}".encode()
@@ -90,8 +99,23 @@ class StaffAuthenticator:
             self._on_failure("missing_credential")
             raise unauthorized("send the staff user ID and password as HTTP Basic")
         user_id, password = parsed
-        now = self._clock()
         key = user_id if ID_PATTERN.match(user_id) else "\0invalid"
+        # One check at a time per user ID: otherwise concurrent guesses would all pass
+        # the lockout test while scrypt runs, before the first failure is counted.
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate(asyncio.Lock())
+        gate.users += 1
+        try:
+            async with gate.lock:
+                return await self._check(key, user_id, password)
+        finally:
+            gate.users -= 1
+            if gate.users == 0:
+                del self._gates[key]
+
+    async def _check(self, key: str, user_id: str, password: str) -> str:
+        now = self._clock()
         state = self._failures.get(key)
         if state and state.locked_until > now:
             self._on_failure("locked_out")
@@ -140,4 +164,7 @@ class StaffAuthenticator:
             state.locked_until = now + self._lockout
             state.count = 0
         while len(self._failures) > MAX_TRACKED:
-            self._failures.popitem(last=False)
+            # Forget the oldest user who is not locked out: spraying made-up user IDs
+            # must not push a locked-out user out of the table and so unlock them.
+            victim = next((k for k, s in self._failures.items() if s.locked_until <= now), None)
+            self._failures.pop(victim if victim is not None else next(iter(self._failures)))

@@ -14,6 +14,8 @@ import asyncio
 import io
 import multiprocessing
 import os
+import select
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -51,6 +53,28 @@ def check_located_photo(field: str, where: PhotoLocation, rules: PhotoRules) -> 
             return check_jpeg(field, photo, where.length, rules)
 
 
+def _exit_with(daemon_pid: int) -> None:
+    """Worker initializer: exit as soon as the daemon that owns the pool is gone.
+
+    Workers are children of multiprocessing's fork server, and every worker holds the
+    pipes that would otherwise tell them (and the fork server) that the daemon died, so
+    a SIGKILLed daemon would leave its decoders behind. A pidfd becomes readable when
+    the daemon exits, whatever killed it; a thread waits on it, no polling.
+    """
+    try:
+        pidfd = os.pidfd_open(daemon_pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (OSError, AttributeError):
+        return  # no pidfd on this kernel: rely on the pool's own shutdown
+
+    def wait() -> None:
+        select.select([pidfd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait, name="daemon-watch", daemon=True).start()
+
+
 class PhotoChecker:
     """A process pool for photo checks; ``inline=True`` checks in this process (tests)."""
 
@@ -63,7 +87,12 @@ class PhotoChecker:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["gateway.photo_check"])
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=context)
+            self._pool = ProcessPoolExecutor(
+                self._workers,
+                mp_context=context,
+                initializer=_exit_with,
+                initargs=(os.getpid(),),
+            )
         return self._pool
 
     def start(self) -> None:

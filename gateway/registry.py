@@ -62,13 +62,31 @@ def hash_password(password: str, *, n: int = SCRYPT_N) -> str:
     return "$".join(["scrypt", str(n), str(SCRYPT_R), str(SCRYPT_P), _b64(salt), _b64(digest)])
 
 
+MAX_SCRYPT_N, MAX_SCRYPT_R, MAX_SCRYPT_P = 2**20, 32, 16
+"""Cost bounds a stored hash may ask for: beyond them it is malformed, not verified."""
+
+
+def _cost(text: str, limit: int) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= limit:
+        raise ValueError("scrypt parameter out of range")
+    return int(text)
+
+
 def verify_password(password: str, encoded: str) -> bool:
     """Constant-time check of ``password`` against an scrypt hash; False for any bad hash."""
     try:
         scheme, n, r, p, salt, digest = encoded.split("$")
         if scheme != "scrypt":
             return False
-        kdf = Scrypt(salt=_unb64(salt), length=32, n=int(n), r=int(r), p=int(p))
+        # Bounded first: a malformed hash must answer False, not raise OverflowError or
+        # MemoryError, nor make one login cost gigabytes.
+        kdf = Scrypt(
+            salt=_unb64(salt),
+            length=32,
+            n=_cost(n, MAX_SCRYPT_N),
+            r=_cost(r, MAX_SCRYPT_R),
+            p=_cost(p, MAX_SCRYPT_P),
+        )
         kdf.verify(password.encode(), _unb64(digest))
     except (ValueError, InvalidKey):
         return False
@@ -157,6 +175,7 @@ def load_devices(path: Path) -> DeviceRegistry:
             )
         except (KeyError, TypeError):
             raise RegistryError(f"{where}: needs id and fingerprint") from None
+        _check_flag(entry, "revoked", where)
         if not ID_PATTERN.match(device.id):
             raise RegistryError(f"{where}.id: must match {ID_PATTERN.pattern}")
         if not FINGERPRINT_PATTERN.match(device.fingerprint):
@@ -180,6 +199,7 @@ def load_users(path: Path) -> UserRegistry:
             )
         except (KeyError, TypeError):
             raise RegistryError(f"{where}: needs id and password_hash") from None
+        _check_flag(entry, "enabled", where)
         if not ID_PATTERN.match(user.id):
             raise RegistryError(f"{where}.id: must match {ID_PATTERN.pattern}")
         if not user.password_hash.startswith("scrypt$"):
@@ -187,6 +207,12 @@ def load_users(path: Path) -> UserRegistry:
         users.append(user)
     _unique(path, "users", [u.id for u in users], "id")
     return UserRegistry(tuple(users))
+
+
+def _check_flag(entry: dict[str, Any], key: str, where: str) -> None:
+    # bool("false") is True: a hand-edited "enabled": "false" must not enable anyone.
+    if key in entry and not isinstance(entry[key], bool):
+        raise RegistryError(f"{where}.{key}: must be true or false")
 
 
 def _unique(path: Path, key: str, values: Iterable[str], what: str) -> None:
@@ -248,7 +274,7 @@ def upsert_user(path: Path, user: User) -> UserRegistry:
 
 
 class RegistryWatcher:
-    """Holds the current snapshots and re-reads a file when its mtime or size changes.
+    """Holds the current snapshots and re-reads a file when it is replaced or changed.
 
     ``refresh`` costs two ``stat`` calls and runs at most once per ``interval`` seconds
     of the injected clock, so revocation takes effect within that interval.
@@ -268,18 +294,20 @@ class RegistryWatcher:
         self._interval = interval
         self._on_error = on_error
         self._checked_at = float("-inf")
-        self._stamps: tuple[tuple[int, int] | None, ...] = (None, None)
+        self._stamps: tuple[tuple[int, ...] | None, ...] = (None, None)
         self.devices = load_devices(devices_file)
         self.users = load_users(users_file)
         self._stamps = tuple(self._stamp(p) for p in self._files)
 
     @staticmethod
-    def _stamp(path: Path) -> tuple[int, int] | None:
+    def _stamp(path: Path) -> tuple[int, ...] | None:
         try:
             st = path.stat()
         except FileNotFoundError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        # The inode and ctime too: an atomic replace by a file of the same size within
+        # the file system's mtime granularity (or with its mtime restored) still counts.
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
     def refresh(self, *, force: bool = False) -> None:
         now = self._clock()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.errors import SpoolError
+
 T = TypeVar("T")
 
 MAX_BATCH = 512
@@ -94,6 +96,10 @@ class IndexThread:
         self, fn: Callable[[sqlite3.Connection], T], *, sync_dirs: Iterable[Path] = ()
     ) -> T:
         """Run ``fn`` in the next batch; returns once the batch is committed."""
+        if not self._thread.is_alive():
+            # Nobody would ever answer: fail instead of waiting forever (e.g. a request
+            # that outlived the drain and reaches the spool after it was closed).
+            raise SpoolError("the spool index is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put(_Op(fn, future, tuple(sync_dirs)))
         return await asyncio.wrap_future(future)

@@ -306,13 +306,27 @@ def test_window_that_ends_before_it_starts_is_refused(tmp_path: Path) -> None:
     assert "active_from must not be after active_until" in problem.message
 
 
-def test_bad_source_network_names_the_key(tmp_path: Path) -> None:
-    """A source network that is not a CIDR network is refused under source_networks."""
-    data = edited(
-        lambda d: d["channels"]["window-reception"].__setitem__("source_networks", ["10.60.0.1/24"])
-    )
-    (problem,) = problems_of(write_config(tmp_path, data))
-    assert problem.key.startswith("channels.window-reception.source_networks")
+@pytest.mark.parametrize("network", ["10.60.0.1/24", "office-lan", "10.60.0.0/33", 1060])
+def test_bad_source_network_is_one_problem_under_its_index(tmp_path: Path, network: object) -> None:
+    """A source network that is not a CIDR network is one problem at source_networks.N."""
+
+    def edit(d: dict[str, Any]) -> None:
+        d["channels"]["window-reception"]["source_networks"] = ["10.60.0.0/24", network]
+
+    (problem,) = problems_of(write_config(tmp_path, edited(edit)))
+    assert problem.key == "channels.window-reception.source_networks.1"
+    assert "CIDR" in problem.message
+
+
+def test_ipv6_source_network_is_accepted(tmp_path: Path) -> None:
+    """An IPv6 network is as good as an IPv4 one in source_networks."""
+
+    def edit(d: dict[str, Any]) -> None:
+        d["channels"]["window-reception"]["source_networks"] = ["10.60.0.0/24", "fd00:60::/64"]
+
+    config = load_config(write_config(tmp_path, edited(edit)))
+    nets = [str(n) for n in config.channels["window-reception"].source_networks]
+    assert nets == ["10.60.0.0/24", "fd00:60::/64"]
 
 
 # ------------------------------------------------------------------- references
