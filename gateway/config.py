@@ -130,6 +130,8 @@ class RetryConfig(_Model):
     initial_backoff: Annotated[float, Field(gt=0, le=3600)] = 1.0
     max_backoff: Annotated[float, Field(gt=0, le=86400)] = 300.0
     max_retry_after: Annotated[float, Field(gt=0, le=86400)] = 3600.0
+    circuit_threshold: Annotated[int, Field(ge=1, le=1000)] = 5
+    circuit_cooldown: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
 class DestinationConfig(_Model):

@@ -28,6 +28,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_nev
 from tenacity.wait import wait_random_exponential
 
 from gateway.auth import basic_authorization
+from gateway.breaker import CircuitBreaker
 from gateway.config import DestinationConfig, GatewayConfig
 from gateway.crypto.keys import read_secret_file, resolve_secret_path
 from gateway.crypto.pki import spki_sha256_b64
@@ -63,6 +64,10 @@ class SpoolPayload(Payload):
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a spooled record is not decoded as text")
+
+
+class CircuitOpen(RelayError):
+    """Not sent: the destination's circuit breaker is open."""
 
 
 class SpkiPinMismatch(aiohttp.ClientConnectionError):
@@ -110,6 +115,7 @@ class DestinationRelay:
     session: aiohttp.ClientSession
     authorization: str | None
     tasks: list[asyncio.Task[None]]
+    breaker: CircuitBreaker
 
 
 class Relay:
@@ -135,7 +141,13 @@ class Relay:
     async def start(self) -> None:
         for name, dest in self._config.destinations.items():
             relay = DestinationRelay(
-                name, dest, asyncio.Queue(), self._session(dest), self._authorization(dest), []
+                name,
+                dest,
+                asyncio.Queue(),
+                self._session(dest),
+                self._authorization(dest),
+                [],
+                CircuitBreaker(dest.retry.circuit_threshold, dest.retry.circuit_cooldown),
             )
             self._destinations[name] = relay
             for record_id in await self._spool.queued_ids(name):
@@ -293,7 +305,8 @@ class Relay:
     ) -> None:
         error = state.outcome.exception() if state.outcome else None
         reason = error.reason if isinstance(error, RelayError) else type(error).__name__
-        await self._spool.note_failed_attempt(record.id, reason)
+        if not isinstance(error, CircuitOpen):  # held back, not an attempt
+            await self._spool.note_failed_attempt(record.id, reason)
         log.info(
             "retry",
             submission_id=record.id,
@@ -304,6 +317,30 @@ class Relay:
         )
 
     async def _attempt(self, relay: DestinationRelay, record: Record) -> str | None:
+        wait = relay.breaker.wait_before(self._clock())
+        if wait is not None:
+            raise CircuitOpen("circuit open: upstream failing", retryable=True, retry_after=wait)
+        try:
+            receipt = await self._send(relay, record)
+        except RelayError as exc:
+            if exc.retryable:
+                was_open = relay.breaker.is_open
+                relay.breaker.record_failure(self._clock())
+                if relay.breaker.is_open and not was_open:
+                    log.warning("circuit_open", destination=relay.name, reason=exc.reason)
+            else:
+                relay.breaker.record_success()  # the upstream answered: it is alive
+            self._metrics.relay_circuit_open.labels(destination=relay.name).set(
+                relay.breaker.is_open
+            )
+            raise
+        if relay.breaker.is_open:
+            log.info("circuit_closed", destination=relay.name)
+        relay.breaker.record_success()
+        self._metrics.relay_circuit_open.labels(destination=relay.name).set(0)
+        return receipt
+
+    async def _send(self, relay: DestinationRelay, record: Record) -> str | None:
         headers = {
             "Idempotency-Key": record.id,
             "Gateway-Channel": record.channel,

@@ -17,8 +17,9 @@ import json
 import os
 import random
 import sys
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -337,7 +338,11 @@ class RunningGateway:
 
 
 async def start_gateway(
-    config: GatewayConfig, *, sleep: Sleep = asyncio.sleep, metrics: Metrics | None = None
+    config: GatewayConfig,
+    *,
+    sleep: Sleep = asyncio.sleep,
+    clock: Callable[[], float] = time.time,
+    metrics: Metrics | None = None,
 ) -> RunningGateway:
     """Start :func:`gateway.daemon.serve` as a task; returns once it listens."""
     stop = asyncio.Event()
@@ -348,6 +353,7 @@ async def start_gateway(
             config,
             shutdown_trigger=stop.wait,
             sleep=sleep,
+            clock=clock,
             metrics=metrics,
             on_ready=ready.set_result,
         )

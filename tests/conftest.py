@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,21 @@ from gateway.testing import start_gateway as start_in_loop
 
 @dataclass
 class FakeSleep:
-    """Records every requested delay and returns at once: retries without waiting."""
+    """Records every requested delay and returns at once, moving its clock forward by it.
+
+    The daemon gets :meth:`clock` as its clock, so time passes exactly as the relay
+    believes it slept: backoffs, Retry-After and circuit cool-downs without waiting.
+    """
 
     calls: list[float] = field(default_factory=list)
+    now: float = field(default_factory=time.time)
+
+    def clock(self) -> float:
+        return self.now
 
     async def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
+        self.now += seconds
         await asyncio.sleep(0)
 
 
@@ -57,7 +67,8 @@ async def start_gateway(sandbox: Sandbox, sleep: FakeSleep | None = None) -> Run
     """Start the daemon on ``sandbox`` with a fake relay sleep."""
     assert sandbox.config is not None
     fake = sleep or FakeSleep()
-    return Running(sandbox, await start_in_loop(sandbox.config, sleep=fake), fake)
+    running = await start_in_loop(sandbox.config, sleep=fake, clock=fake.clock)
+    return Running(sandbox, running, fake)
 
 
 @pytest.fixture

@@ -166,16 +166,39 @@ async def test_5xx_is_retried_with_bounded_backoff_until_delivered(gateway: Runn
     assert status["upstream_receipt"] == sim.received[0].receipt_id
 
 
-async def test_backoff_never_exceeds_max_backoff(gateway: Running) -> None:
-    """Many failures in a row: every backoff stays at or under max_backoff."""
-    sim = gateway.sandbox.simulators["jlis-express"]
-    sim.fail_next(12, 500)
-    async with gateway.client() as client:
+async def test_backoff_never_exceeds_max_backoff(tmp_path: Path) -> None:
+    """Many failures in a row (circuit breaker out of the way): every backoff <= max_backoff."""
+    box = await build_sandbox(
+        tmp_path, overrides={"destinations.jlis-express.retry.circuit_threshold": 100}
+    )
+    async with running(box) as gateway, gateway.client() as client:
+        sim = gateway.sandbox.simulators["jlis-express"]
+        sim.fail_next(12, 500)
         submission_id = await submit(client, "express-issuance")
         await wait_state(client, submission_id, "delivered")
-    assert sim.attempts == 13
-    assert len(gateway.sleep.calls) == 12
-    assert all(0 <= d <= MAX_BACKOFF for d in gateway.sleep.calls), gateway.sleep.calls
+        assert sim.attempts == 13
+        assert len(gateway.sleep.calls) == 12
+        assert all(0 <= d <= MAX_BACKOFF for d in gateway.sleep.calls), gateway.sleep.calls
+
+
+async def test_circuit_breaker_holds_requests_back_from_a_failing_upstream(
+    gateway: Running,
+) -> None:
+    """After 5 failures no request goes upstream until the cool-down; then one probe."""
+    sim = gateway.sandbox.simulators["jlis-express"]
+    sim.fail_next(8, 503)
+    async with gateway.client() as client:
+        ids = [await submit(client, "express-issuance") for _ in range(3)]
+        for submission_id in ids:
+            await wait_state(client, submission_id, "delivered")
+    # 8 refused attempts (5 to open, then one failed probe per cool-down) + 3 deliveries:
+    # nothing was sent while the circuit was open, however often workers woke.
+    assert sim.attempts == 8 + 3
+    cooldowns = [d for d in gateway.sleep.calls if d > MAX_BACKOFF]
+    assert cooldowns, gateway.sleep.calls
+    assert max(cooldowns) >= 4 * 30 - 1  # 30 s, then doubled after each failed probe
+    labels = {"destination": "jlis-express"}
+    assert gateway.metrics.registry.get_sample_value("gateway_relay_circuit_open", labels) == 0
 
 
 async def test_retry_after_is_honoured(gateway: Running) -> None:

@@ -1,0 +1,55 @@
+"""The per-destination circuit breaker, driven by an explicit clock."""
+
+from __future__ import annotations
+
+from gateway.breaker import CircuitBreaker
+
+
+def test_closed_until_threshold_consecutive_failures() -> None:
+    """Requests pass until `threshold` consecutive failures; a success resets the count."""
+    breaker = CircuitBreaker(threshold=3, cooldown=10)
+    for _ in range(2):
+        breaker.record_failure(now=0)
+    breaker.record_success()
+    breaker.record_failure(now=0)
+    breaker.record_failure(now=0)
+    assert breaker.wait_before(now=0) is None
+    breaker.record_failure(now=0)
+    assert breaker.is_open
+    assert breaker.wait_before(now=4) == 6
+
+
+def test_half_open_lets_exactly_one_probe_through() -> None:
+    """After the cool-down one probe goes; others wait while it is under way."""
+    breaker = CircuitBreaker(threshold=1, cooldown=10)
+    breaker.record_failure(now=100)
+    assert breaker.wait_before(now=110) is None
+    assert breaker.wait_before(now=110) == 10
+    breaker.record_success()
+    assert not breaker.is_open
+    assert breaker.wait_before(now=111) is None
+
+
+def test_failed_probe_doubles_the_cooldown_up_to_the_cap() -> None:
+    """Each failed probe reopens the circuit for twice as long, never beyond max_cooldown."""
+    breaker = CircuitBreaker(threshold=1, cooldown=10, max_cooldown=25)
+    now = 0.0
+    breaker.record_failure(now)
+    waits = []
+    for _ in range(4):
+        now = breaker.open_until
+        assert breaker.wait_before(now) is None
+        breaker.record_failure(now)
+        waits.append(breaker.open_until - now)
+    assert waits == [20, 25, 25, 25]
+
+
+def test_success_after_reopening_restores_the_first_cooldown() -> None:
+    """Once closed again, the next opening starts from the configured cool-down."""
+    breaker = CircuitBreaker(threshold=1, cooldown=10)
+    breaker.record_failure(0)
+    breaker.wait_before(10)
+    breaker.record_failure(10)
+    breaker.record_success()
+    breaker.record_failure(50)
+    assert breaker.open_until == 60
