@@ -285,7 +285,7 @@ class Spool:
         return pending.sync
 
     async def close(self) -> None:
-        self._fsync_pool.shutdown(wait=True)
+        await asyncio.to_thread(self._fsync_pool.shutdown, wait=True)
         await self._index.stop()
 
     # ------------------------------------------------------------------ writing

@@ -24,6 +24,8 @@ from gateway.errors import SpoolError
 T = TypeVar("T")
 
 MAX_BATCH = 512
+SCHEMA_VERSION = 1
+"""Bumped whenever SCHEMA changes; an index of another version is refused, not guessed at."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -110,7 +112,16 @@ class IndexThread:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA secure_delete=ON")
         conn.execute("PRAGMA foreign_keys=ON")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+        if tables and version != SCHEMA_VERSION:
+            conn.close()
+            raise SpoolError(
+                f"{self._path}: spool index schema version {version}, this gateway reads "
+                f"version {SCHEMA_VERSION}; drain the spool with the old version first"
+            )
         conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return conn
 
     def _run(self) -> None:

@@ -599,3 +599,15 @@ async def test_unopened_spool_fails_instead_of_hanging(store: Store) -> None:
     async with asyncio.timeout(30):
         with pytest.raises(SpoolError):
             await spool.queued_ids("dnp-relay")
+
+
+async def test_an_index_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    """A spool index written by another schema version is refused with a clear error."""
+    spool = Spool(tmp_path / "spool", os.urandom(32))
+    await spool.open()
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool" / "index.sqlite3") as conn:
+        conn.execute("PRAGMA user_version=99")
+    again = Spool(tmp_path / "spool", os.urandom(32))
+    with pytest.raises(SpoolError, match="schema version 99"):
+        await again.open()
