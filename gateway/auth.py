@@ -99,7 +99,7 @@ class StaffAuthenticator:
             self._on_failure("missing_credential")
             raise unauthorized("send the staff user ID and password as HTTP Basic")
         user_id, password = parsed
-        key = user_id if ID_PATTERN.match(user_id) else "\0invalid"
+        key = user_id if ID_PATTERN.fullmatch(user_id) else "\0invalid"
         # One check at a time per user ID: otherwise concurrent guesses would all pass
         # the lockout test while scrypt runs, before the first failure is counted.
         gate = self._gates.get(key)

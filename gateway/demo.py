@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from gateway import logs
 from gateway.daemon import Bound
 from gateway.metrics import Metrics
@@ -158,7 +160,10 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
             dest = sandbox.config.channels[channel].destination if sandbox.config else ""
             expected[dest] = expected.get(dest, 0) + 1
         for dest, count in expected.items():
-            await sandbox.simulators[dest].wait_for(count, timeout=30)
+            try:
+                await sandbox.simulators[dest].wait_for(count, timeout=30)
+            except TimeoutError:
+                print(f"\n{dest}: not everything accepted arrived within 30 s", file=out)
         print("\ndelivered upstream (what each destination received):", file=out)
         for dest, sim in sandbox.simulators.items():
             for received in sim.received:
@@ -168,14 +173,14 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
                     f"  fields: {', '.join(names)}",
                     file=out,
                 )
-        client = clients[("tablet-01", None)]
-        channel, first = accepted[0]
-        status = await client.status(first)
-        print(
-            f"\nstatus of {first[:12]}… as its tablet sees it: {status.body.get('state')}"
-            f", upstream receipt {status.body.get('upstream_receipt')}",
-            file=out,
-        )
+        if accepted:
+            channel, first = accepted[0]
+            status = await clients[(CHANNEL_DEVICE[channel], None)].status(first)
+            print(
+                f"\nstatus of {first[:12]}… as its tablet sees it: {status.body.get('state')}"
+                f", upstream receipt {status.body.get('upstream_receipt')}",
+                file=out,
+            )
     finally:
         for c in clients.values():
             await c.close()
@@ -238,10 +243,13 @@ def run_demo(*, keep: Path | None = None, out: Any = None) -> int:
     out = out or sys.stdout
     directory = keep or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
+    previous = structlog.get_config()
     with (directory / "gateway.log").open("w", encoding="utf-8") as log_file:
         logs.configure(log_file, level=logging.INFO)
         try:
             return asyncio.run(_main(directory, out))
         finally:
+            # The log file closes here: no later log line may be written to it.
+            structlog.configure(**previous)
             if keep is None:
                 shutil.rmtree(directory, ignore_errors=True)

@@ -19,7 +19,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.channels.fields import SAFE_FIELD_NAME, validate_text
-from gateway.channels.policy import ChannelPolicy, FieldRule, check_batch
+from gateway.channels.policy import ChannelPolicy, FieldRule, check_batch, field_label
 from gateway.errors import ProblemError, Violation
 from gateway.spool import PendingRecord
 
@@ -79,9 +79,14 @@ class IntakeResult:
     body_bytes: int = 0
 
 
-def safe_name(name: str) -> str:
-    """A part name fit to repeat in an error: never something that may be a value."""
-    return name if SAFE_FIELD_NAME.match(name) else "(unnamed part)"
+def safe_name(name: str, policy: ChannelPolicy) -> str:
+    """A part name fit to repeat in an error or a log line.
+
+    A device chooses its part names, and a name can itself be personal (a resident's
+    name typed into the wrong box): only names the gateway knows are repeated.
+    """
+    known = name in policy.fields or field_label(name) != "other"
+    return name if known and SAFE_FIELD_NAME.fullmatch(name) else "(unlisted part)"
 
 
 class MultipartIntake:
@@ -189,7 +194,7 @@ class MultipartIntake:
         result = self.result
         if name in self._seen:
             result.violations.append(
-                Violation(safe_name(name), "duplicate", "is sent more than once")
+                Violation(safe_name(name, self.policy), "duplicate", "is sent more than once")
             )
             return
         self._seen.add(name)
@@ -197,7 +202,11 @@ class MultipartIntake:
         if rule is None:
             if self.policy.on_unlisted == "reject":
                 result.violations.append(
-                    Violation(safe_name(name), "not_allowed", "is not allowed on this channel")
+                    Violation(
+                        safe_name(name, self.policy),
+                        "not_allowed",
+                        "is not allowed on this channel",
+                    )
                 )
             else:
                 result.dropped.append(name)

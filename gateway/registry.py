@@ -176,9 +176,9 @@ def load_devices(path: Path) -> DeviceRegistry:
         except (KeyError, TypeError):
             raise RegistryError(f"{where}: needs id and fingerprint") from None
         _check_flag(entry, "revoked", where)
-        if not ID_PATTERN.match(device.id):
+        if not ID_PATTERN.fullmatch(device.id):
             raise RegistryError(f"{where}.id: must match {ID_PATTERN.pattern}")
-        if not FINGERPRINT_PATTERN.match(device.fingerprint):
+        if not FINGERPRINT_PATTERN.fullmatch(device.fingerprint):
             raise RegistryError(f"{where}.fingerprint: must be sha256:<64 hex digits>")
         devices.append(device)
     _unique(path, "devices", [d.id for d in devices], "id")
@@ -200,7 +200,7 @@ def load_users(path: Path) -> UserRegistry:
         except (KeyError, TypeError):
             raise RegistryError(f"{where}: needs id and password_hash") from None
         _check_flag(entry, "enabled", where)
-        if not ID_PATTERN.match(user.id):
+        if not ID_PATTERN.fullmatch(user.id):
             raise RegistryError(f"{where}.id: must match {ID_PATTERN.pattern}")
         if not user.password_hash.startswith("scrypt$"):
             raise RegistryError(f"{where}.password_hash: must be an scrypt hash")

@@ -83,7 +83,7 @@ DROPPED_ON = {
 UNLISTED_ON = {
     "card-delegation-batch": ("name", PLANTED_NAME),
     "issuance-reservation": ("individual_number", PLANTED_NUMBER),
-    "window-reception": ("address_kana", PLANTED_NAME),
+    "window-reception": ("phone", PLANTED_NAME),
 }
 
 Part = tuple[str, bytes, str | None, str | None]  # name, data, filename, media type

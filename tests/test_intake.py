@@ -330,7 +330,7 @@ def test_unlisted_field_is_rejected_on_reject_channel(
 def test_rejected_part_name_that_may_be_a_value_is_not_repeated(
     spool: Spool, config: GatewayConfig
 ) -> None:
-    """A part named like a value (a 個人番号) is reported as "(unnamed part)"."""
+    """A part named like a value (a 個人番号) is reported as "(unlisted part)"."""
     parts = [
         part("name", "新宿 花子"),
         part("birth_date", "1985-04-01"),
@@ -340,7 +340,7 @@ def test_rejected_part_name_that_may_be_a_value_is_not_repeated(
     ]
     fed = feed(spool, policy_for(config, "window-reception"), body(parts))
     (violation,) = fed.result.violations
-    assert (violation.field, violation.rule) == ("(unnamed part)", "not_allowed")
+    assert (violation.field, violation.rule) == ("(unlisted part)", "not_allowed")
 
 
 # ------------------------------------------------------------------ violations

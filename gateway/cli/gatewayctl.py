@@ -11,10 +11,12 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.config import GatewayConfig, load_config
-from gateway.crypto.pki import cert_fingerprint, init_pki, load_cert_der
+from gateway.crypto.pki import PkiExistsError, cert_fingerprint, init_pki, load_cert_der
 from gateway.daemon import secret_problems
 from gateway.errors import ConfigError, GatewayError
 from gateway.registry import (
+    FINGERPRINT_PATTERN,
+    ID_PATTERN,
     Device,
     User,
     check_password_rule,
@@ -71,13 +73,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
-    layout = init_pki(
-        args.dir,
-        devices=args.device or ["tablet-01"],
-        upstreams=args.upstream or ["upstream"],
-        hostnames=args.hostname or ["localhost"],
-        overwrite=args.force,
-    )
+    try:
+        layout = init_pki(
+            args.dir,
+            devices=args.device or ["tablet-01"],
+            upstreams=args.upstream or ["upstream"],
+            hostnames=args.hostname or ["localhost"],
+            overwrite=args.force,
+        )
+    except PkiExistsError:
+        raise UsageError(
+            f"{args.dir}: a PKI already exists here; pass --force to replace it"
+        ) from None
+    except ValueError as exc:  # a device or upstream name that breaks the naming rule
+        raise UsageError(str(exc)) from None
     print(f"development PKI written to {layout.dir} (ECDSA P-256; keys are 0600)")
     rows = [
         layout.device_ca,
@@ -94,9 +103,24 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_id(kind: str, value: str) -> None:
+    # The registries refuse such entries on load: never write one.
+    if not ID_PATTERN.fullmatch(value):
+        raise UsageError(f"{kind} id {value!r} must match {ID_PATTERN.pattern}")
+
+
 def cmd_device_add(args: argparse.Namespace) -> int:
     config = _config(args)
-    fingerprint = args.fingerprint or cert_fingerprint(load_cert_der(args.cert))
+    _check_id("device", args.id)
+    if args.fingerprint is not None:
+        fingerprint = args.fingerprint.strip().lower()
+        if not FINGERPRINT_PATTERN.fullmatch(fingerprint):
+            raise UsageError("--fingerprint must be sha256:<64 hex digits>")
+    else:
+        fingerprint = cert_fingerprint(load_cert_der(args.cert))
+    if load_devices(config.auth.devices_file).by_id(args.id) is not None:
+        # Re-adding must never quietly un-revoke a lost tablet: a new id is a new device.
+        raise UsageError(f"device {args.id!r} exists; a replacement device needs a new id")
     device = Device(args.id, fingerprint, args.group, revoked=False)
     upsert_device(config.auth.devices_file, device)
     print(f"device {device.id} ({device.group}) registered: {fingerprint}")
@@ -129,7 +153,7 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
 
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
+        password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = getpass.getpass("new password: ")
         if getpass.getpass("again: ") != password:
@@ -142,6 +166,7 @@ def _read_password(args: argparse.Namespace) -> str:
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     config = _config(args)
+    _check_id("staff user", args.id)
     if load_users(config.auth.users_file).get(args.id) is not None:
         raise UsageError(f"user {args.id!r} exists; use 'gatewayctl user passwd'")
     upsert_user(config.auth.users_file, User(args.id, hash_password(_read_password(args))))
