@@ -238,7 +238,7 @@ async def _submit(
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         )
     received_at = rt.clock()
-    pending = rt.spool.begin(new_submission_id(rt.clock))
+    pending = await rt.spool.create(new_submission_id(rt.clock))
     committed = False
     try:
         intake = MultipartIntake(policy, pending, boundary)

@@ -290,7 +290,14 @@ class Spool:
         return self._records_dir / record_id
 
     def begin(self, record_id: str) -> PendingRecord:
+        """Create the record's file and its writer (blocking: see :meth:`create`)."""
         return PendingRecord(record_id, self._path(record_id), new_data_key())
+
+    async def create(self, record_id: str) -> PendingRecord:
+        """:meth:`begin` on a spool thread: creating a file can wait for the filesystem
+        journal while other records are being fsynced, and the event loop must not."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._fsync_pool, self.begin, record_id)
 
     async def commit(self, pending: PendingRecord, meta: NewRecord) -> Record:
         """Make the record durable, then index it; returns only after both are on disk."""
