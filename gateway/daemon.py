@@ -9,6 +9,9 @@ requests finish within ``ingress.shutdown_timeout``, stop the relay, close the s
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,13 +20,13 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import __version__
+from gateway import __version__, logs
 from gateway.auth import StaffAuthenticator
 from gateway.channels.policy import ChannelPolicy
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import load_master_key, read_secret_file, resolve_secret_path
 from gateway.crypto.tls import cert_not_after, server_context
-from gateway.errors import ConfigProblem
+from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.ingress import Runtime, build_app
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -224,3 +227,41 @@ def _export_certificate_expiry(config: GatewayConfig, metrics: Metrics) -> None:
         except Exception:  # noqa: S112 - a bad file is reported by check-config
             continue
         metrics.certificate_expiry.labels(certificate=label).set(expiry)
+
+
+def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
+    """The ``gatewayd`` program: load, check, serve until SIGTERM or SIGINT; exit status."""
+    logs.configure(level=getattr(logging, log_level.upper()))
+    try:
+        config = load_config(config_path)
+        problems = secret_problems(config, str(config_path))
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"gatewayd: {problem}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve_with_signals(config))
+    except GatewayError as exc:
+        log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
+        print(f"gatewayd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_with_signals(config: GatewayConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("signal", signal=signum.name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        lambda: log.warning("signal", signal="SIGHUP", reason="reload is not implemented yet"),
+    )
+    await serve(config, shutdown_trigger=stop.wait)

@@ -548,6 +548,46 @@ class DaemonProcess:
     def peak_rss_bytes(self) -> int:
         return self._status("VmHWM")
 
+    def helpers(self) -> list[int]:
+        """Pids of the daemon's descendants (the photo-check fork server and workers)."""
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(entry.name)] = int(stat[1])
+        found: list[int] = []
+        frontier = {self.pid}
+        while frontier:
+            frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+            found.extend(frontier)
+        return found
+
+    def helpers_cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.helpers():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def helpers_peak_rss_bytes(self) -> int:
+        """Sum of the helpers' peak RSS (an upper bound of their peak together)."""
+        total = 0
+        for pid in self.helpers():
+            try:
+                text = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
     async def __aenter__(self) -> DaemonProcess:
         return await self.start()
 

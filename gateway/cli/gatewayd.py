@@ -1,21 +1,18 @@
-"""``gatewayd --config FILE``: run the gateway until SIGTERM (drain) or SIGINT."""
+"""``gatewayd --config FILE``: run the gateway until SIGTERM (drain) or SIGINT.
+
+This module imports almost nothing at the top on purpose: the photo-check worker
+processes re-import the program's main module when they start, and each would
+otherwise carry the whole daemon (aiohttp, pydantic, ...) in its memory.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway import __version__, logs
-from gateway.config import GatewayConfig, load_config
-from gateway.daemon import secret_problems, serve
-from gateway.errors import ConfigError, GatewayError
-
-log = logs.get_logger("gateway.main")
+from gateway import __version__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,42 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(config: GatewayConfig) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(signum: signal.Signals) -> None:
-        log.info("signal", signal=signum.name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        lambda: log.warning("signal", signal="SIGHUP", reason="reload is not implemented yet"),
-    )
-    await serve(config, shutdown_trigger=stop.wait)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logs.configure(level=getattr(logging, args.log_level.upper()))
-    try:
-        config = load_config(args.config)
-        problems = secret_problems(config, str(args.config))
-        if problems:
-            raise ConfigError(problems)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"gatewayd: {problem}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(_run(config))
-    except GatewayError as exc:
-        log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
-        print(f"gatewayd: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    from gateway.daemon import run_until_signalled
+
+    return run_until_signalled(args.config, args.log_level)
 
 
 if __name__ == "__main__":
