@@ -208,7 +208,7 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
     return 1 if failures or delivered != len(accepted) else 0
 
 
-async def _main(directory: Path, out: Any) -> int:
+async def _main(directory: Path, out: Any, *, kept: bool) -> int:
     print(f"demo files in {directory}", file=out)
     started = time.perf_counter()
     sandbox = await build_sandbox(directory)
@@ -231,9 +231,13 @@ async def _main(directory: Path, out: Any) -> int:
     finally:
         await running.shutdown()
         await sandbox.stop_simulators()
+    where = (
+        f"PKI, config, spool and JSON log kept in {directory}"
+        if kept
+        else "throw-away files removed; `gatewayctl demo --keep DIR` keeps them"
+    )
     print(
-        f"gateway drained and stopped cleanly in {time.perf_counter() - started:.1f} s "
-        f"(JSON logs: {directory / 'gateway.log'})",
+        f"gateway drained and stopped cleanly in {time.perf_counter() - started:.1f} s ({where})",
         file=out,
     )
     return code
@@ -247,7 +251,7 @@ def run_demo(*, keep: Path | None = None, out: Any = None) -> int:
     with (directory / "gateway.log").open("w", encoding="utf-8") as log_file:
         logs.configure(log_file, level=logging.INFO)
         try:
-            return asyncio.run(_main(directory, out))
+            return asyncio.run(_main(directory, out, kept=keep is not None))
         finally:
             # The log file closes here: no later log line may be written to it.
             structlog.configure(**previous)
