@@ -12,10 +12,8 @@ import base64
 import functools
 import hmac
 import json
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from gateway.errors import GatewayError
+from gateway.fsutil import write_atomic
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 FINGERPRINT_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -224,25 +223,10 @@ def _unique(path: Path, key: str, values: Iterable[str], what: str) -> None:
 
 
 def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write, fsync, rename, fsync the directory: readers see the old or the new file."""
+    """Readers (the daemon) see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(doc, handle, ensure_ascii=False, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    data = (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    write_atomic(path, data, mode=0o600)
 
 
 def save_devices(path: Path, registry: DeviceRegistry) -> None:

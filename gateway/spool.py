@@ -38,8 +38,9 @@ from gateway.crypto.envelope import (
     wrap_key,
 )
 from gateway.errors import SpoolError
+from gateway.fsutil import fsync_dir
 from gateway.photo_check import PhotoLocation
-from gateway.spool_db import IndexThread, fsync_dir
+from gateway.spool_db import IndexThread
 
 STATES = ("queued", "delivering", "delivered", "held", "erased")
 _COLUMNS = (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import queue
 import sqlite3
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import SpoolError
+from gateway.fsutil import fsync_dir
 
 T = TypeVar("T")
 
@@ -65,14 +65,6 @@ class _Op:
     fn: Callable[[sqlite3.Connection], Any]
     future: concurrent.futures.Future[Any]
     sync_dirs: tuple[Path, ...] = field(default_factory=tuple)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IndexThread:

@@ -35,6 +35,7 @@ from gateway.crypto.keys import write_new_master_key
 from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import client_context
 from gateway.daemon import Bound, serve
+from gateway.fsutil import write_atomic
 from gateway.metrics import Metrics
 from gateway.registry import (
     Device,
@@ -219,9 +220,7 @@ class Sandbox:
 
 def _secret(path: Path, content: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
+    write_atomic(path, content, mode=0o600)
     return path
 
 

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 from gateway.errors import SecretFileError
+from gateway.fsutil import write_atomic
 
 __all__ = [
     "CREDENTIAL_PREFIX",
@@ -200,35 +201,12 @@ def write_new_master_key(path: Path) -> None:
     The file is created mode 0600 with ``O_CREAT | O_EXCL`` (never replacing an
     existing file or following a symlink), written, and fsynced with its directory.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    content = (os.urandom(MASTER_KEY_SIZE).hex() + "\n").encode("ascii")
     try:
-        fd = os.open(path, flags, 0o600)
+        write_atomic(path, content, mode=0o600, replace=False)
     except FileExistsError:
         raise SecretFileError(
             f"master key file {path} already exists; refusing to overwrite it"
         ) from None
     except OSError as exc:
         raise SecretFileError(f"master key file {path} cannot be created: {exc.strerror}") from None
-    content = (os.urandom(MASTER_KEY_SIZE).hex() + "\n").encode("ascii")
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise SecretFileError(f"master key file {path} cannot be written: {exc.strerror}") from None
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

@@ -22,9 +22,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
-import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import GatewayError
+from gateway.fsutil import write_atomic
 
 __all__ = [
     "MANIFEST",
@@ -136,35 +135,6 @@ def _now(now: datetime | None) -> datetime:
     return now.astimezone(UTC)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a fresh temp file created with ``mode``, fsync, then rename."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # umask must not loosen or tighten the intended mode
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -221,8 +191,8 @@ def _save(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(key_path, key_pem, mode=0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     der = cert.public_bytes(serialization.Encoding.DER)
     return Issued(name=name, cert=cert_path, key=key_path, fingerprint=cert_fingerprint(der))
 
@@ -388,8 +358,7 @@ def _read_manifest(directory: Path) -> tuple[list[str], list[str]]:
 def _write_manifest(directory: Path, devices: Sequence[str], upstreams: Sequence[str]) -> None:
     doc = {"version": _MANIFEST_VERSION, "devices": list(devices), "upstreams": list(upstreams)}
     data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
-    _write_atomic(directory / MANIFEST, data, 0o644)
-    _fsync_dir(directory)
+    write_atomic(directory / MANIFEST, data, mode=0o644)
 
 
 def _issued_from_disk(directory: Path, name: str) -> Issued:
