@@ -42,10 +42,16 @@ class CircuitBreaker:
         self.probing = False
         self._next_cooldown = 0.0
 
+    def abandon_probe(self) -> None:
+        """The probe ended without telling whether the upstream is back."""
+        self.probing = False
+
     def record_failure(self, now: float) -> None:
+        was_open, was_probe = self.is_open, self.probing
         self.failures += 1
         self.probing = False
-        if self.failures >= self.threshold:
-            cooldown = self._next_cooldown or self.cooldown
-            self.open_until = now + cooldown
-            self._next_cooldown = min(cooldown * 2, self.max_cooldown)
+        if not self.is_open or (was_open and not was_probe):
+            return  # closed still, or a request sent before the circuit opened
+        cooldown = self._next_cooldown or self.cooldown
+        self.open_until = now + cooldown
+        self._next_cooldown = min(cooldown * 2, self.max_cooldown)

@@ -104,9 +104,12 @@ class RelayError(GatewayError):
         retryable: bool,
         status: int | None = None,
         retry_after: float | None = None,
+        local: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
         self.status = status
         self.retry_after = retry_after
+        self.local = local
+        """The fault is the record's, not the upstream's: no circuit-breaker failure."""

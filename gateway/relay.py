@@ -12,6 +12,7 @@ clock are injected, so tests retry without waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import json
@@ -53,14 +54,22 @@ class SpoolPayload(Payload):
         super().__init__(chunks, content_type=content_type)
         self._chunks = chunks
         self._size_hint = size
+        self.unreadable: str | None = None
 
     @property
     def size(self) -> int:
         return self._size_hint
 
     async def write(self, writer: Any) -> None:
-        for chunk in self._chunks:
-            await writer.write(chunk)
+        # aiohttp turns anything raised here into a retryable connection error; a record
+        # that cannot be read is no network problem, so remember why for the caller.
+        try:
+            for chunk in self._chunks:
+                await writer.write(chunk)
+        except (RecordCorrupt, OSError) as exc:
+            if isinstance(exc, RecordCorrupt) or not isinstance(exc, ConnectionError):
+                self.unreadable = type(exc).__name__
+            raise
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a spooled record is not decoded as text")
@@ -96,7 +105,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -232,12 +241,18 @@ class Relay:
                     error=type(exc).__name__,
                 )
             except Exception as exc:
+                # A bug, not a retry: hold the record for an operator rather than leave a
+                # queued row that no worker will pick up again until a restart.
                 log.error(
                     "relay_failed",
                     submission_id=record_id,
                     destination=relay.name,
                     error=type(exc).__name__,
                 )
+                with contextlib.suppress(Exception):
+                    await self._spool.mark_held(
+                        record_id, at=self._clock(), reason=f"relay error: {type(exc).__name__}"
+                    )
             finally:
                 self._spool.release(record_id)
 
@@ -323,7 +338,9 @@ class Relay:
         try:
             receipt = await self._send(relay, record)
         except RelayError as exc:
-            if exc.retryable:
+            if exc.local:
+                relay.breaker.abandon_probe()  # says nothing about the upstream
+            elif exc.retryable:
                 was_open = relay.breaker.is_open
                 relay.breaker.record_failure(self._clock())
                 if relay.breaker.is_open and not was_open:
@@ -333,6 +350,9 @@ class Relay:
             self._metrics.relay_circuit_open.labels(destination=relay.name).set(
                 relay.breaker.is_open
             )
+            raise
+        except BaseException:
+            relay.breaker.abandon_probe()
             raise
         if relay.breaker.is_open:
             log.info("circuit_closed", destination=relay.name)
@@ -353,7 +373,7 @@ class Relay:
         outcome = "error"
         try:
             async with relay.session.post(
-                relay.config.url, data=payload, headers=headers
+                relay.config.url, data=payload, headers=headers, allow_redirects=False
             ) as response:
                 outcome = str(response.status)
                 if 200 <= response.status < 300:
@@ -368,6 +388,11 @@ class Relay:
                     retry_after=retry_after,
                 )
         except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
+            if payload.unreadable:
+                outcome = "record_unreadable"
+                raise RelayError(
+                    f"record unreadable: {payload.unreadable}", retryable=False, local=True
+                ) from None
             outcome = "connection_error"
             raise RelayError(f"connection failed: {type(exc).__name__}", retryable=True) from None
         finally:

@@ -53,3 +53,27 @@ def test_success_after_reopening_restores_the_first_cooldown() -> None:
     breaker.record_success()
     breaker.record_failure(50)
     assert breaker.open_until == 60
+
+
+def test_failures_of_requests_sent_before_opening_do_not_extend_the_cooldown() -> None:
+    """Only a failed probe reopens and doubles; in-flight failures after opening do not."""
+    breaker = CircuitBreaker(threshold=2, cooldown=10)
+    breaker.record_failure(now=0)
+    breaker.record_failure(now=0)
+    assert breaker.open_until == 10
+    breaker.record_failure(now=1)  # a request that was already under way
+    breaker.record_failure(now=2)
+    assert breaker.open_until == 10
+    assert breaker.wait_before(now=10) is None  # the probe
+    breaker.record_failure(now=10)
+    assert breaker.open_until == 30
+
+
+def test_an_abandoned_probe_lets_the_next_worker_probe() -> None:
+    """A probe that ended without an answer (a local error) does not block the circuit."""
+    breaker = CircuitBreaker(threshold=1, cooldown=10)
+    breaker.record_failure(now=0)
+    assert breaker.wait_before(now=10) is None
+    assert breaker.wait_before(now=10) == 10
+    breaker.abandon_probe()
+    assert breaker.wait_before(now=10) is None

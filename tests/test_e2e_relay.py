@@ -434,3 +434,51 @@ async def test_pin_of_another_upstream_is_refused(tmp_path: Path) -> None:
         assert (await client.status(submission_id)).body["state"] != "delivered"
         assert box.simulators["dnp-relay"].received == []
         assert attempts(gateway, "dnp-relay", "delivered") == 0
+
+
+# ------------------------------------------------------------- records and redirects
+
+
+@dataclass
+class CorruptingSleep(FakeSleep):
+    """Between the first and the second attempt, flips one ciphertext byte of every record."""
+
+    records: Path = Path()
+
+    async def __call__(self, seconds: float) -> None:
+        for path in self.records.iterdir():
+            data = bytearray(path.read_bytes())
+            data[16 + 65536 + 16 + 100] ^= 0x01  # inside the second segment
+            path.write_bytes(bytes(data))
+        await super().__call__(seconds)
+
+
+async def test_a_corrupt_record_is_held_not_retried_as_a_network_error(tmp_path: Path) -> None:
+    """A record that fails authentication mid-stream goes to held; the circuit stays closed."""
+    box = await build_sandbox(tmp_path)
+    assert box.config is not None
+    sleep = CorruptingSleep(records=box.config.spool.directory / "records")
+    async with running(box, sleep) as gateway, gateway.client() as client:
+        sim = box.simulators["dnp-relay"]
+        sim.fail_next(1, 503)
+        submission_id = await submit(client, "online-application")
+        await wait_state(client, submission_id, "held")
+        assert sim.received == []
+        assert len(sleep.calls) == 1
+        assert attempts(gateway, "dnp-relay", "record_unreadable") == 1
+        labels = {"destination": "dnp-relay"}
+        assert gateway.metrics.registry.get_sample_value("gateway_relay_circuit_open", labels) == 0
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_never_followed_and_holds_the_record(
+    gateway: Running, status: int
+) -> None:
+    """Egress goes only to the configured URL: a 3xx puts the record on held."""
+    sim = gateway.sandbox.simulators["dnp-relay"]
+    sim.fail_next(1, status)
+    async with gateway.client() as client:
+        submission_id = await submit(client, "online-application")
+        await wait_state(client, submission_id, "held")
+    assert sim.attempts == 1
+    assert gateway.sleep.calls == []
