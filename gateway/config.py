@@ -94,6 +94,7 @@ class IngressConfig(_Model):
     tls_profile: Literal["intermediate", "modern"] = "intermediate"
     keepalive_timeout: Annotated[float, Field(gt=0, le=3600)] = 75.0
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+    body_idle_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
 
 
 class AdminConfig(_Model):

@@ -10,10 +10,11 @@ are on disk does the device get its 202.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -196,6 +197,28 @@ def _replay(existing: Record, content_sha256: str) -> web.Response:
     return web.json_response(receipt(existing), status=202, headers={"Idempotent-Replayed": "true"})
 
 
+async def _body_chunks(request: web.Request, idle_timeout: float) -> AsyncIterator[bytes]:
+    """The body as it arrives; 408 when it stalls, 400 when its framing is broken."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise ProblemError(
+                408,
+                "body-timeout",
+                "Request body stalled",
+                f"no body bytes arrived for {idle_timeout:g} seconds",
+            ) from None
+        except web.RequestPayloadError:
+            raise ProblemError(
+                400, "malformed", "Malformed request", "the request body's framing is broken"
+            ) from None
+        if not chunk:
+            return
+        yield chunk
+
+
 async def _check_photo(
     rt: Runtime, pending: PendingRecord, intake: MultipartIntake, policy: ChannelPolicy
 ) -> Violation | None:
@@ -225,6 +248,14 @@ async def _submit(
     user_id = await rt.auth.authenticate(request.headers.get("Authorization"))
     context["user_id"] = user_id
     boundary = multipart_boundary(request.headers.get("Content-Type", ""))
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise ProblemError(
+            415,
+            "unsupported-media-type",
+            "Unsupported content encoding",
+            "send the multipart body without Content-Encoding",
+        )
     declared = request.content_length
     if declared is not None and declared > policy.max_body_bytes:
         raise _too_large(policy.max_body_bytes)
@@ -242,7 +273,7 @@ async def _submit(
     committed = False
     try:
         intake = MultipartIntake(policy, pending, boundary)
-        async for chunk in request.content.iter_any():
+        async for chunk in _body_chunks(request, rt.config.ingress.body_idle_timeout):
             if intake.result.body_bytes + len(chunk) > policy.max_body_bytes:
                 raise _too_large(policy.max_body_bytes)
             intake.feed(chunk)
@@ -373,6 +404,11 @@ async def _handle(
         response = problem_response(problem, instance=f"urn:request:{request_id}")
         outcome = problem.slug
         level = "warning" if problem.status >= 500 else "info"
+    except ConnectionResetError:
+        # The device went away mid-request; nothing was stored and nobody reads an answer.
+        response = web.Response(status=400)
+        outcome = "client_gone"
+        level = "info"
     except (SpoolError, OSError) as exc:
         unavailable = ProblemError(
             503,

@@ -18,12 +18,12 @@ import select
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.channels.photo import PhotoRules, check_jpeg
 from gateway.crypto.envelope import SEGMENT_SIZE, DecryptingReader
-from gateway.errors import Violation
+from gateway.errors import ProblemError, Violation
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class PhotoLocation:
     """Where a photo sits inside an encrypted record (picklable, no photo bytes)."""
 
     path: Path
-    data_key: bytes
+    data_key: bytes = field(repr=False)
     aad: bytes
     plaintext_size: int
     start: int
@@ -104,15 +104,22 @@ class PhotoChecker:
         if self._inline:
             return await asyncio.to_thread(check_located_photo, field, where, rules)
         loop = asyncio.get_running_loop()
+        pool = self._executor()
         try:
-            return await loop.run_in_executor(
-                self._executor(), check_located_photo, field, where, rules
-            )
+            return await loop.run_in_executor(pool, check_located_photo, field, where, rules)
         except BrokenProcessPool:
-            # A worker died while decoding (a decoder crash or the OOM killer): refuse
-            # this photo as undecodable and start a fresh pool for the next one.
-            self.close()
-            return Violation(field, "decode", "could not be decoded as a JPEG image")
+            # A worker died (the OOM killer, a decoder crash): the gateway's fault as much
+            # as the photo's, so answer 503 and let the device retry on a fresh pool.
+            if self._pool is pool:
+                self._pool = None
+                await asyncio.to_thread(pool.shutdown, wait=False)
+            raise ProblemError(
+                503,
+                "photo-check-unavailable",
+                "Photo check unavailable",
+                "the photo could not be checked right now; retry",
+                retry_after=5,
+            ) from None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -14,6 +14,7 @@ that were in flight go back to the queue.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
 import os
@@ -201,12 +202,14 @@ class Spool:
         # Undelivered records (queued or held) by id, in order of receipt: the first one
         # is the oldest, read in O(1) for gateway_spool_oldest_undelivered_age_seconds.
         self._undelivered: dict[str, float] = {}
+        self._lock_fd: int | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     async def open(self) -> RecoveryReport:
         """Open the index, remove orphans, forget in-flight claims; safe after a crash."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_spool()
         self._records_dir.mkdir(exist_ok=True, mode=0o700)
         fsync_dir(self._records_dir)
         fsync_dir(self.directory)
@@ -231,6 +234,16 @@ class Spool:
             )
         await self._reload_stats()
         return RecoveryReport(len(keep), self.counts["queued"], orphans, len(missing))
+
+    def _lock_spool(self) -> None:
+        """One process per spool: another one's recovery would delete our pending files."""
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(f"{self.directory} is in use by another gateway process") from None
+        self._lock_fd = fd
 
     def _remove_orphans(self, keep: set[str]) -> int:
         """Delete files no committed row owns: writes a crash cut short."""
@@ -282,6 +295,9 @@ class Spool:
     async def close(self) -> None:
         await asyncio.to_thread(self._fsync_pool.shutdown, wait=True)
         await self._index.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     # ------------------------------------------------------------------ writing
 

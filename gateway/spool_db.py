@@ -123,6 +123,7 @@ class IndexThread:
             self._ready.set_exception(exc)
             return
         self._ready.set_result(None)
+        batch: list[_Op] = []
         try:
             while True:
                 first = self._queue.get()
@@ -140,10 +141,31 @@ class IndexThread:
                         break
                     batch.append(item)
                 self._execute(conn, batch)
+                batch = []
                 if stop:
                     break
+        except BaseException as exc:
+            # The thread is dying (a failed ROLLBACK, a MemoryError): fail every caller,
+            # in the batch and still queued, rather than leave them waiting forever.
+            self._fail_all(batch, SpoolError(f"spool index stopped: {type(exc).__name__}"))
+            raise
         finally:
             conn.close()
+
+    def _fail_all(self, batch: list[_Op], error: SpoolError) -> None:
+        pending = list(batch)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                pending.append(item)
+        for op in pending:
+            if op.future.done():
+                continue
+            if op.future.running() or op.future.set_running_or_notify_cancel():
+                op.future.set_exception(error)
 
     def _execute(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         results: list[tuple[_Op, Any, BaseException | None]] = []

@@ -917,3 +917,43 @@ async def test_status_needs_a_staff_credential(gateway: Running) -> None:
         submission_id = answer.json()["submission_id"]
         async with client.session.get(f"{client.base}/v1/submissions/{submission_id}") as response:
             problem(await _answer(response), 401)
+
+
+async def test_a_content_encoded_body_is_415_before_it_is_read(gateway: Running) -> None:
+    """A body sent with Content-Encoding is refused with 415, never decoded into a 5xx."""
+    fields, files = sample_submission("online-application")
+    async with gateway.client() as client:
+        reply = await client.submit(
+            "online-application", fields, files, headers={"Content-Encoding": "gzip"}
+        )
+    assert reply.status == 415
+    assert reply.body["type"].endswith("/unsupported-media-type")
+
+
+async def test_a_stalled_body_is_408_and_nothing_is_stored(tmp_path: Path) -> None:
+    """A device that stops sending mid-body gets 408 after the idle timeout; no record."""
+    box = await build_sandbox(tmp_path, overrides={"ingress.body_idle_timeout": 0.2})
+    running = await start_gateway(box)
+    try:
+        device = box.pki.devices["tablet-01"]
+        context = client_context(ca=box.pki.gateway_ca.cert, cert=device.cert, key=device.key)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", running.bound.ingress_port, ssl=context, server_hostname="localhost"
+        )
+        head = (
+            "POST /v1/channels/online-application/submissions HTTP/1.1\r\n"
+            "Host: localhost\r\n"
+            "Authorization: Basic c3RhZmYtMDAxOmNvcnJlY3QgaG9yc2UgYmF0dGVyeQ==\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n"
+            "Content-Length: 100000\r\n\r\n--b\r\n"
+        )
+        writer.write(head.encode())
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+        assert status_line.startswith(b"HTTP/1.1 408"), status_line
+        writer.close()
+        assert box.config is not None
+        assert list((box.config.spool.directory / "records").iterdir()) == []
+    finally:
+        await running.shutdown()
+        await box.stop_simulators()

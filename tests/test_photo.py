@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import random
+import signal
 import struct
 import warnings
+from pathlib import Path
 from typing import BinaryIO, cast
 
 import pytest
 from PIL import Image, ImageFile
 
 from gateway.channels.photo import PhotoRules, check_jpeg
+from gateway.errors import ProblemError
+from gateway.photo_check import PhotoChecker, PhotoLocation
 
 _BANDS = {"RGB": 3, "L": 1, "CMYK": 4}
 
@@ -294,3 +300,24 @@ def test_violation_messages_are_fixed_text(rgb480: bytes) -> None:
     b = check_jpeg("face_photo", io.BytesIO(rgb480[:40_000]), 40_000)
     assert a is not None and b is not None
     assert a == b
+
+
+async def test_a_dead_photo_worker_is_503_not_a_bad_photo(tmp_path: Path) -> None:
+    """When the decoder process dies mid-check the device gets 503 to retry, not a 422."""
+    fifo = tmp_path / "blocks-on-open"
+    os.mkfifo(fifo)  # the worker waits in open() until we kill it
+    checker = PhotoChecker(workers=1)
+    try:
+        where = PhotoLocation(fifo, b"k" * 32, b"", 0, 0, 0)
+        check = asyncio.create_task(checker.check("face_photo", where, PhotoRules()))
+        await asyncio.sleep(0)  # let the check reach the pool
+        pool = checker._executor()
+        assert pool._processes  # spawned by the check's submission
+        for pid in list(pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ProblemError) as caught:
+            await check
+        assert caught.value.status == 503
+        assert caught.value.retry_after
+    finally:
+        checker.close()

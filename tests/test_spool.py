@@ -611,3 +611,17 @@ async def test_an_index_of_another_schema_version_is_refused(tmp_path: Path) -> 
     again = Spool(tmp_path / "spool", os.urandom(32))
     with pytest.raises(SpoolError, match="schema version 99"):
         await again.open()
+
+
+async def test_a_second_process_cannot_open_a_spool_in_use(tmp_path: Path) -> None:
+    """Only one spool per directory: a second open is refused until the first closes."""
+    key = os.urandom(32)
+    first = Spool(tmp_path / "spool", key)
+    await first.open()
+    second = Spool(tmp_path / "spool", key)
+    with pytest.raises(SpoolError, match="in use"):
+        await second.open()
+    await first.close()
+    third = Spool(tmp_path / "spool", key)
+    await third.open()
+    await third.close()
