@@ -143,8 +143,10 @@ class StaffAuthenticator:
             return user_id
         self._count_failure(key, now)
         if ok and user is not None and not user.enabled:
+            # The answer is the same as for a wrong password, or it would confirm the
+            # password of a disabled account; the metric and the log say which it was.
             self._on_failure("user_disabled")
-            raise unauthorized("this staff user is disabled")
+            raise unauthorized("unknown staff user ID or wrong password")
         self._on_failure("bad_credential")
         raise unauthorized("unknown staff user ID or wrong password")
 

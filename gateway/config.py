@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 import tomllib
 from collections.abc import Mapping
 from datetime import date
@@ -50,7 +51,8 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 def _secret_spec(value: str, info: ValidationInfo) -> str:
     """A secret's location: a path (resolved like other paths) or ``credential:NAME``."""
     # Checked first: a secret pasted after "credential:" is still a secret pasted inline.
-    if "\n" in value or len(value) > 4096:
+    if "\n" in value or len(value) > 4096 or _looks_like_a_secret(value):
+        # The message never repeats the value: it may be the key or password itself.
         raise ValueError("must be a file path or credential:NAME, never the secret itself")
     if value.startswith("credential:"):
         name = value.removeprefix("credential:")
@@ -58,6 +60,17 @@ def _secret_spec(value: str, info: ValidationInfo) -> str:
             raise ValueError("credential:NAME needs a plain credential name")
         return value
     return str(_resolve_path(Path(value), info))
+
+
+_KEY_LIKE = re.compile(r"[0-9A-Fa-f]{32,}|[A-Za-z0-9+/_-]{32,}={0,2}")
+
+
+def _looks_like_a_secret(value: str) -> bool:
+    """A hex or base64 key, or ``user:password``, pasted where a file's path belongs."""
+    name = value.removeprefix("credential:")
+    if _KEY_LIKE.fullmatch(name):
+        return True
+    return not value.startswith("credential:") and ":" in value
 
 
 def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

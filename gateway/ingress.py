@@ -268,6 +268,9 @@ async def _submit(
             "Malformed request",
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         )
+    # The device chooses the key and may put personal data in it: only a keyed hash of
+    # it (bound to device and channel) is ever stored.
+    token = None if key is None else rt.spool.idempotency_token(device.id, channel, key)
     received_at = rt.clock()
     pending = await rt.spool.create(new_submission_id(rt.clock))
     committed = False
@@ -279,8 +282,8 @@ async def _submit(
             intake.feed(chunk)
         result = intake.finish()
         pending.finish()
-        if key is not None:
-            existing = await rt.spool.find_idempotent(device.id, key)
+        if token is not None:
+            existing = await rt.spool.find_idempotent(device.id, token)
             if existing is not None:
                 context["outcome"] = "replayed"
                 return _replay(existing, result.content_sha256)
@@ -311,13 +314,13 @@ async def _submit(
             body_sha256=result.body_sha256,
             content_sha256=result.content_sha256,
             field_names=tuple(result.fields),
-            idempotency_key=key,
+            idempotency_key=token,
         )
         try:
             record = await rt.spool.commit(pending, meta)
         except DuplicateIdempotencyKey:
             # A concurrent request with the same key won the race.
-            existing = await rt.spool.find_idempotent(device.id, key or "")
+            existing = await rt.spool.find_idempotent(device.id, token or "")
             if existing is None:
                 raise
             context["outcome"] = "replayed"

@@ -59,6 +59,8 @@ SAFE_KEYS = frozenset(
     }
 )
 REDACTED = "[redacted]"
+QUOTING_LOGGERS = ("python_multipart", "multipart")
+"""Standard-library loggers whose messages may quote request bytes."""
 
 
 def keep_safe_keys(
@@ -85,6 +87,10 @@ def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Libraries that log through the standard library bypass keep_safe_keys; the
+    # multipart parser's warnings quote body bytes, so it is silenced outright.
+    for name in QUOTING_LOGGERS:
+        logging.getLogger(name).disabled = True
 
 
 def get_logger(name: str) -> Any:

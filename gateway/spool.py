@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -83,7 +85,7 @@ class Record:
     body_sha256: str
     content_sha256: str
     field_names: tuple[str, ...]
-    idempotency_key: str | None
+    idempotency_key: str | None  # the keyed hash of Spool.idempotency_token, never the key
     upstream_receipt: str | None
     attempts: int
     last_error: str | None
@@ -190,6 +192,7 @@ class Spool:
     ) -> None:
         self.directory = directory
         self._master = master_key
+        self._idempotency_key = hmac.new(master_key, b"gateway idempotency v1", "sha256").digest()
         self._clock = clock
         self._records_dir = directory / "records"
         self._index = IndexThread(directory / "index.sqlite3")
@@ -403,6 +406,12 @@ class Spool:
 
     def discard(self, pending: PendingRecord) -> None:
         pending.abandon()
+
+    def idempotency_token(self, device_id: str, channel: str, key: str) -> str:
+        """What the index keeps of an Idempotency-Key: an HMAC under a key derived from
+        the master key, bound to the device and the channel."""
+        material = f"{device_id}\0{channel}\0{key}".encode()
+        return hmac.new(self._idempotency_key, material, hashlib.sha256).hexdigest()
 
     # ------------------------------------------------------------------ reading
 

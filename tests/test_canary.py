@@ -626,3 +626,9 @@ async def test_made_up_part_name_is_never_echoed(
     finally:
         await gateway.shutdown()
     assert not leaks([*seen.texts, *capture.texts(caplog)], PLANTED_NAMES)
+
+
+def test_the_multipart_parsers_own_logger_is_silenced() -> None:
+    """python-multipart's warnings quote body bytes, so configuring logs disables them."""
+    logs.configure()
+    assert logging.getLogger("python_multipart").disabled

@@ -490,3 +490,25 @@ def test_directory_instead_of_file_is_a_config_error(tmp_path: Path) -> None:
     """Pointing at a directory gives a ConfigError, not an OSError."""
     (problem,) = problems_of(tmp_path)
     assert problem.message.startswith("cannot read")
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=",
+        "ward-user:S3cretPassw0rd",
+        "credential:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    ],
+)
+def test_a_secret_pasted_where_its_path_belongs_is_refused_without_echo(
+    tmp_path: Path, pasted: str
+) -> None:
+    """A key or user:password given inline is refused, and the error never repeats it."""
+    data = tomllib.loads(SHIPPED.read_text("utf-8"))
+    data["spool"]["master_key"] = pasted
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, base=tmp_path, file="gateway.toml")
+    problems = [p for p in caught.value.problems if p.key == "spool.master_key"]
+    assert problems and "never the secret itself" in problems[0].message
+    assert pasted not in str(caught.value)

@@ -957,3 +957,37 @@ async def test_a_stalled_body_is_408_and_nothing_is_stored(tmp_path: Path) -> No
     finally:
         await running.shutdown()
         await box.stop_simulators()
+
+
+async def test_the_idempotency_key_itself_is_never_stored(gateway: Running) -> None:
+    """A device that uses personal data as its Idempotency-Key leaves no trace of it on disk."""
+    planted = "KEY-983205673214-カナリア"
+    fields, files = sample_submission("online-application")
+    async with gateway.client() as client:
+        reply = await client.submit(
+            "online-application", fields, files, idempotency_key=planted.encode().hex()
+        )
+        again = await client.submit(
+            "online-application", fields, files, idempotency_key=planted.encode().hex()
+        )
+    assert reply.status == 202 and again.body["submission_id"] == reply.body["submission_id"]
+    assert gateway.sandbox.config is not None
+    spool = gateway.sandbox.config.spool.directory
+    for path in spool.rglob("*"):
+        if path.is_file():
+            assert planted.encode().hex().encode() not in path.read_bytes(), path
+
+
+async def test_the_same_key_on_another_channel_is_another_submission(gateway: Running) -> None:
+    """An Idempotency-Key is scoped to device and channel: reuse elsewhere is a new record."""
+    online, online_files = sample_submission("online-application")
+    express, express_files = sample_submission("express-issuance")
+    async with gateway.client() as client:
+        first = await client.submit(
+            "online-application", online, online_files, idempotency_key="k-1"
+        )
+        second = await client.submit(
+            "express-issuance", express, express_files, idempotency_key="k-1"
+        )
+    assert first.status == second.status == 202
+    assert first.body["submission_id"] != second.body["submission_id"]
