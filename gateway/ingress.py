@@ -231,9 +231,21 @@ async def _check_photo(
     return await rt.photos.check(file.rule.name, where, policy.photo)
 
 
-async def _submit(
+@dataclass(frozen=True)
+class Admission:
+    """Everything decided about a submission before a byte of its body is read."""
+
+    device: Device
+    policy: ChannelPolicy
+    user_id: str
+    boundary: bytes
+    key: str | None
+
+
+async def _admit(
     rt: Runtime, request: web.Request, channel: str, context: dict[str, Any]
-) -> web.Response:
+) -> Admission:
+    """Every check that needs only the headers, cheapest first (also run for 100-continue)."""
     if not rt.accepting:
         raise ProblemError(
             503,
@@ -268,6 +280,15 @@ async def _submit(
             "Malformed request",
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         )
+    return Admission(device, policy, user_id, boundary, key)
+
+
+async def _submit(
+    rt: Runtime, request: web.Request, channel: str, context: dict[str, Any]
+) -> web.Response:
+    admitted = await _admit(rt, request, channel, context)
+    device, policy, user_id = admitted.device, admitted.policy, admitted.user_id
+    boundary, key = admitted.boundary, admitted.key
     # The device chooses the key and may put personal data in it: only a keyed hash of
     # it (bound to device and channel) is ever stored.
     token = None if key is None else rt.spool.idempotency_token(device.id, channel, key)
@@ -347,6 +368,42 @@ async def submit(request: web.Request) -> web.StreamResponse:
     channel = request.match_info["channel"]
     label = _channel_label(rt, channel)
     return await _handle(request, rt, label, lambda ctx: _submit(rt, request, channel, ctx))
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: refuse before the device sends its body, not after.
+
+    The header checks run here; a refusal is answered (and counted and logged) at once
+    and the body is never read. Otherwise ``100 Continue`` goes out and the handler runs
+    the same checks again (the staff credential from the verification cache).
+    """
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return problem_response(
+            ProblemError(
+                417,
+                "expectation-failed",
+                "Expectation failed",
+                "only Expect: 100-continue is understood",
+            )
+        )
+    rt = request.app[RUNTIME]
+    channel = request.match_info["channel"]
+    failure: ProblemError | None = None
+    learned: dict[str, Any] = {}
+    try:
+        await _admit(rt, request, channel, learned)
+    except ProblemError as exc:
+        failure = exc
+    if failure is None:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    refused: ProblemError = failure
+
+    async def refuse(context: dict[str, Any]) -> web.Response:
+        context.update(learned)  # device and user ids, when they were established
+        raise refused  # answered, counted and logged like any refusal
+
+    return await _handle(request, rt, _channel_label(rt, channel), refuse)
 
 
 async def status(request: web.Request) -> web.StreamResponse:
@@ -472,6 +529,8 @@ async def last_resort(
 def build_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[last_resort], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
-    app.router.add_post("/v1/channels/{channel}/submissions", submit)
+    app.router.add_post(
+        "/v1/channels/{channel}/submissions", submit, expect_handler=expect_continue
+    )
     app.router.add_get("/v1/submissions/{submission_id}", status)
     return app

@@ -991,3 +991,26 @@ async def test_the_same_key_on_another_channel_is_another_submission(gateway: Ru
         )
     assert first.status == second.status == 202
     assert first.body["submission_id"] != second.body["submission_id"]
+
+
+async def test_expect_100_continue_refuses_before_the_body_is_sent(gateway: Running) -> None:
+    """With Expect: 100-continue a refused device never uploads; an admitted one does."""
+    fields, files = sample_submission("online-application")
+    body = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
+    for name, value in fields.items():
+        body.add_field(name, value)
+    body.add_field("face_photo", files["face_photo"], filename="p.jpg")
+    async with gateway.client(password="wrong-password-1") as wrong, gateway.client() as right:
+        url = f"{wrong.base}/v1/channels/online-application/submissions"
+        async with wrong.session.post(
+            url, data=body, expect100=True, headers={"Authorization": wrong.authorization}
+        ) as response:
+            assert response.status == 401
+        ok = await right.submit(
+            "online-application", fields, files, headers={"Expect": "100-continue"}
+        )
+    assert ok.status == 202
+    refused = gateway.metrics.registry.get_sample_value(
+        "gateway_submissions_total", {"channel": "online-application", "outcome": "unauthorized"}
+    )
+    assert refused == 1
