@@ -75,6 +75,8 @@ class Runtime:
     clock: Callable[[], float]
     on_accepted: Callable[[Record], None]
     photos: PhotoChecker
+    reserved_bytes: int = 0
+    """Room promised to bodies being received (their declared or maximum size)."""
     accepting: bool = True
 
 
@@ -160,7 +162,9 @@ def _admission(rt: Runtime, request: web.Request, channel: str, device: Device) 
 
 
 def _check_room(rt: Runtime, expected: int) -> None:
+    """507 unless the spool and the disk have room for this body and every body under way."""
     spool_cfg = rt.config.spool
+    expected += rt.reserved_bytes
     if rt.spool.bytes + expected > spool_cfg.quota_bytes:
         raise ProblemError(
             507,
@@ -240,6 +244,7 @@ class Admission:
     user_id: str
     boundary: bytes
     key: str | None
+    expected_bytes: int
 
 
 async def _admit(
@@ -271,7 +276,8 @@ async def _admit(
     declared = request.content_length
     if declared is not None and declared > policy.max_body_bytes:
         raise _too_large(policy.max_body_bytes)
-    _check_room(rt, declared if declared is not None else policy.max_body_bytes)
+    expected = declared if declared is not None else policy.max_body_bytes
+    _check_room(rt, expected)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise ProblemError(
@@ -280,13 +286,28 @@ async def _admit(
             "Malformed request",
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         )
-    return Admission(device, policy, user_id, boundary, key)
+    return Admission(device, policy, user_id, boundary, key, expected)
 
 
 async def _submit(
     rt: Runtime, request: web.Request, channel: str, context: dict[str, Any]
 ) -> web.Response:
     admitted = await _admit(rt, request, channel, context)
+    rt.reserved_bytes += admitted.expected_bytes
+    try:
+        return await _receive(rt, request, channel, context, admitted)
+    finally:
+        rt.reserved_bytes -= admitted.expected_bytes
+
+
+async def _receive(
+    rt: Runtime,
+    request: web.Request,
+    channel: str,
+    context: dict[str, Any],
+    admitted: Admission,
+) -> web.Response:
+    """Stream the admitted body into an encrypted record, check it, commit it."""
     device, policy, user_id = admitted.device, admitted.policy, admitted.user_id
     boundary, key = admitted.boundary, admitted.key
     # The device chooses the key and may put personal data in it: only a keyed hash of

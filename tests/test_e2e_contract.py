@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,8 @@ from PIL import Image
 
 from gateway.crypto.pki import issue_device
 from gateway.crypto.tls import client_context
+from gateway.errors import ProblemError
+from gateway.ingress import _check_room
 from gateway.simulator import UpstreamSimulator
 from gateway.testing import DeviceClient, build_sandbox, make_jpeg, sample_submission
 
@@ -1014,3 +1017,50 @@ async def test_expect_100_continue_refuses_before_the_body_is_sent(gateway: Runn
         "gateway_submissions_total", {"channel": "online-application", "outcome": "unauthorized"}
     )
     assert refused == 1
+
+
+async def test_a_full_spool_is_507_with_retry_after_before_the_body(tmp_path: Path) -> None:
+    """At the spool quota the device gets 507 spool-full with Retry-After; nothing stored."""
+    fields, files = sample_submission("online-application")
+    one = len(files["face_photo"]) + 20_000
+    box = await build_sandbox(tmp_path, overrides={"spool.quota_bytes": int(one * 1.5)})
+    running = await start_gateway(box)
+    try:
+        async with running.client() as client:
+            first = await client.submit("online-application", fields, files)
+            second = await client.submit("online-application", fields, files)
+        assert first.status == 202
+        assert second.status == 507
+        assert second.body["type"].endswith("/spool-full")
+        assert int(second.headers["Retry-After"]) > 0
+    finally:
+        await running.shutdown()
+        await box.stop_simulators()
+
+
+def test_bodies_being_received_hold_their_room_against_others() -> None:
+    """Room is reserved at admission: what is under way counts against the quota."""
+    spool_cfg = SimpleNamespace(quota_bytes=1000, min_free_bytes=0, retry_after_seconds=30)
+    spool = SimpleNamespace(bytes=400, free_bytes=lambda: 10**9)
+    rt = SimpleNamespace(config=SimpleNamespace(spool=spool_cfg), spool=spool, reserved_bytes=0)
+    _check_room(rt, 500)  # type: ignore[arg-type]
+    rt.reserved_bytes = 500  # another body of 500 bytes is being received
+    with pytest.raises(ProblemError) as caught:
+        _check_room(rt, 500)  # type: ignore[arg-type]
+    assert caught.value.status == 507 and caught.value.slug == "spool-full"
+
+
+async def test_a_disk_below_its_floor_is_507_disk_low(tmp_path: Path) -> None:
+    """When free space would fall below min_free_bytes the device gets 507 disk-low."""
+    box = await build_sandbox(tmp_path, overrides={"spool.min_free_bytes": 2**62})
+    running = await start_gateway(box)
+    try:
+        fields, files = sample_submission("online-application")
+        async with running.client() as client:
+            reply = await client.submit("online-application", fields, files)
+        assert reply.status == 507
+        assert reply.body["type"].endswith("/disk-low")
+        assert "Retry-After" in reply.headers
+    finally:
+        await running.shutdown()
+        await box.stop_simulators()
