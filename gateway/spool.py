@@ -176,6 +176,11 @@ class PendingRecord:
             self.path.unlink(missing_ok=True)
 
 
+def _abandon_unclaimed(future: asyncio.Future[PendingRecord]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().abandon()
+
+
 @dataclass(frozen=True)
 class RecoveryReport:
     records: int
@@ -317,7 +322,12 @@ class Spool:
         """:meth:`begin` on a spool thread: creating a file can wait for the filesystem
         journal while other records are being fsynced, and the event loop must not."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._fsync_pool, self.begin, record_id)
+        future = loop.run_in_executor(self._fsync_pool, self.begin, record_id)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_abandon_unclaimed)  # the file is nobody's now
+            raise
 
     async def commit(self, pending: PendingRecord, meta: NewRecord) -> Record:
         """Make the record durable, then index it; returns only after both are on disk."""

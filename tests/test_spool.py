@@ -625,3 +625,18 @@ async def test_a_second_process_cannot_open_a_spool_in_use(tmp_path: Path) -> No
     third = Spool(tmp_path / "spool", key)
     await third.open()
     await third.close()
+
+
+async def test_a_cancelled_create_leaves_no_file_behind(tmp_path: Path) -> None:
+    """Cancelling the caller while its record file is being created removes the file."""
+    spool = Spool(tmp_path / "spool", os.urandom(32))
+    await spool.open()
+    task = asyncio.create_task(spool.create("0" * 32))
+    await asyncio.sleep(0)  # the creation is on the spool thread now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await spool.close()  # waits for the spool threads: the creation has finished
+    for _ in range(3):  # its completion reaches the loop, then the clean-up callback runs
+        await asyncio.sleep(0)
+    assert list((tmp_path / "spool" / "records").iterdir()) == []
