@@ -208,7 +208,7 @@ async def serve(
         await ingress.cleanup()
     finally:
         runtime.accepting = False
-        await relay.stop()
+        await relay.stop(drain_timeout=config.ingress.shutdown_timeout)
         await admin.cleanup()
         await ingress.cleanup()
         photos.close()

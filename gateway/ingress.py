@@ -510,6 +510,9 @@ async def _handle(
         if outcome == "accepted":
             rt.metrics.time_to_accept.labels(channel=channel_label).observe(duration)
     response.headers["X-Request-Id"] = request_id
+    if isinstance(response, web.Response) and not request.content.at_eof():
+        # A refusal before the whole body arrived: close rather than drain the rest.
+        response.force_close()
     getattr(log, level)(
         "request",
         method=request.method,

@@ -145,6 +145,9 @@ class Relay:
         self._sleep = sleep
         self._clock = clock
         self._destinations: dict[str, DestinationRelay] = {}
+        self._busy: set[asyncio.Task[Any]] = set()  # workers inside an attempt, not a sleep
+        self._stopping = False
+        self._drained = asyncio.Event()  # set once stopping and no attempt is under way
         self._channels_of = {name: ch for name, ch in config.channels.items()}
 
     async def start(self) -> None:
@@ -166,8 +169,18 @@ class Relay:
                 for i in range(dest.concurrency)
             ]
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain_timeout: float = 10.0) -> None:
+        """Let attempts under way finish and record their outcome (within
+        ``drain_timeout``), then stop every worker; backoff sleeps end at once."""
+        self._stopping = True
         tasks = [t for relay in self._destinations.values() for t in relay.tasks]
+        for task in tasks:
+            if task not in self._busy:
+                task.cancel()
+        if self._busy:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_timeout):
+                    await self._drained.wait()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -218,7 +231,7 @@ class Relay:
     # ----------------------------------------------------------------- workers
 
     async def _worker(self, relay: DestinationRelay) -> None:
-        while True:
+        while not self._stopping:
             item = await relay.queue.get()
             record_id = item.id if isinstance(item, Record) else item
             if not self._spool.claim(record_id):
@@ -228,9 +241,13 @@ class Relay:
                 if record is None or record.state not in ("queued", "delivering"):
                     continue
                 self._metrics.relay_in_flight.labels(destination=relay.name).inc()
+                task = asyncio.current_task()
+                assert task is not None
+                self._busy.add(task)
                 try:
                     await self._deliver(relay, record)
                 finally:
+                    self._not_busy(task)
                     self._metrics.relay_in_flight.labels(destination=relay.name).dec()
             except SpoolError as exc:
                 # Erased or unreadable meanwhile: nothing left to deliver.
@@ -256,6 +273,23 @@ class Relay:
             finally:
                 self._spool.release(record_id)
 
+    def _not_busy(self, task: asyncio.Task[Any]) -> None:
+        self._busy.discard(task)
+        if self._stopping and not self._busy:
+            self._drained.set()
+
+    async def _backoff(self, seconds: float) -> None:
+        """The injected sleep, during which this worker does not hold up a drain."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._not_busy(task)
+        try:
+            await self._sleep(seconds)
+        finally:
+            if self._stopping:
+                raise asyncio.CancelledError  # no new attempt once the drain began
+            self._busy.add(task)
+
     def _wait(self, dest: DestinationConfig) -> Callable[[RetryCallState], float]:
         jitter = wait_random_exponential(
             multiplier=dest.retry.initial_backoff, max=dest.retry.max_backoff
@@ -273,7 +307,7 @@ class Relay:
 
     async def _deliver(self, relay: DestinationRelay, record: Record) -> None:
         retrying = AsyncRetrying(
-            sleep=self._sleep,
+            sleep=self._backoff,
             stop=stop_never,
             wait=self._wait(relay.config),
             retry=retry_if_exception(lambda e: isinstance(e, RelayError) and e.retryable),

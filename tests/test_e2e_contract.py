@@ -955,6 +955,7 @@ async def test_a_stalled_body_is_408_and_nothing_is_stored(tmp_path: Path) -> No
         status_line = await asyncio.wait_for(reader.readline(), timeout=10)
         assert status_line.startswith(b"HTTP/1.1 408"), status_line
         writer.close()
+        await writer.wait_closed()
         assert box.config is not None
         assert list((box.config.spool.directory / "records").iterdir()) == []
     finally:
