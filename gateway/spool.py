@@ -24,7 +24,7 @@ import secrets
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,6 +179,20 @@ class PendingRecord:
 def _abandon_unclaimed(future: asyncio.Future[PendingRecord]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().abandon()
+
+
+@dataclass(frozen=True)
+class Erased:
+    """What the erasure ledger records of one erased record: no personal data."""
+
+    submission_id: str
+    channel: str
+    received_at: float
+    delivered_at: float | None
+    erased_at: float
+    reason: str
+    state_before: str
+    ciphertext_sha256: str
 
 
 @dataclass(frozen=True)
@@ -540,6 +554,56 @@ class Spool:
             self.counts[new_state] += 1
             if new_state == "delivered":
                 self._undelivered.pop(record_id, None)
+
+    # ---------------------------------------------------------------- erasure
+
+    async def erase(self, record_ids: Sequence[str], *, reason: str, at: float) -> list[Erased]:
+        """Crypto-erase and unlink records; returns what was erased, for the ledger.
+
+        The data key is destroyed in the index first (``secure_delete`` overwrites it in
+        the database file, and a ``TRUNCATE`` checkpoint empties the write-ahead log that
+        still held the page that carried it), then the ciphertext is unlinked and its
+        directory fsynced. Records already erased or unknown are skipped.
+        """
+        wanted = list(dict.fromkeys(record_ids))
+
+        def destroy(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            erased = []
+            for record_id in wanted:
+                row = conn.execute(
+                    "SELECT id, channel, state, received_at, delivered_at, ciphertext_size, "
+                    "ciphertext_sha256 FROM records WHERE id=? AND wrapped_key IS NOT NULL",
+                    (record_id,),
+                ).fetchone()
+                if row is None:
+                    continue
+                conn.execute(
+                    "UPDATE records SET wrapped_key=NULL, state='erased', erased_at=?, "
+                    "erase_reason=? WHERE id=?",
+                    (at, reason, record_id),
+                )
+                erased.append(row)
+            return erased
+
+        rows = await self._index.run(destroy, checkpoint=True)
+        if not rows:
+            return []
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._fsync_pool, self._unlink, [r[0] for r in rows])
+        result = []
+        for record_id, channel, state, received_at, delivered_at, size, digest in rows:
+            self.counts[state] -= 1
+            self.bytes -= size
+            self._undelivered.pop(record_id, None)
+            result.append(
+                Erased(record_id, channel, received_at, delivered_at, at, reason, state, digest)
+            )
+        return result
+
+    def _unlink(self, record_ids: list[str]) -> None:
+        for record_id in record_ids:
+            self._path(record_id).unlink(missing_ok=True)
+        fsync_dir(self._records_dir)
 
     # --------------------------------------------------------------- capacity
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS records (
     delivered_at REAL,
     held_at REAL,
     erased_at REAL,
+    erase_reason TEXT,
     content_type TEXT NOT NULL,
     plaintext_size INTEGER NOT NULL,
     ciphertext_size INTEGER NOT NULL,
@@ -65,6 +67,7 @@ class _Op:
     fn: Callable[[sqlite3.Connection], Any]
     future: concurrent.futures.Future[Any]
     sync_dirs: tuple[Path, ...] = field(default_factory=tuple)
+    checkpoint: bool = False
 
 
 class IndexThread:
@@ -76,6 +79,7 @@ class IndexThread:
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name="spool-index", daemon=True)
         self.commits = 0
+        self.checkpoints_incomplete = 0
 
     async def start(self) -> None:
         self._thread.start()
@@ -87,15 +91,23 @@ class IndexThread:
             await asyncio.to_thread(self._thread.join)
 
     async def run(
-        self, fn: Callable[[sqlite3.Connection], T], *, sync_dirs: Iterable[Path] = ()
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        sync_dirs: Iterable[Path] = (),
+        checkpoint: bool = False,
     ) -> T:
-        """Run ``fn`` in the next batch; returns once the batch is committed."""
+        """Run ``fn`` in the next batch; returns once the batch is committed.
+
+        ``checkpoint`` also runs a TRUNCATE checkpoint after the commit, so no older
+        version of a changed page survives in the write-ahead log (erasure).
+        """
         if not self._thread.is_alive():
             # Nobody would ever answer: fail instead of waiting forever (e.g. a request
             # that outlived the drain and reaches the spool after it was closed).
             raise SpoolError("the spool index is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put(_Op(fn, future, tuple(sync_dirs)))
+        self._queue.put(_Op(fn, future, tuple(sync_dirs), checkpoint))
         return await asyncio.wrap_future(future)
 
     def _connect(self) -> sqlite3.Connection:
@@ -188,6 +200,12 @@ class IndexThread:
                 fsync_dir(directory)
             conn.execute("COMMIT")
             self.commits += 1
+            if any(op.checkpoint for op in batch):
+                # After the commit, never fail the batch: its rows are durable. A busy
+                # result (another reader) is counted; the next checkpoint finishes the job.
+                with contextlib.suppress(sqlite3.Error):
+                    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    self.checkpoints_incomplete += int(busy)
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

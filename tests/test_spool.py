@@ -640,3 +640,47 @@ async def test_a_cancelled_create_leaves_no_file_behind(tmp_path: Path) -> None:
     for _ in range(3):  # its completion reaches the loop, then the clean-up callback runs
         await asyncio.sleep(0)
     assert list((tmp_path / "spool" / "records").iterdir()) == []
+
+
+# ------------------------------------------------------------------------ erasure
+
+
+async def test_erased_records_cannot_be_decrypted_from_anything_left_on_disk(
+    store: Store, spool: Spool
+) -> None:
+    """After erasure no file under the spool holds the data key or the ciphertext."""
+    kept, _ = await put(store, spool, payload(1, 200_000))
+    gone, _ = await put(store, spool, payload(2, 200_000))
+    with sqlite3.connect(store.directory / "index.sqlite3") as conn:
+        wrapped = conn.execute("SELECT wrapped_key FROM records WHERE id=?", (gone.id,)).fetchone()[
+            0
+        ]
+    conn.close()
+    ciphertext = (store.directory / "records" / gone.id).read_bytes()
+    erased = await spool.erase([gone.id], reason="retention", at=1_800_000_100.0)
+    assert [e.submission_id for e in erased] == [gone.id]
+    assert erased[0].ciphertext_sha256 == hashlib.sha256(ciphertext).hexdigest()
+    assert erased[0].state_before == "queued" and erased[0].reason == "retention"
+    leftovers = b"".join(p.read_bytes() for p in store.directory.rglob("*") if p.is_file())
+    assert bytes(wrapped) not in leftovers
+    assert ciphertext[16:4096] not in leftovers
+    record = await spool.get(gone.id)
+    assert record is not None and record.state == "erased" and record.erased_at is not None
+    with pytest.raises(SpoolError):
+        await spool.open_plaintext(record)
+    assert await plaintext(spool, kept) == payload(1, 200_000)
+
+
+async def test_erasure_updates_counts_bytes_and_is_idempotent(store: Store, spool: Spool) -> None:
+    """Erasing frees the record's bytes and count once; erasing again is a no-op."""
+    record, _ = await put(store, spool, payload(3))
+    before = spool.bytes
+    assert spool.counts["queued"] == 1
+    assert len(await spool.erase([record.id], reason="operator", at=1.0)) == 1
+    assert spool.bytes == before - record.ciphertext_size
+    assert spool.counts["queued"] == 0
+    assert spool.oldest_queued_at is None
+    assert await spool.erase([record.id, "f" * 32], reason="operator", at=2.0) == []
+    reopened, report = await store.reopen(spool)
+    assert report.records == 0 and report.orphans_removed == 0
+    assert reopened.bytes == 0
