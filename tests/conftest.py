@@ -12,6 +12,7 @@ import pytest
 
 from gateway.daemon import Bound
 from gateway.metrics import Metrics
+from gateway.simulator import UpstreamSimulator
 from gateway.testing import DeviceClient, RunningGateway, Sandbox, build_sandbox
 from gateway.testing import start_gateway as start_in_loop
 
@@ -69,6 +70,38 @@ async def start_gateway(sandbox: Sandbox, sleep: FakeSleep | None = None) -> Run
     fake = sleep or FakeSleep()
     running = await start_in_loop(sandbox.config, sleep=fake, clock=fake.clock)
     return Running(sandbox, running, fake)
+
+
+class Gate:
+    """A simulator sleep that holds each request until opened; tracks the peak held."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.inside = 0
+        self.peak = 0
+        self._changed = asyncio.Condition()
+
+    async def __call__(self, _seconds: float) -> None:
+        async with self._changed:
+            self.inside += 1
+            self.peak = max(self.peak, self.inside)
+            self._changed.notify_all()
+        try:
+            await self.opened.wait()
+        finally:
+            self.inside -= 1
+
+    async def wait_inside(self, count: int) -> None:
+        async with asyncio.timeout(10), self._changed:
+            await self._changed.wait_for(lambda: self.inside >= count)
+
+
+def hold(sim: UpstreamSimulator) -> Gate:
+    """Make every request to ``sim`` wait at a gate before it is answered."""
+    gate = Gate()
+    sim._sleep = gate
+    sim.set_delay(1.0)
+    return gate
 
 
 @pytest.fixture

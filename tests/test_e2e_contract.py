@@ -23,14 +23,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Running, start_gateway
+from conftest import Running, hold, start_gateway
 from PIL import Image
 
 from gateway.crypto.pki import issue_device
 from gateway.crypto.tls import client_context
 from gateway.errors import ProblemError
 from gateway.ingress import _check_room
-from gateway.simulator import UpstreamSimulator
 from gateway.testing import DeviceClient, build_sandbox, make_jpeg, sample_submission
 
 # Distinctive values that must never come back in any response body or header.
@@ -249,35 +248,6 @@ def parse_ts(value: str) -> datetime:
     moment = datetime.fromisoformat(value)
     assert moment.tzinfo is not None
     return moment
-
-
-class Gate:
-    """An upstream simulator's sleep that holds every request until opened."""
-
-    def __init__(self) -> None:
-        self.opened = asyncio.Event()
-        self.inside = 0
-        self._changed = asyncio.Condition()
-
-    async def __call__(self, _seconds: float) -> None:
-        async with self._changed:
-            self.inside += 1
-            self._changed.notify_all()
-        try:
-            await self.opened.wait()
-        finally:
-            self.inside -= 1
-
-    async def wait_inside(self, count: int) -> None:
-        async with asyncio.timeout(10), self._changed:
-            await self._changed.wait_for(lambda: self.inside >= count)
-
-
-def hold(sim: UpstreamSimulator) -> Gate:
-    gate = Gate()
-    sim._sleep = gate
-    sim.set_delay(1.0)
-    return gate
 
 
 @contextlib.asynccontextmanager

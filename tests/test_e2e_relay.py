@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import FakeSleep, Running, start_gateway
+from conftest import FakeSleep, Running, hold, start_gateway
 
 from gateway.crypto.pki import load_cert_der, spki_sha256_b64
-from gateway.simulator import UpstreamSimulator
 from gateway.testing import (
     UPSTREAM_CREDENTIAL,
     DeviceClient,
@@ -82,38 +81,6 @@ def in_flight(gateway: Running, destination: str) -> float:
     labels = {"destination": destination}
     value = gateway.metrics.registry.get_sample_value("gateway_relay_in_flight", labels)
     return value or 0.0
-
-
-class Gate:
-    """A simulator sleep that holds each request until opened; tracks the peak held."""
-
-    def __init__(self) -> None:
-        self.opened = asyncio.Event()
-        self.inside = 0
-        self.peak = 0
-        self._changed = asyncio.Condition()
-
-    async def __call__(self, _seconds: float) -> None:
-        async with self._changed:
-            self.inside += 1
-            self.peak = max(self.peak, self.inside)
-            self._changed.notify_all()
-        try:
-            await self.opened.wait()
-        finally:
-            self.inside -= 1
-
-    async def wait_inside(self, count: int) -> None:
-        async with asyncio.timeout(10), self._changed:
-            await self._changed.wait_for(lambda: self.inside >= count)
-
-
-def hold(sim: UpstreamSimulator) -> Gate:
-    """Make every request to ``sim`` wait at a gate before it is answered."""
-    gate = Gate()
-    sim._sleep = gate
-    sim.set_delay(1.0)
-    return gate
 
 
 @dataclass
