@@ -349,11 +349,19 @@ def leaks(texts: Iterable[tuple[str, str]], values: Iterable[str]) -> list[str]:
 
 
 def byte_leaks(files: Iterable[Path], values: Iterable[bytes]) -> list[str]:
-    wanted = list(values)
+    """Planted values in raw file bytes; short ones (a 4-digit PIN) only as a whole token,
+    since random hex (a fingerprint, an id) contains any four digits now and then."""
+    patterns = [
+        (value, re.compile(rb"(?<![0-9A-Za-z])" + re.escape(value) + rb"(?![0-9A-Za-z])"))
+        for value in values
+    ]
     found = []
     for path in files:
         data = path.read_bytes()
-        found += [f"{value!r} in {path}" for value in wanted if value in data]
+        for value, token in patterns:
+            hit = token.search(data) if len(value) < 8 else value in data
+            if hit:
+                found.append(f"{value!r} in {path}")
     return found
 
 
