@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__, logs
 from gateway.auth import StaffAuthenticator
+from gateway.chain import HashChainLog
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import load_master_key, read_secret_file, resolve_secret_path
@@ -33,7 +34,8 @@ from gateway.metrics import Metrics
 from gateway.photo_check import PhotoChecker
 from gateway.registry import RegistryWatcher
 from gateway.relay import Relay, Sleep
-from gateway.spool import Spool
+from gateway.retention.sweeper import Sweeper
+from gateway.spool import Record, Spool
 
 ROOT = Path("/")
 log = get_logger("gateway.daemon")
@@ -158,6 +160,22 @@ async def serve(
         on_failure=lambda reason: metrics.auth_failures.labels(reason=reason).inc(),
     )
     relay = Relay(config, spool, metrics, sleep=sleep, clock=clock)
+    ledger = HashChainLog(
+        config.spool.directory / "erasure-ledger.jsonl",
+        clock=clock,
+        anchor=config.spool.directory / "erasure-ledger.anchor",
+    )
+    sweeper = Sweeper(spool, ledger, metrics, clock=clock)
+    erase_on_delivery = {n for n, c in config.channels.items() if c.erase_on_delivery}
+
+    async def on_delivered(record: Record) -> None:
+        if record.channel in erase_on_delivery:
+            await sweeper.erase_delivered(record.id)
+
+    relay.on_delivered = on_delivered
+    erased = await sweeper.sweep()  # copies whose deadline passed while we were down
+    if erased:
+        log.info("erased_at_start", count=erased)
     photos = PhotoChecker(inline=inline_photo_checks)
     photos.start()
     runtime = Runtime(
@@ -186,6 +204,7 @@ async def serve(
         profile=config.ingress.tls_profile,
     )
     await relay.start()
+    sweeping = asyncio.create_task(sweeper.run(), name="retention-sweeper")
     try:
         await ingress.setup()
         await web.TCPSite(
@@ -208,6 +227,8 @@ async def serve(
         await ingress.cleanup()
     finally:
         runtime.accepting = False
+        sweeping.cancel()
+        await asyncio.gather(sweeping, return_exceptions=True)
         await relay.stop(drain_timeout=config.ingress.shutdown_timeout)
         await admin.cleanup()
         await ingress.cleanup()

@@ -145,6 +145,8 @@ class Relay:
         self._sleep = sleep
         self._clock = clock
         self._destinations: dict[str, DestinationRelay] = {}
+        self.on_delivered: Callable[[Record], Awaitable[None]] | None = None
+        """Called once a record is marked delivered (erase-on-delivery hooks in here)."""
         self._busy: set[asyncio.Task[Any]] = set()  # workers inside an attempt, not a sleep
         self._stopping = False
         self._drained = asyncio.Event()  # set once stopping and no attempt is under way
@@ -348,6 +350,8 @@ class Relay:
             channel=record.channel,
             receipt=receipt,
         )
+        if self.on_delivered is not None:
+            await self.on_delivered(record)
 
     async def _before_sleep(
         self, relay: DestinationRelay, record: Record, state: RetryCallState

@@ -182,6 +182,18 @@ def _abandon_unclaimed(future: asyncio.Future[PendingRecord]) -> None:
 
 
 @dataclass(frozen=True)
+class Due:
+    """A live record's facts for the erasure ledger: no personal data."""
+
+    submission_id: str
+    channel: str
+    state: str
+    received_at: float
+    delivered_at: float | None
+    ciphertext_sha256: str
+
+
+@dataclass(frozen=True)
 class Erased:
     """What the erasure ledger records of one erased record: no personal data."""
 
@@ -556,6 +568,33 @@ class Spool:
                 self._undelivered.pop(record_id, None)
 
     # ---------------------------------------------------------------- erasure
+
+    async def due(self, now: float, limit: int = 1000) -> list[Due]:
+        """Records whose retention ends at or before ``now``, earliest first."""
+
+        def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT id, channel, state, received_at, delivered_at, ciphertext_sha256 "
+                "FROM records WHERE erased_at IS NULL AND expires_at <= ? "
+                "ORDER BY expires_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+
+        return [Due(*row) for row in await self._index.run(fetch)]
+
+    async def describe(self, record_id: str) -> Due | None:
+        """The erasure facts of one live record (for erase-on-delivery)."""
+
+        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                "SELECT id, channel, state, received_at, delivered_at, ciphertext_sha256 "
+                "FROM records WHERE id=? AND erased_at IS NULL",
+                (record_id,),
+            ).fetchone()
+            return row
+
+        row = await self._index.run(fetch)
+        return Due(*row) if row else None
 
     async def erase(self, record_ids: Sequence[str], *, reason: str, at: float) -> list[Erased]:
         """Crypto-erase and unlink records; returns what was erased, for the ledger.

@@ -1,0 +1,165 @@
+"""Retention: every copy erased on time, every erasure recorded in the hash-chained ledger."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import FakeSleep, start_gateway
+
+from gateway.chain import HashChainLog
+from gateway.metrics import Metrics
+from gateway.retention.sweeper import Sweeper
+from gateway.spool import NewRecord, Spool, new_submission_id
+from gateway.testing import build_sandbox, sample_submission
+
+WEEK = 7 * 86400
+T0 = 1_800_000_000.0
+
+
+@dataclass
+class Clock:
+    now: float = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    spool: Spool
+    ledger: HashChainLog
+    metrics: Metrics
+    clock: Clock
+    sweeper: Sweeper
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    clock = Clock()
+    spool = Spool(tmp_path / "spool", os.urandom(32), clock=clock)
+    await spool.open()
+    ledger = HashChainLog(tmp_path / "ledger.jsonl", clock=clock, anchor=tmp_path / "anchor")
+    metrics = Metrics()
+    yield Rig(spool, ledger, metrics, clock, Sweeper(spool, ledger, metrics, clock=clock))
+    await spool.close()
+
+
+async def put(rig: Rig, channel: str = "online-application") -> str:
+    pending = rig.spool.begin(new_submission_id(rig.clock))
+    pending.write(b"payload " * 1000)
+    received = rig.clock()
+    record = await rig.spool.commit(
+        pending,
+        NewRecord(
+            channel=channel,
+            destination="dnp-relay",
+            device_id="tablet-01",
+            user_id="staff-001",
+            received_at=received,
+            expires_at=received + WEEK,
+            content_type="multipart/form-data; boundary=x",
+            body_sha256="0" * 64,
+            content_sha256="1" * 64,
+            field_names=("application_id",),
+            idempotency_key=None,
+        ),
+    )
+    return record.id
+
+
+def erasures(rig: Rig, channel: str, reason: str) -> float:
+    labels = {"channel": channel, "reason": reason}
+    return rig.metrics.registry.get_sample_value("gateway_erasures_total", labels) or 0.0
+
+
+async def test_an_undelivered_copy_is_erased_at_seven_days_to_the_second(rig: Rig) -> None:
+    """Nothing is erased one second early; at received_at + 7 days the copy goes."""
+    submission_id = await put(rig)
+    rig.clock.now = T0 + WEEK - 1
+    assert await rig.sweeper.sweep() == 0
+    rig.clock.now = T0 + WEEK
+    assert await rig.sweeper.sweep() == 1
+    record = await rig.spool.get(submission_id)
+    assert record is not None and record.state == "erased"
+    assert erasures(rig, "online-application", "expired_undelivered") == 1
+    assert rig.ledger.verify() == 1
+    (entry,) = list(rig.ledger.entries())
+    assert entry.body["submission_id"] == submission_id
+    assert entry.body["reason"] == "expired_undelivered"
+    assert entry.body["received_at"] == T0 and entry.body["erased_at"] == T0 + WEEK
+    assert entry.body["delivered_at"] is None
+    assert len(entry.body["ciphertext_sha256"]) == 64 and "crypto-erase" in entry.body["method"]
+
+
+async def test_a_delivered_copy_is_erased_at_its_deadline_for_reason_retention(rig: Rig) -> None:
+    """A delivered copy still goes at its deadline, recorded with reason retention."""
+    submission_id = await put(rig)
+    await rig.spool.mark_delivered(submission_id, at=T0 + 60, receipt="r-1")
+    rig.clock.now = T0 + WEEK + 5
+    assert await rig.sweeper.sweep() == 1
+    (entry,) = list(rig.ledger.entries())
+    assert entry.body["reason"] == "retention" and entry.body["delivered_at"] == T0 + 60
+    assert erasures(rig, "online-application", "retention") == 1
+
+
+async def test_erase_on_delivery_erases_at_once_and_records_it(rig: Rig) -> None:
+    """erase_delivered removes the copy now, with reason delivered; a sweep finds nothing."""
+    submission_id = await put(rig, "express-issuance")
+    await rig.spool.mark_delivered(submission_id, at=T0 + 1, receipt=None)
+    await rig.sweeper.erase_delivered(submission_id)
+    record = await rig.spool.get(submission_id)
+    assert record is not None and record.state == "erased"
+    assert [e.body["reason"] for e in rig.ledger.entries()] == ["delivered"]
+    rig.clock.now = T0 + WEEK
+    assert await rig.sweeper.sweep() == 0
+    assert rig.ledger.verify() == 1
+
+
+async def test_a_large_backlog_is_swept_in_batches_with_one_ledger_entry_each(rig: Rig) -> None:
+    """More due records than one batch are all erased, each recorded exactly once."""
+    ids = [await put(rig) for _ in range(1203)]
+    rig.clock.now = T0 + WEEK + 1
+    assert await rig.sweeper.sweep() == len(ids)
+    assert rig.ledger.verify() == len(ids)
+    assert sorted(e.body["submission_id"] for e in rig.ledger.entries()) == sorted(ids)
+    assert rig.spool.bytes == 0
+
+
+async def test_copies_whose_deadline_passed_while_down_are_erased_at_start(
+    tmp_path: Path,
+) -> None:
+    """A daemon started after the deadline erases the copy before it serves anything."""
+    box = await build_sandbox(tmp_path)
+    sleep = FakeSleep()
+    fields, files = sample_submission("online-application")
+    running = await start_gateway(box, sleep)
+    try:
+        async with running.client() as client:
+            reply = await client.submit("online-application", fields, files)
+        assert reply.status == 202
+        submission_id = reply.body["submission_id"]
+        await box.simulators["dnp-relay"].wait_for(1, timeout=10)
+    finally:
+        await running.shutdown()
+    sleep.now += WEEK + 1  # the daemon was down for a week
+    running = await start_gateway(box, sleep)
+    try:
+        async with running.client() as client:
+            status = await client.status(submission_id)
+        assert status.body["state"] == "erased"
+        assert box.config is not None
+        ledger = HashChainLog(
+            box.config.spool.directory / "erasure-ledger.jsonl",
+            anchor=box.config.spool.directory / "erasure-ledger.anchor",
+        )
+        assert ledger.verify() == 1
+        digest = hashlib.sha256(files["face_photo"]).hexdigest()
+        assert digest not in (box.config.spool.directory / "erasure-ledger.jsonl").read_text()
+    finally:
+        await running.shutdown()
+        await box.stop_simulators()
