@@ -164,6 +164,15 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
                 await sandbox.simulators[dest].wait_for(count, timeout=30)
             except TimeoutError:
                 print(f"\n{dest}: not everything accepted arrived within 30 s", file=out)
+        # The upstream has it; the gateway records the delivery (and erases on-delivery
+        # copies) a moment later. Wait for that, as a device polling its status would.
+        for channel, submission_id in accepted:
+            client = clients[(CHANNEL_DEVICE[channel], None)]
+            for _ in range(100):
+                state = (await client.status(submission_id)).body.get("state")
+                if state in ("delivered", "erased", "held"):
+                    break
+                await asyncio.sleep(0.05)
         print("\ndelivered upstream (what each destination received):", file=out)
         for dest, sim in sandbox.simulators.items():
             for received in sim.received:
@@ -199,10 +208,19 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
         if s.name.endswith("_total") and s.labels["outcome"] != "delivered"
     )
     delivered = sum(len(sim.received) for sim in sandbox.simulators.values())
+    erased = {
+        s.labels["channel"]: s.value
+        for m in metrics.registry.collect()
+        if m.name == "gateway_erasures"
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels["reason"] == "delivered"
+    }
     print(
         f"\nsummary: {len(accepted)} accepted, {delivered} delivered, "
         f"{int(retries)} upstream attempt(s) retried, fields dropped: "
-        f"{', '.join(f'{k}×{int(v)}' for k, v in sorted(dropped.items())) or 'none'}",
+        f"{', '.join(f'{k}×{int(v)}' for k, v in sorted(dropped.items())) or 'none'}; "
+        f"server copies erased on delivery (送信後に自動消去): "
+        f"{', '.join(f'{k}×{int(v)}' for k, v in sorted(erased.items())) or 'none'}",
         file=out,
     )
     return 1 if failures or delivered != len(accepted) else 0
