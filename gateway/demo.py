@@ -26,6 +26,7 @@ from gateway import logs
 from gateway.daemon import Bound
 from gateway.metrics import Metrics
 from gateway.testing import (
+    CHANNEL_DEVICE,
     DeviceClient,
     Reply,
     Sandbox,
@@ -34,15 +35,6 @@ from gateway.testing import (
     sample_submission,
     start_gateway,
 )
-
-CHANNEL_DEVICE = {
-    "online-application": "tablet-01",
-    "express-issuance": "tablet-01",
-    "overseas-application": "pc-01",
-    "card-delegation-batch": "records-01",
-    "issuance-reservation": "callcentre-01",
-    "window-reception": "counter-01",
-}
 
 
 @dataclass

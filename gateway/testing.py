@@ -60,6 +60,23 @@ DEVICES: Mapping[str, str] = {
     "counter-01": "counter-terminal",
 }
 REVOKED = frozenset({"tablet-lost"})
+CHANNEL_DEVICE: Mapping[str, str] = {
+    # the sandbox device that may post on each channel of conf/gateway.toml
+    "online-application": "tablet-01",
+    "express-issuance": "tablet-01",
+    "overseas-application": "pc-01",
+    "card-delegation-batch": "records-01",
+    "issuance-reservation": "callcentre-01",
+    "window-reception": "counter-01",
+}
+CHANNEL_DESTINATION: Mapping[str, str] = {
+    "online-application": "dnp-relay",
+    "express-issuance": "jlis-express",
+    "overseas-application": "jlis-overseas",
+    "card-delegation-batch": "jlis-card-management",
+    "issuance-reservation": "ward-issuance",
+    "window-reception": "ward-issuance",
+}
 STAFF: Mapping[str, str] = {"staff-001": "correct horse battery", "staff-002": "tr0ub4dor&3-xyz"}
 UPSTREAM_CREDENTIAL = ("ward-shinjuku", "lgwan-secret-pass")
 FAST_SCRYPT_N = 2**10  # sandboxes only: production hashes use registry.SCRYPT_N

@@ -32,7 +32,7 @@ from conftest import Running, start_gateway
 
 from gateway import logs
 from gateway.channels.fields import individual_number_check_digit
-from gateway.testing import DeviceClient, Sandbox, make_jpeg
+from gateway.testing import CHANNEL_DEVICE, DeviceClient, Sandbox, make_jpeg
 
 # ------------------------------------------------------------------ planted values
 
@@ -193,14 +193,7 @@ FILE_OF = {
     "card-delegation-batch": ("batch_file", BATCH_FILE),
 }
 DROP_CHANNELS = ("online-application", "express-issuance", "overseas-application")
-DEVICE_OF = {
-    "online-application": "tablet-01",
-    "express-issuance": "tablet-01",
-    "overseas-application": "pc-01",
-    "card-delegation-batch": "records-01",
-    "issuance-reservation": "callcentre-01",
-    "window-reception": "counter-01",
-}
+DEVICE_OF = CHANNEL_DEVICE
 # One invalid field per channel, while every other field carries its planted value.
 INVALID_FIELD_OF = {
     "online-application": "application_id",

@@ -30,7 +30,14 @@ from gateway.crypto.pki import issue_device
 from gateway.crypto.tls import client_context
 from gateway.errors import ProblemError
 from gateway.ingress import _check_room
-from gateway.testing import DeviceClient, build_sandbox, make_jpeg, sample_submission
+from gateway.testing import (
+    CHANNEL_DESTINATION,
+    CHANNEL_DEVICE,
+    DeviceClient,
+    build_sandbox,
+    make_jpeg,
+    sample_submission,
+)
 
 # Distinctive values that must never come back in any response body or header.
 PLANTED_PIN = "ZZ99ZZ99"
@@ -44,22 +51,8 @@ MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 PROBLEM_JSON = "application/problem+json"
 RECEIPT_KEYS = {"submission_id", "channel", "sha256", "received_at", "expires_at"}
 
-DEVICE_OF = {
-    "online-application": "tablet-01",
-    "express-issuance": "tablet-01",
-    "overseas-application": "pc-01",
-    "card-delegation-batch": "records-01",
-    "issuance-reservation": "callcentre-01",
-    "window-reception": "counter-01",
-}
-DESTINATION_OF = {
-    "online-application": "dnp-relay",
-    "express-issuance": "jlis-express",
-    "overseas-application": "jlis-overseas",
-    "card-delegation-batch": "jlis-card-management",
-    "issuance-reservation": "ward-issuance",
-    "window-reception": "ward-issuance",
-}
+DEVICE_OF = CHANNEL_DEVICE
+DESTINATION_OF = CHANNEL_DESTINATION
 FILE_FIELDS = {"face_photo", "batch_file"}
 
 # Fields a drop channel must strip: (part name, value, metric label).

@@ -23,6 +23,8 @@ from conftest import FakeSleep, Running, hold, start_gateway
 
 from gateway.crypto.pki import load_cert_der, spki_sha256_b64
 from gateway.testing import (
+    CHANNEL_DESTINATION,
+    CHANNEL_DEVICE,
     UPSTREAM_CREDENTIAL,
     DeviceClient,
     Sandbox,
@@ -33,22 +35,8 @@ from gateway.testing import (
 INITIAL_BACKOFF = 0.05  # what build_sandbox configures for every destination
 MAX_BACKOFF = 0.5
 
-DEVICE_OF = {
-    "online-application": "tablet-01",
-    "express-issuance": "tablet-01",
-    "overseas-application": "pc-01",
-    "card-delegation-batch": "records-01",
-    "issuance-reservation": "callcentre-01",
-    "window-reception": "counter-01",
-}
-DESTINATION_OF = {
-    "online-application": "dnp-relay",
-    "express-issuance": "jlis-express",
-    "overseas-application": "jlis-overseas",
-    "card-delegation-batch": "jlis-card-management",
-    "issuance-reservation": "ward-issuance",
-    "window-reception": "ward-issuance",
-}
+DEVICE_OF = CHANNEL_DEVICE
+DESTINATION_OF = CHANNEL_DESTINATION
 
 
 async def submit(client: DeviceClient, channel: str) -> str:
