@@ -165,7 +165,7 @@ async def serve(
         clock=clock,
         anchor=config.spool.directory / "erasure-ledger.anchor",
     )
-    sweeper = Sweeper(spool, ledger, metrics, clock=clock)
+    sweeper = Sweeper(spool, ledger, metrics, clock=clock, channels=tuple(config.channels))
     erase_on_delivery = {n for n, c in config.channels.items() if c.erase_on_delivery}
 
     async def on_delivered(record: Record) -> None:

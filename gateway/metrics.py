@@ -103,6 +103,12 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
+        self.expiring_undelivered = Gauge(
+            "gateway_spool_expiring_undelivered_records",
+            "Records not yet delivered whose retention ends within the next 24 hours",
+            ["channel"],
+            registry=r,
+        )
         self.relay_circuit_open = Gauge(
             "gateway_relay_circuit_open",
             "1 while the destination's circuit breaker holds requests back",

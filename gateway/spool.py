@@ -582,6 +582,18 @@ class Spool:
 
         return [Due(*row) for row in await self._index.run(fetch)]
 
+    async def expiring_undelivered(self, now: float, within: float) -> dict[str, int]:
+        """Per channel, the undelivered records whose deadline falls before now + within."""
+
+        def fetch(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            return conn.execute(
+                "SELECT channel, COUNT(*) FROM records WHERE erased_at IS NULL "
+                "AND state IN ('queued', 'held') AND expires_at <= ? GROUP BY channel",
+                (now + within,),
+            ).fetchall()
+
+        return dict(await self._index.run(fetch))
+
     async def describe(self, record_id: str) -> Due | None:
         """The erasure facts of one live record (for erase-on-delivery)."""
 

@@ -45,7 +45,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     await spool.open()
     ledger = HashChainLog(tmp_path / "ledger.jsonl", clock=clock, anchor=tmp_path / "anchor")
     metrics = Metrics()
-    yield Rig(spool, ledger, metrics, clock, Sweeper(spool, ledger, metrics, clock=clock))
+    sweeper = Sweeper(spool, ledger, metrics, clock=clock, channels=("online-application",))
+    yield Rig(spool, ledger, metrics, clock, sweeper)
     await spool.close()
 
 
@@ -163,3 +164,25 @@ async def test_copies_whose_deadline_passed_while_down_are_erased_at_start(
     finally:
         await running.shutdown()
         await box.stop_simulators()
+
+
+async def test_records_due_to_expire_undelivered_within_a_day_are_counted_per_channel(
+    rig: Rig,
+) -> None:
+    """The early-warning gauge counts undelivered records expiring within 24 hours."""
+    soon = await put(rig)
+    delivered = await put(rig)
+    await rig.spool.mark_delivered(delivered, at=T0 + 1, receipt=None)
+    rig.clock.now = T0 + WEEK - 86400 - 1
+    await rig.sweeper.sweep()
+    gauge = rig.metrics.registry.get_sample_value
+    labels = {"channel": "online-application"}
+    assert gauge("gateway_spool_expiring_undelivered_records", labels) == 0
+    rig.clock.now = T0 + WEEK - 86400
+    await rig.sweeper.sweep()
+    assert gauge("gateway_spool_expiring_undelivered_records", labels) == 1  # not the delivered
+    rig.clock.now = T0 + WEEK
+    await rig.sweeper.sweep()
+    assert gauge("gateway_spool_expiring_undelivered_records", labels) == 0
+    record = await rig.spool.get(soon)
+    assert record is not None and record.state == "erased"

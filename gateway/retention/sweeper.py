@@ -25,6 +25,7 @@ from gateway.spool import Due, Spool
 
 METHOD = "crypto-erase (AES-256-GCM data key destroyed, SQLite secure_delete) + unlink"
 BATCH = 1000
+WARNING_WINDOW = 86400.0
 
 log = get_logger("gateway.retention")
 
@@ -61,6 +62,7 @@ class Sweeper:
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         interval: float = 60.0,
+        channels: Sequence[str] = (),
     ) -> None:
         self._spool = spool
         self._ledger = ledger
@@ -69,6 +71,7 @@ class Sweeper:
         self._sleep = sleep
         self._interval = interval
         self._lock = asyncio.Lock()
+        self._channels = tuple(channels)
 
     async def run(self) -> None:
         while True:
@@ -82,8 +85,16 @@ class Sweeper:
             now = self._clock()
             due = await self._spool.due(now, BATCH)
             if not due:
-                return total
+                break
             total += await self._erase(due, [reason_for(d) for d in due], now)
+        await self._export_warning(self._clock())
+        return total
+
+    async def _export_warning(self, now: float) -> None:
+        """The early warning: what will expire undelivered within 24 hours, per channel."""
+        counts = await self._spool.expiring_undelivered(now, WARNING_WINDOW)
+        for channel in {*self._channels, *counts}:
+            self._metrics.expiring_undelivered.labels(channel=channel).set(counts.get(channel, 0))
 
     async def erase_delivered(self, record_id: str) -> None:
         """Erase-on-delivery for one record that was just delivered."""
