@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import FakeSleep, start_gateway
 
 from gateway.chain import HashChainLog
+from gateway.cli import gatewayctl
 from gateway.metrics import Metrics
+from gateway.retention.report import JST, as_csv, certificate
 from gateway.retention.sweeper import Sweeper
 from gateway.spool import NewRecord, Spool, new_submission_id
-from gateway.testing import build_sandbox, sample_submission
+from gateway.testing import Sandbox, build_sandbox, sample_submission
 
 WEEK = 7 * 86400
 T0 = 1_800_000_000.0
@@ -186,3 +190,91 @@ async def test_records_due_to_expire_undelivered_within_a_day_are_counted_per_ch
     assert gauge("gateway_spool_expiring_undelivered_records", labels) == 0
     record = await rig.spool.get(soon)
     assert record is not None and record.state == "erased"
+
+
+# ------------------------------------------------------------ certificate of erasure
+
+
+async def test_the_certificate_counts_and_lists_the_periods_erasures(rig: Rig) -> None:
+    """The report verifies the chain, counts by channel and reason, lists each erasure."""
+    first = await put(rig)
+    second = await put(rig, "express-issuance")
+    await rig.spool.mark_delivered(second, at=T0 + 5, receipt=None)
+    await rig.sweeper.erase_delivered(second)
+    rig.clock.now = T0 + WEEK
+    await rig.sweeper.sweep()
+    day = datetime.fromtimestamp(T0 + WEEK, JST).date()
+    cert = certificate(
+        rig.ledger,
+        day,
+        day,
+        operator="sec-01",
+        organization="ward",
+        now=datetime.fromtimestamp(T0 + WEEK, UTC),
+    )
+    assert cert["total"] == 1 and [r["submission_id"] for r in cert["records"]] == [first]
+    assert cert["counts"] == {"online-application": {"expired_undelivered": 1}}
+    assert cert["ledger"]["verified"] and cert["ledger"]["entries"] == 2
+    record = cert["sanitization_record"]
+    assert record["sanitization"]["method"] == "Cryptographic Erase"
+    assert record["person_performing"]["reviewed_by"] == "sec-01"
+    whole = certificate(
+        rig.ledger,
+        datetime.fromtimestamp(T0, JST).date(),
+        day,
+        operator="x",
+        organization="y",
+        now=datetime.now(UTC),
+    )
+    assert whole["counts"] == {
+        "express-issuance": {"delivered": 1},
+        "online-application": {"expired_undelivered": 1},
+    }
+    assert as_csv(whole).count("\n") == 2 + 1 + 2  # two comment lines, header, two rows
+
+
+async def test_a_tampered_ledger_is_an_error_that_says_where(
+    sandbox: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gatewayctl erasure-report refuses a ledger with an edited line, naming the line."""
+    assert sandbox.config is not None
+    directory = sandbox.config.spool.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    ledger = HashChainLog(
+        directory / "erasure-ledger.jsonl",
+        anchor=directory / "erasure-ledger.anchor",
+        clock=lambda: T0,
+    )
+    for n in range(3):
+        ledger.append(
+            {
+                "submission_id": f"{n:032x}",
+                "channel": "online-application",
+                "received_at": T0,
+                "delivered_at": None,
+                "erased_at": T0 + n,
+                "reason": "retention",
+                "method": "m",
+                "ciphertext_sha256": "0" * 64,
+            }
+        )
+    argv = [
+        "erasure-report",
+        "--config",
+        str(sandbox.config_path),
+        "--from",
+        "2027-01-01",
+        "--to",
+        "2027-12-31",
+        "--format",
+        "json",
+    ]
+    assert gatewayctl.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 3
+    path = directory / "erasure-ledger.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"retention"', '"operator"')
+    path.write_text("".join(lines))
+    assert gatewayctl.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "line 2" in err and "edited" in err

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from gateway import __version__
+from gateway.chain import HashChainLog
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.pki import PkiExistsError, cert_fingerprint, init_pki, load_cert_der
 from gateway.daemon import secret_problems
@@ -28,6 +31,7 @@ from gateway.registry import (
     upsert_device,
     upsert_user,
 )
+from gateway.retention.report import as_csv, certificate
 
 DEFAULT_CONFIG = Path("/etc/gateway/gateway.toml")
 
@@ -200,6 +204,35 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erasure_report(args: argparse.Namespace) -> int:
+    config = _config(args)
+    directory = config.spool.directory
+    ledger = HashChainLog(
+        directory / "erasure-ledger.jsonl", anchor=directory / "erasure-ledger.anchor"
+    )
+    if args.to < args.from_:
+        raise UsageError("--to is before --from")
+    cert = certificate(
+        ledger,
+        args.from_,
+        args.to,
+        operator=args.operator,
+        organization=args.organization,
+        now=datetime.now(UTC),
+    )
+    if args.format == "csv":
+        sys.stdout.write(as_csv(cert))
+    else:
+        json.dump(cert, sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+    print(
+        f"{cert['total']} erasures from {args.from_} to {args.to}; ledger verified "
+        f"({cert['ledger']['entries']} entries)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -303,6 +336,38 @@ def _parser() -> argparse.ArgumentParser:
         )
     disable = command("disable", cmd_user_disable, "disable a staff user", parent=user)
     disable.add_argument("--id", required=True)
+
+    report = command(
+        "erasure-report",
+        cmd_erasure_report,
+        "certificate of erasure for a period, from the verified erasure ledger",
+    )
+    report.add_argument(
+        "--from",
+        dest="from_",
+        type=date.fromisoformat,
+        required=True,
+        metavar="DATE",
+        help="first day, YYYY-MM-DD (JST)",
+    )
+    report.add_argument(
+        "--to",
+        type=date.fromisoformat,
+        required=True,
+        metavar="DATE",
+        help="last day, YYYY-MM-DD (JST), included",
+    )
+    report.add_argument("--format", choices=["json", "csv"], default="json")
+    report.add_argument(
+        "--operator",
+        default="(not given)",
+        help="who reviews this certificate, for the sanitization record",
+    )
+    report.add_argument(
+        "--organization",
+        default="(not given)",
+        help="the organization the certificate is issued by",
+    )
 
     demo = command(
         "demo",
