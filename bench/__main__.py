@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import retention
 from gateway.testing import (
     DaemonProcess,
     DeviceClient,
@@ -177,9 +178,19 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=15.0, help="open-loop duration")
     parser.add_argument("--big", type=int, default=100, help="concurrent 7 MB uploads")
+    parser.add_argument(
+        "--sweep-records",
+        type=int,
+        default=100_000,
+        help="records in the spool for the retention figures (0 skips them)",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args()
     results = asyncio.run(run(args))
+    if args.sweep_records:
+        progress(f"retention: {args.sweep_records} records in the spool, then one sweep")
+        with tempfile.TemporaryDirectory(prefix="gateway-bench-retention-") as tmp:
+            results["retention"] = asyncio.run(retention.run(Path(tmp), args.sweep_records))
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
