@@ -16,10 +16,13 @@ import multiprocessing
 import os
 import select
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from gateway.channels.photo import PhotoRules, check_jpeg
 from gateway.crypto.envelope import SEGMENT_SIZE, DecryptingReader
@@ -38,8 +41,9 @@ class PhotoLocation:
     length: int
 
 
-def check_located_photo(field: str, where: PhotoLocation, rules: PhotoRules) -> Violation | None:
-    """Decrypt the photo's window and decode-check it (runs in a worker process)."""
+@contextmanager
+def open_window(where: PhotoLocation) -> Iterator[BinaryIO]:
+    """A seekable plaintext view of the byte range ``where`` names."""
     with where.path.open("rb") as fileobj:
         reader = DecryptingReader(
             fileobj,
@@ -49,8 +53,14 @@ def check_located_photo(field: str, where: PhotoLocation, rules: PhotoRules) -> 
             start=where.start,
             length=where.length,
         )
-        with io.BufferedReader(reader, buffer_size=SEGMENT_SIZE) as photo:
-            return check_jpeg(field, photo, where.length, rules)
+        with io.BufferedReader(reader, buffer_size=SEGMENT_SIZE) as buffered:
+            yield buffered
+
+
+def check_located_photo(field: str, where: PhotoLocation, rules: PhotoRules) -> Violation | None:
+    """Decrypt the photo's window and decode-check it (runs in a worker process)."""
+    with open_window(where) as photo:
+        return check_jpeg(field, photo, where.length, rules)
 
 
 def _exit_with(daemon_pid: int) -> None:

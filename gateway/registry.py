@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hmac
 import json
 import re
 import secrets
@@ -310,7 +309,3 @@ class RegistryWatcher:
                 self._on_error(str(exc))
             return
         self.devices, self.users, self._stamps = devices, users, stamps
-
-
-def constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())

@@ -195,9 +195,6 @@ class Relay:
         if relay is not None:
             relay.queue.put_nowait(record)
 
-    def backlog(self) -> dict[str, int]:
-        return {name: r.queue.qsize() for name, r in self._destinations.items()}
-
     # ------------------------------------------------------------------ set-up
 
     def _session(self, dest: DestinationConfig) -> aiohttp.ClientSession:

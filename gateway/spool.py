@@ -17,7 +17,6 @@ import asyncio
 import fcntl
 import hashlib
 import hmac
-import io
 import json
 import os
 import secrets
@@ -26,14 +25,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from gateway.crypto.envelope import (
-    SEGMENT_SIZE,
-    DecryptingReader,
     EncryptingWriter,
     iter_plaintext,
     new_data_key,
@@ -42,10 +39,9 @@ from gateway.crypto.envelope import (
 )
 from gateway.errors import SpoolError
 from gateway.fsutil import fsync_dir
-from gateway.photo_check import PhotoLocation
+from gateway.photo_check import PhotoLocation, open_window
 from gateway.spool_db import IndexThread
 
-STATES = ("queued", "delivering", "delivered", "held", "erased")
 _COLUMNS = (
     "id, channel, destination, device_id, user_id, state, received_at, expires_at, "
     "delivered_at, held_at, erased_at, content_type, plaintext_size, ciphertext_size, "
@@ -146,15 +142,9 @@ class PendingRecord:
             self.writer.close()
             self.finished = True
 
-    @contextmanager
-    def window(self, start: int, length: int) -> Iterator[BinaryIO]:
+    def window(self, start: int, length: int) -> AbstractContextManager[BinaryIO]:
         """A seekable plaintext view of ``[start, start+length)`` of the finished file."""
-        with open(self.path, "rb") as fileobj:
-            reader = DecryptingReader(
-                fileobj, self._dek, self.aad, self.writer.plaintext_size, start=start, length=length
-            )
-            with io.BufferedReader(reader, buffer_size=SEGMENT_SIZE) as buffered:
-                yield buffered
+        return open_window(self.location(start, length))
 
     def location(self, start: int, length: int) -> PhotoLocation:
         """Where a byte range of the finished file is, for a check in another process."""
@@ -361,6 +351,7 @@ class Spool:
         await asyncio.shield(self.start_sync(pending))
         writer = pending.writer
         wrapped = wrap_key(self._master, pending._dek)
+        ciphertext_sha256 = writer.ciphertext_sha256()
         row = (
             pending.id,
             meta.channel,
@@ -373,7 +364,7 @@ class Spool:
             meta.content_type,
             writer.plaintext_size,
             writer.ciphertext_size,
-            writer.ciphertext_sha256(),
+            ciphertext_sha256,
             meta.body_sha256,
             meta.content_sha256,
             json.dumps(list(meta.field_names)),
@@ -430,7 +421,7 @@ class Spool:
             content_type=meta.content_type,
             plaintext_size=writer.plaintext_size,
             ciphertext_size=writer.ciphertext_size,
-            ciphertext_sha256=writer.ciphertext_sha256(),
+            ciphertext_sha256=ciphertext_sha256,
             body_sha256=meta.body_sha256,
             content_sha256=meta.content_sha256,
             field_names=meta.field_names,

@@ -8,6 +8,7 @@ import getpass
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from gateway.registry import (
     FINGERPRINT_PATTERN,
     ID_PATTERN,
     Device,
+    DeviceRegistry,
     User,
+    UserRegistry,
     check_password_rule,
     hash_password,
     load_devices,
@@ -146,11 +149,8 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     device = registry.by_id(args.id)
     if device is None:
         raise UsageError(f"no device {args.id!r} in {config.auth.devices_file}")
-    devices = tuple(
-        Device(d.id, d.fingerprint, d.group, True) if d.id == args.id else d
-        for d in registry.devices
-    )
-    save_devices(config.auth.devices_file, type(registry)(devices))
+    devices = tuple(replace(d, revoked=True) if d.id == args.id else d for d in registry.devices)
+    save_devices(config.auth.devices_file, DeviceRegistry(devices))
     print(f"device {args.id} revoked: the gateway refuses it from its next request on")
     return 0
 
@@ -184,7 +184,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
     if user is None:
         raise UsageError(f"no staff user {args.id!r}")
     upsert_user(
-        config.auth.users_file, User(user.id, hash_password(_read_password(args)), user.enabled)
+        config.auth.users_file, replace(user, password_hash=hash_password(_read_password(args)))
     )
     print(f"password of staff user {args.id} changed")
     return 0
@@ -196,10 +196,8 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     user = registry.get(args.id)
     if user is None:
         raise UsageError(f"no staff user {args.id!r}")
-    users = tuple(
-        User(u.id, u.password_hash, False) if u.id == args.id else u for u in registry.users
-    )
-    save_users(config.auth.users_file, type(registry)(users))
+    users = tuple(replace(u, enabled=False) if u.id == args.id else u for u in registry.users)
+    save_users(config.auth.users_file, UserRegistry(users))
     print(f"staff user {args.id} disabled")
     return 0
 
