@@ -36,9 +36,10 @@ Limitations, by design of an unkeyed hash chain:
 - Whoever can write the log (and its anchor) can rewrite the whole chain consistently.
   The anchor protects only as far as it is kept out of that reach: on another file
   system, or copied elsewhere (a remote log, a printout) from time to time.
-- One writing process per log. Writers and readers take ``flock`` on the log, so a
-  ``verify`` in another process sees whole lines and an anchor that matches them, and
-  a writer that finds the file changed under it reloads the tail before appending.
+- Writers and readers take ``flock`` on the log, so a ``verify`` in another process
+  sees whole lines and an anchor that matches them, and a writer that finds the file
+  changed under it reloads the tail before appending: several processes may append
+  (the audit log has the daemon and ``gatewayctl`` as writers).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.errors import GatewayError
-from gateway.fsutil import fsync_dir, write_atomic
+from gateway.fsutil import fsync_dir, own_like_parent, write_atomic
 
 GENESIS = "0" * 64
 """The ``prev`` of the first entry."""
@@ -151,7 +152,7 @@ def _last_line(fd: int, size: int) -> bytes | None:
 
 
 class HashChainLog:
-    """An append-only, hash-chained JSON-lines file; thread-safe, one writing process."""
+    """An append-only, hash-chained JSON-lines file; thread- and process-safe."""
 
     def __init__(
         self,
@@ -275,6 +276,7 @@ class HashChainLog:
             return os.open(self.path, flags), False
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
+            own_like_parent(fd, self.path)
         except BaseException:
             os.close(fd)
             raise

@@ -39,6 +39,8 @@ BATCH_MANIFEST = ("batch_id", "record_count", "sha256")
 """The manifest a batch channel requires beside its opaque file (資料30)."""
 
 MAX_BODY_LIMIT = 64 * 1024 * 1024
+MAX_UNIX_SOCKET_PATH = 107
+"""sun_path holds 108 bytes with the terminating NUL."""
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -111,11 +113,35 @@ class IngressConfig(_Model):
 
 
 class AdminConfig(_Model):
-    """The operators' listener: metrics and health, loopback by default, no personal data."""
+    """The operators' listener: metrics and health, loopback by default, no personal data.
+
+    ``control_socket`` is a Unix socket (mode 0600) through which ``gatewayctl spool
+    requeue|erase`` reach the running daemon; None turns it off.
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 9464
+    control_socket: RelPath | None = None
+
+    @model_validator(mode="after")
+    def _socket_path_fits(self) -> AdminConfig:
+        if self.control_socket and len(bytes(self.control_socket)) > MAX_UNIX_SOCKET_PATH:
+            raise ValueError(
+                f"control_socket: a Unix socket path is at most {MAX_UNIX_SOCKET_PATH} bytes"
+            )
+        return self
+
+
+class AuditConfig(_Model):
+    """The operations audit log (管理業務の作業記録): append-only and hash-chained.
+
+    The anchor holds the log's head (to catch a cut-off tail); keep it on another file
+    system or copy it away from time to time.
+    """
+
+    log: RelPath
+    anchor: RelPath | None = None
 
 
 class SpoolConfig(_Model):
@@ -232,8 +258,17 @@ class GatewayConfig(_Model):
     admin: AdminConfig = AdminConfig()
     spool: SpoolConfig
     auth: AuthConfig
+    audit: AuditConfig | None = None
     destinations: dict[Name, DestinationConfig]
     channels: dict[Name, ChannelConfig]
+
+    @property
+    def audit_log(self) -> AuditConfig:
+        """Where the audit log is: as configured, else ``audit.jsonl`` beside the spool."""
+        if self.audit is not None:
+            return self.audit
+        base = self.spool.directory.parent
+        return AuditConfig(log=base / "audit.jsonl", anchor=base / "audit.anchor")
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:

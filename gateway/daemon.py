@@ -9,33 +9,40 @@ requests finish within ``ingress.shutdown_timeout``, stop the relay, close the s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
+import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__, logs
+from gateway.audit import AuditLog
 from gateway.auth import StaffAuthenticator
 from gateway.chain import HashChainLog
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
+from gateway.control import build_control_app, start_control_site
 from gateway.crypto.keys import load_master_key, read_secret_file, resolve_secret_path
 from gateway.crypto.tls import cert_not_after, server_context
 from gateway.errors import ConfigError, ConfigProblem, GatewayError
-from gateway.ingress import Runtime, build_app
+from gateway.ingress import Gate, Runtime, RuntimeRef, build_app
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.photo_check import PhotoChecker
 from gateway.registry import RegistryWatcher
 from gateway.relay import Relay, Sleep
 from gateway.retention.sweeper import Sweeper
+from gateway.sdnotify import Notifier, watchdog_loop
 from gateway.spool import Record, Spool
+from gateway.tls_listener import TlsSite
 
 ROOT = Path("/")
 log = get_logger("gateway.daemon")
@@ -43,10 +50,12 @@ log = get_logger("gateway.daemon")
 
 @dataclass(frozen=True)
 class Bound:
-    """Where the daemon listens once it is ready (ports resolved when 0 was asked)."""
+    """Where the daemon listens once it is ready (ports resolved when 0 was asked), and
+    how to ask it to reload its configuration (what SIGHUP does)."""
 
     ingress_port: int
     admin_port: int | None
+    reload: Callable[..., Coroutine[Any, Any, tuple[bool, str]]]
 
 
 def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[ConfigProblem]:
@@ -82,7 +91,7 @@ def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[Confi
     return problems
 
 
-def _admin_app(runtime: Runtime, metrics: Metrics) -> web.Application:
+def _admin_app(ref: RuntimeRef, metrics: Metrics, readiness: dict[str, str]) -> web.Application:
     async def metrics_handler(_request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -91,8 +100,11 @@ def _admin_app(runtime: Runtime, metrics: Metrics) -> web.Application:
         return web.json_response({"status": "ok", "version": __version__})
 
     async def readyz(_request: web.Request) -> web.Response:
-        ready = runtime.accepting
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        ready = ref.current.gate.accepting and readiness.get("state") == "ready"
+        return web.json_response(
+            {"ready": ready, "state": readiness.get("state", "starting")},
+            status=200 if ready else 503,
+        )
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)
@@ -111,6 +123,168 @@ def _port(runner: web.AppRunner) -> int:
     return int(address[1])
 
 
+RESTART_ONLY: tuple[tuple[str, Callable[[GatewayConfig], object]], ...] = (
+    ("ingress.host", lambda c: c.ingress.host),
+    ("ingress.port", lambda c: c.ingress.port),
+    ("ingress.keepalive_timeout", lambda c: c.ingress.keepalive_timeout),
+    ("admin", lambda c: c.admin),
+    ("spool.directory", lambda c: c.spool.directory),
+    ("spool.master_key", lambda c: c.spool.master_key),
+)
+"""Settings a running daemon cannot change in place: a reload that changes one is refused."""
+
+
+def _config_digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class Daemon:
+    """The running gateway's parts, and the one place that swaps them on reload."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        config_path: Path | None,
+        clock: Callable[[], float],
+        sleep: Sleep,
+        metrics: Metrics,
+        notifier: Notifier | None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock
+        self.sleep = sleep
+        self.metrics = metrics
+        self.notifier = notifier
+        self.readiness = {"state": "starting"}
+        self._reload_lock = asyncio.Lock()
+        self.audit = AuditLog(config.audit_log, via="gatewayd", actor="gatewayd", clock=clock)
+
+    # The parts, built by start().
+    spool: Spool
+    relay: Relay
+    sweeper: Sweeper
+    ref: RuntimeRef
+    site: TlsSite
+    photos: PhotoChecker
+
+    def _audit(self, action: str, **kwargs: Any) -> None:
+        """An audit entry; a log that cannot take it is logged, never fatal to serving."""
+        try:
+            self.audit.record(action, **kwargs)
+            self.metrics.audit_entries.labels(action=action).inc()
+        except (GatewayError, OSError) as exc:
+            log.error("audit_unwritable", action=action, error=type(exc).__name__, reason=str(exc))
+
+    def _registries(self, config: GatewayConfig) -> RegistryWatcher:
+        return RegistryWatcher(
+            config.auth.devices_file,
+            config.auth.users_file,
+            clock=self.clock,
+            on_error=lambda message: log.error("registry_unreadable", reason=message),
+        )
+
+    def _authenticator(self, config: GatewayConfig) -> StaffAuthenticator:
+        return StaffAuthenticator(
+            lambda: self.ref.current.registries.users,
+            max_failures=config.auth.max_failures,
+            lockout_seconds=config.auth.lockout_seconds,
+            cache_seconds=config.auth.credential_cache_seconds,
+            clock=time.monotonic,
+            on_failure=lambda reason: self.metrics.auth_failures.labels(reason=reason).inc(),
+        )
+
+    @staticmethod
+    def _tls(config: GatewayConfig) -> ssl.SSLContext:
+        return server_context(
+            config.ingress.certificate,
+            resolve_secret_path(config.ingress.private_key, ROOT),
+            client_ca=config.ingress.client_ca,
+            profile=config.ingress.tls_profile,
+        )
+
+    def _export(self, config: GatewayConfig) -> None:
+        self.metrics.spool_quota_bytes.set(config.spool.quota_bytes)
+        _export_certificate_expiry(config, self.metrics)
+        self.metrics.last_reload.set(self.clock())
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, *, actor: str = "signal:SIGHUP") -> tuple[bool, str]:
+        """Load the configuration file again and swap everything it builds in at once.
+
+        All or nothing: configuration, device CA and server certificate, registries,
+        channel policies and destinations (with their certificates and credentials) are
+        all built first; any failure leaves the running gateway exactly as it was. The
+        listener stays open; connections accepted after the swap get the new
+        certificate. Returns (applied, reason) and writes an audit entry either way.
+        """
+        async with self._reload_lock:
+            if self.notifier:
+                self.notifier.reloading()
+            try:
+                applied, reason = await self._reload()
+            finally:
+                if self.notifier:
+                    self.notifier.ready(status="serving")
+            digest = _config_digest(self.config_path)
+            self.metrics.reloads.labels(outcome="applied" if applied else "failed").inc()
+            self._audit(
+                "gatewayd.reload",
+                target=str(self.config_path),
+                outcome="ok" if applied else "refused",
+                actor=actor,
+                detail={"config_sha256": digest, "reason": reason},
+            )
+            if applied:
+                log.info("reloaded", reason=reason)
+            else:
+                log.error("reload_refused", reason=reason)
+            return applied, reason
+
+    async def _reload(self) -> tuple[bool, str]:
+        if self.config_path is None:
+            return False, "no configuration file to reload from"
+        try:
+            new = load_config(self.config_path)
+            problems = secret_problems(new, str(self.config_path))
+            problems += [
+                ConfigProblem(str(self.config_path), key, "changing it needs a restart")
+                for key, read in RESTART_ONLY
+                if read(new) != read(self.config)
+            ]
+            if problems:
+                raise ConfigError(problems)
+            tls = self._tls(new)
+            registries = self._registries(new)
+            policies = {n: ChannelPolicy.from_config(n, c) for n, c in new.channels.items()}
+            plan = await self.relay.prepare(new)
+        except ConfigError as exc:
+            return False, "; ".join(str(p) for p in exc.problems)
+        except (GatewayError, OSError, ssl.SSLError, ValueError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        # From here to the end of apply() nothing yields to the event loop before the
+        # new runtime is in place: no request sees half of each configuration.
+        old = self.ref.current
+        auth = old.auth if new.auth == self.config.auth else self._authenticator(new)
+        self.ref.current = replace(
+            old, config=new, policies=policies, registries=registries, auth=auth
+        )
+        self.site.context = tls
+        self.config = new
+        self.sweeper.channels = tuple(new.channels)
+        self.audit = AuditLog(new.audit_log, via="gatewayd", actor="gatewayd", clock=self.clock)
+        await self.relay.apply(plan)
+        self._export(new)
+        return True, f"{len(new.channels)} channels, {len(new.destinations)} destinations"
+
+
 async def serve(
     config: GatewayConfig,
     *,
@@ -120,11 +294,26 @@ async def serve(
     on_ready: Callable[[Bound], None] | None = None,
     metrics: Metrics | None = None,
     inline_photo_checks: bool = False,
+    config_path: Path | None = None,
+    notifier: Notifier | None = None,
 ) -> None:
-    """Run the gateway until ``shutdown_trigger`` returns, then drain and stop."""
+    """Run the gateway until ``shutdown_trigger`` returns, then drain and stop.
+
+    ``on_ready`` gets the bound ports and a ``reload`` coroutine function (what SIGHUP
+    calls); ``config_path`` is the file a reload reads again.
+    """
     metrics = metrics or Metrics()
+    daemon = Daemon(
+        config,
+        config_path=config_path,
+        clock=clock,
+        sleep=sleep,
+        metrics=metrics,
+        notifier=notifier,
+    )
+    daemon.audit.check()  # a broken audit log is found now, not at the first reload
     master = load_master_key(resolve_secret_path(config.spool.master_key, ROOT))
-    spool = Spool(config.spool.directory, master, clock=clock)
+    spool = daemon.spool = Spool(config.spool.directory, master, clock=clock)
     report = await spool.open()
     log.info(
         "spool_opened",
@@ -144,72 +333,76 @@ async def serve(
             _oldest_undelivered(spool, clock),
         )
     )
-    _export_certificate_expiry(config, metrics)
-    registries = RegistryWatcher(
-        config.auth.devices_file,
-        config.auth.users_file,
-        clock=time.monotonic,
-        on_error=lambda message: log.error("registry_unreadable", reason=message),
-    )
-    auth = StaffAuthenticator(
-        lambda: registries.users,
-        max_failures=config.auth.max_failures,
-        lockout_seconds=config.auth.lockout_seconds,
-        cache_seconds=config.auth.credential_cache_seconds,
-        clock=time.monotonic,
-        on_failure=lambda reason: metrics.auth_failures.labels(reason=reason).inc(),
-    )
-    relay = Relay(config, spool, metrics, sleep=sleep, clock=clock)
+    metrics.spool_free_bytes.set_function(spool.free_bytes)
+    daemon._export(config)
+    relay = daemon.relay = Relay(config, spool, metrics, sleep=sleep, clock=clock)
     ledger = HashChainLog(
         config.spool.directory / "erasure-ledger.jsonl",
         clock=clock,
         anchor=config.spool.directory / "erasure-ledger.anchor",
     )
-    sweeper = Sweeper(spool, ledger, metrics, clock=clock, channels=tuple(config.channels))
-    erase_on_delivery = {n for n, c in config.channels.items() if c.erase_on_delivery}
+    sweeper = daemon.sweeper = Sweeper(
+        spool, ledger, metrics, clock=clock, channels=tuple(config.channels)
+    )
 
     async def on_delivered(record: Record) -> None:
-        if record.channel in erase_on_delivery:
+        channel = daemon.config.channels.get(record.channel)
+        if channel is not None and channel.erase_on_delivery:
             await sweeper.erase_delivered(record.id)
 
     relay.on_delivered = on_delivered
+    daemon.readiness["state"] = "erasing_overdue_copies"
     erased = await sweeper.sweep()  # copies whose deadline passed while we were down
     if erased:
         log.info("erased_at_start", count=erased)
     photos = PhotoChecker(inline=inline_photo_checks)
     photos.start()
-    runtime = Runtime(
-        config=config,
-        policies={n: ChannelPolicy.from_config(n, c) for n, c in config.channels.items()},
-        registries=registries,
-        auth=auth,
-        spool=spool,
-        metrics=metrics,
-        clock=clock,
-        on_accepted=relay.enqueue,
-        photos=photos,
+    ref = daemon.ref = RuntimeRef(
+        Runtime(
+            config=config,
+            policies={n: ChannelPolicy.from_config(n, c) for n, c in config.channels.items()},
+            registries=daemon._registries(config),
+            auth=daemon._authenticator(config),
+            spool=spool,
+            metrics=metrics,
+            clock=clock,
+            on_accepted=relay.enqueue,
+            photos=photos,
+            gate=Gate(),
+        )
     )
+    gate = ref.current.gate
     ingress = web.AppRunner(
-        build_app(runtime),
+        build_app(ref),
         handle_signals=False,
         access_log=None,
         keepalive_timeout=config.ingress.keepalive_timeout,
         shutdown_timeout=config.ingress.shutdown_timeout,
     )
-    admin = web.AppRunner(_admin_app(runtime, metrics), handle_signals=False, access_log=None)
-    tls = server_context(
-        config.ingress.certificate,
-        resolve_secret_path(config.ingress.private_key, ROOT),
-        client_ca=config.ingress.client_ca,
-        profile=config.ingress.tls_profile,
+    admin = web.AppRunner(
+        _admin_app(ref, metrics, daemon.readiness), handle_signals=False, access_log=None
     )
+    control = web.AppRunner(
+        build_control_app(spool, sweeper, relay.enqueue, daemon.reload),
+        handle_signals=False,
+        access_log=None,
+    )
+    tls = daemon._tls(config)
     await relay.start()
     sweeping = asyncio.create_task(sweeper.run(), name="retention-sweeper")
+    watchdog: asyncio.Task[None] | None = None
     try:
         await ingress.setup()
-        await web.TCPSite(
-            ingress, config.ingress.host, config.ingress.port, ssl_context=tls, reuse_address=True
-        ).start()
+        daemon.site = TlsSite(
+            ingress,
+            config.ingress.host,
+            config.ingress.port,
+            tls,
+            on_handshake_failure=lambda reason: metrics.tls_handshake_failures.labels(
+                listener="ingress", reason=reason
+            ).inc(),
+        )
+        await daemon.site.start()
         admin_port = None
         if config.admin.enabled:
             await admin.setup()
@@ -217,23 +410,43 @@ async def serve(
                 admin, config.admin.host, config.admin.port, reuse_address=True
             ).start()
             admin_port = _port(admin)
-        bound = Bound(_port(ingress), admin_port)
+        if config.admin.control_socket is not None:
+            await start_control_site(control, config.admin.control_socket)
+        bound = Bound(_port(ingress), admin_port, daemon.reload)
+        daemon.readiness["state"] = "ready"
         log.info("ready", port=bound.ingress_port, version=__version__)
+        daemon._audit(
+            "gatewayd.start",
+            target=str(config_path) if config_path else None,
+            detail={"version": __version__, "config_sha256": _config_digest(config_path)},
+        )
+        if notifier:
+            notifier.ready(status=f"serving on port {bound.ingress_port}")
+            interval = notifier.watchdog_interval()
+            if interval:
+                watchdog = asyncio.create_task(watchdog_loop(notifier, interval=interval))
         if on_ready:
             on_ready(bound)
         await shutdown_trigger()
         log.info("draining")
-        runtime.accepting = False
+        daemon.readiness["state"] = "draining"
+        if notifier:
+            notifier.stopping()
+        gate.accepting = False
         await ingress.cleanup()
     finally:
-        runtime.accepting = False
+        gate.accepting = False
+        if watchdog is not None:
+            watchdog.cancel()
         sweeping.cancel()
         await asyncio.gather(sweeping, return_exceptions=True)
-        await relay.stop(drain_timeout=config.ingress.shutdown_timeout)
+        await relay.stop(drain_timeout=daemon.config.ingress.shutdown_timeout)
+        await control.cleanup()
         await admin.cleanup()
         await ingress.cleanup()
         photos.close()
         await spool.close()
+        daemon._audit("gatewayd.stop", detail={"version": __version__})
         log.info("stopped")
 
 
@@ -263,7 +476,7 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
             print(f"gatewayd: {problem}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve_with_signals(config))
+        asyncio.run(_serve_with_signals(config, config_path))
     except GatewayError as exc:
         log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
         print(f"gatewayd: {exc}", file=sys.stderr)
@@ -271,18 +484,32 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
     return 0
 
 
-async def _serve_with_signals(config: GatewayConfig) -> None:
+async def _serve_with_signals(config: GatewayConfig, config_path: Path) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reloads: set[asyncio.Task[tuple[bool, str]]] = set()
+    handle: list[Bound] = []
 
     def on_signal(signum: signal.Signals) -> None:
         log.info("signal", signal=signum.name)
         stop.set()
 
+    def on_hangup() -> None:
+        log.info("signal", signal="SIGHUP")
+        if not handle:
+            log.warning("reload_ignored", reason="not ready yet")
+            return
+        task = loop.create_task(handle[0].reload(actor="signal:SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        lambda: log.warning("signal", signal="SIGHUP", reason="reload is not implemented yet"),
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    await serve(
+        config,
+        shutdown_trigger=stop.wait,
+        config_path=config_path,
+        notifier=Notifier.from_environ(),
+        on_ready=handle.append,
     )
-    await serve(config, shutdown_trigger=stop.wait)

@@ -22,6 +22,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def own_like_parent(fd: int, path: Path) -> None:
+    """When root writes into a directory owned by someone else (``gatewayctl`` run as
+    root in the daemon's state directory), give the new file to that directory's owner,
+    so the daemon can still read a registry or append to a log that root replaced."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(path.parent)
+    if st.st_uid != 0 or st.st_gid != 0:
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, replace: bool = True) -> None:
     """Write ``data`` to ``path`` with ``mode`` whatever the umask; all or nothing.
 
@@ -33,6 +44,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, replace: bool = 
     try:
         try:
             os.fchmod(fd, mode)  # the umask must neither loosen nor tighten the mode
+            own_like_parent(fd, path)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]

@@ -63,8 +63,18 @@ def iso(ts: float | None) -> str | None:
 
 
 @dataclass
+class Gate:
+    """The state every request shares, whatever configuration it was admitted under."""
+
+    reserved_bytes: int = 0
+    """Room promised to bodies being received (their declared or maximum size)."""
+    accepting: bool = True
+
+
+@dataclass(frozen=True)
 class Runtime:
-    """What the handlers need; built by the daemon, replaced whole on reload."""
+    """What the handlers need. A reload builds a new one and swaps it in whole: a request
+    keeps the one it started with, so it never sees half of each configuration."""
 
     config: GatewayConfig
     policies: dict[str, ChannelPolicy]
@@ -75,12 +85,17 @@ class Runtime:
     clock: Callable[[], float]
     on_accepted: Callable[[Record], None]
     photos: PhotoChecker
-    reserved_bytes: int = 0
-    """Room promised to bodies being received (their declared or maximum size)."""
-    accepting: bool = True
+    gate: Gate
 
 
-RUNTIME = web.AppKey("runtime", Runtime)
+@dataclass
+class RuntimeRef:
+    """The runtime new requests start with; the daemon replaces ``current`` on reload."""
+
+    current: Runtime
+
+
+RUNTIME = web.AppKey("runtime", RuntimeRef)
 
 
 def receipt(record: Record) -> dict[str, Any]:
@@ -164,7 +179,7 @@ def _admission(rt: Runtime, request: web.Request, channel: str, device: Device) 
 def _check_room(rt: Runtime, expected: int) -> None:
     """507 unless the spool and the disk have room for this body and every body under way."""
     spool_cfg = rt.config.spool
-    expected += rt.reserved_bytes
+    expected += rt.gate.reserved_bytes
     if rt.spool.bytes + expected > spool_cfg.quota_bytes:
         raise ProblemError(
             507,
@@ -251,7 +266,7 @@ async def _admit(
     rt: Runtime, request: web.Request, channel: str, context: dict[str, Any]
 ) -> Admission:
     """Every check that needs only the headers, cheapest first (also run for 100-continue)."""
-    if not rt.accepting:
+    if not rt.gate.accepting:
         raise ProblemError(
             503,
             "shutting-down",
@@ -293,11 +308,11 @@ async def _submit(
     rt: Runtime, request: web.Request, channel: str, context: dict[str, Any]
 ) -> web.Response:
     admitted = await _admit(rt, request, channel, context)
-    rt.reserved_bytes += admitted.expected_bytes
+    rt.gate.reserved_bytes += admitted.expected_bytes
     try:
         return await _receive(rt, request, channel, context, admitted)
     finally:
-        rt.reserved_bytes -= admitted.expected_bytes
+        rt.gate.reserved_bytes -= admitted.expected_bytes
 
 
 async def _receive(
@@ -385,7 +400,7 @@ def _channel_label(rt: Runtime, channel: str) -> str:
 
 async def submit(request: web.Request) -> web.StreamResponse:
     """POST /v1/channels/{channel}/submissions"""
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     channel = request.match_info["channel"]
     label = _channel_label(rt, channel)
     return await _handle(request, rt, label, lambda ctx: _submit(rt, request, channel, ctx))
@@ -407,7 +422,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
                 "only Expect: 100-continue is understood",
             )
         )
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     channel = request.match_info["channel"]
     failure: ProblemError | None = None
     learned: dict[str, Any] = {}
@@ -429,7 +444,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 async def status(request: web.Request) -> web.StreamResponse:
     """GET /v1/submissions/{submission_id}: the state, for the submitting device only."""
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
 
     async def run(context: dict[str, Any]) -> web.Response:
         device = identify_device(rt, request)
@@ -550,7 +565,7 @@ async def last_resort(
         return problem_response(problem)
 
 
-def build_app(runtime: Runtime) -> web.Application:
+def build_app(runtime: RuntimeRef) -> web.Application:
     app = web.Application(middlewares=[last_resort], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
     app.router.add_post(

@@ -118,6 +118,49 @@ class Metrics:
         self.relay_in_flight = Gauge(
             "gateway_relay_in_flight", "Upstream deliveries under way", ["destination"], registry=r
         )
+        self.relay_retries = Counter(
+            "gateway_relay_retries",
+            "Delivery attempts that failed and will be retried after a backoff",
+            ["destination"],
+            registry=r,
+        )
+        self.tls_handshake_failures = Counter(
+            "gateway_tls_handshake_failures",
+            "TLS handshakes that failed, by listener and reason",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.spool_quota_bytes = Gauge(
+            "gateway_spool_quota_bytes", "The spool's configured quota in bytes", registry=r
+        )
+        self.spool_free_bytes = Gauge(
+            "gateway_spool_filesystem_free_bytes",
+            "Free bytes on the spool's file system, read at scrape time",
+            registry=r,
+        )
+        self.reloads = Counter(
+            "gateway_config_reloads",
+            "Configuration reloads (SIGHUP) by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.last_reload = Gauge(
+            "gateway_config_last_reload_success_timestamp_seconds",
+            "When the running configuration was loaded",
+            registry=r,
+        )
+        self.payload_key_expiry = Gauge(
+            "gateway_payload_key_expiry_timestamp_seconds",
+            "When a payload encryption or signing key stops being valid",
+            ["destination", "key"],
+            registry=r,
+        )
+        self.audit_entries = Counter(
+            "gateway_audit_entries",
+            "Entries the daemon wrote to the operations audit log",
+            ["action"],
+            registry=r,
+        )
 
     def watch_spool(self, snapshot: Callable[[], tuple[dict[str, int], int, float | None]]) -> None:
         self.registry.register(_SpoolCollector(snapshot))

@@ -115,8 +115,22 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 @dataclass
+class DestinationParts:
+    """What a destination's configuration builds: made before anything is swapped in, so
+    a reload that cannot build one (a bad key, an unreadable credential) changes nothing."""
+
+    config: DestinationConfig
+    session: aiohttp.ClientSession
+    authorization: str | None
+
+
+@dataclass
 class DestinationRelay:
-    """One destination's queue, session and workers."""
+    """One destination's queue, session and workers.
+
+    Workers read ``config``, ``session`` and ``authorization`` at each attempt, so a
+    reload that replaces them takes effect from the next attempt on.
+    """
 
     name: str
     config: DestinationConfig
@@ -125,6 +139,16 @@ class DestinationRelay:
     authorization: str | None
     tasks: list[asyncio.Task[None]]
     breaker: CircuitBreaker
+
+
+@dataclass
+class RelayPlan:
+    """A prepared reload of the relay: applied whole by :meth:`Relay.apply`."""
+
+    config: GatewayConfig
+    build: dict[str, DestinationParts]
+    """Destinations added or changed, with their new parts."""
+    remove: tuple[str, ...]
 
 
 class Relay:
@@ -151,25 +175,114 @@ class Relay:
         self._stopping = False
         self._drained = asyncio.Event()  # set once stopping and no attempt is under way
         self._channels_of = {name: ch for name, ch in config.channels.items()}
+        self._sessions_in_use: dict[aiohttp.ClientSession, int] = {}
+        self._retired: set[aiohttp.ClientSession] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         for name, dest in self._config.destinations.items():
-            relay = DestinationRelay(
-                name,
-                dest,
-                asyncio.Queue(),
-                self._session(dest),
-                self._authorization(dest),
-                [],
-                CircuitBreaker(dest.retry.circuit_threshold, dest.retry.circuit_cooldown),
+            await self._add_destination(name, self._parts(dest))
+
+    async def _add_destination(self, name: str, parts: DestinationParts) -> None:
+        dest = parts.config
+        relay = DestinationRelay(
+            name,
+            dest,
+            asyncio.Queue(),
+            parts.session,
+            parts.authorization,
+            [],
+            CircuitBreaker(dest.retry.circuit_threshold, dest.retry.circuit_cooldown),
+        )
+        self._destinations[name] = relay
+        for record_id in await self._spool.queued_ids(name):
+            relay.queue.put_nowait(record_id)
+        self._resize(relay, dest.concurrency)
+
+    def _resize(self, relay: DestinationRelay, workers: int) -> None:
+        """Start workers up to ``workers``; extra ones end after their current delivery."""
+        relay.tasks = [t for t in relay.tasks if not t.done()]
+        while len(relay.tasks) < workers:
+            index = len(relay.tasks)
+            relay.tasks.append(
+                asyncio.create_task(self._worker(relay), name=f"relay-{relay.name}-{index}")
             )
-            self._destinations[name] = relay
-            for record_id in await self._spool.queued_ids(name):
-                relay.queue.put_nowait(record_id)
-            relay.tasks = [
-                asyncio.create_task(self._worker(relay), name=f"relay-{name}-{i}")
-                for i in range(dest.concurrency)
-            ]
+
+    def _parts(self, dest: DestinationConfig) -> DestinationParts:
+        return DestinationParts(dest, self._session(dest), self._authorization(dest))
+
+    # ------------------------------------------------------------------ reload
+
+    async def prepare(self, config: GatewayConfig) -> RelayPlan:
+        """Build what ``config`` changes, without touching the running relay.
+
+        Raises GatewayError (or OSError, ssl.SSLError, ValueError) when a destination
+        cannot be built, or when a removed destination still has records waiting.
+        """
+        remove = tuple(n for n in self._destinations if n not in config.destinations)
+        for name in remove:
+            waiting = await self._spool.queued_ids(name)
+            if waiting:
+                raise RelayError(
+                    f"destinations.{name}: removed while {len(waiting)} record(s) wait for it",
+                    retryable=False,
+                )
+        # Every destination is rebuilt, changed or not: a rotated client certificate or
+        # credential usually keeps its path, and a reload is when it is read again.
+        build: dict[str, DestinationParts] = {}
+        try:
+            for name, dest in config.destinations.items():
+                build[name] = self._parts(dest)
+        except BaseException:
+            await asyncio.gather(*(p.session.close() for p in build.values()))
+            raise
+        return RelayPlan(config, build, remove)
+
+    async def discard(self, plan: RelayPlan) -> None:
+        """Close what a plan built when the reload is not going ahead."""
+        await asyncio.gather(*(p.session.close() for p in plan.build.values()))
+
+    async def apply(self, plan: RelayPlan) -> None:
+        """Swap a prepared plan in. The swap itself does not yield to the event loop;
+        the old sessions close once the attempts still using them are done."""
+        retired: list[aiohttp.ClientSession] = []
+        added: list[tuple[str, DestinationParts]] = []
+        for name, parts in plan.build.items():
+            relay = self._destinations.get(name)
+            if relay is None:
+                added.append((name, parts))
+                continue
+            retired.append(relay.session)
+            old = relay.config
+            relay.config, relay.session = parts.config, parts.session
+            relay.authorization = parts.authorization
+            if old.retry != parts.config.retry:
+                relay.breaker = CircuitBreaker(
+                    parts.config.retry.circuit_threshold, parts.config.retry.circuit_cooldown
+                )
+            self._resize(relay, parts.config.concurrency)
+        gone = [self._destinations.pop(name) for name in plan.remove]
+        self._config = plan.config
+        self._channels_of = dict(plan.config.channels)
+        for name, parts in added:
+            await self._add_destination(name, parts)
+        for relay in gone:
+            for task in relay.tasks:
+                task.cancel()
+            retired.append(relay.session)
+        for session in retired:
+            self._retire(session)
+
+    def _retire(self, session: aiohttp.ClientSession) -> None:
+        if self._sessions_in_use.get(session, 0) == 0:
+            self._close_later(session)
+        else:
+            self._retired.add(session)  # closed by the last attempt using it
+
+    def _close_later(self, session: aiohttp.ClientSession) -> None:
+        task = asyncio.get_running_loop().create_task(session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def stop(self, *, drain_timeout: float = 10.0) -> None:
         """Let attempts under way finish and record their outcome (within
@@ -188,6 +301,9 @@ class Relay:
         await asyncio.gather(*tasks, return_exceptions=True)
         for relay in self._destinations.values():
             await relay.session.close()
+        for session in self._retired:
+            await session.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         self._destinations.clear()
 
     def enqueue(self, record: Record) -> None:
@@ -227,10 +343,22 @@ class Relay:
             raise SecretFileError(f"{path}: an upstream credential file holds user-id:password")
         return basic_authorization(user, password)
 
+    def _release_session(self, session: aiohttp.ClientSession) -> None:
+        left = self._sessions_in_use[session] - 1
+        if left:
+            self._sessions_in_use[session] = left
+            return
+        del self._sessions_in_use[session]
+        if session in self._retired:
+            self._retired.discard(session)
+            self._close_later(session)
+
     # ----------------------------------------------------------------- workers
 
     async def _worker(self, relay: DestinationRelay) -> None:
         while not self._stopping:
+            if self._surplus(relay):
+                return
             item = await relay.queue.get()
             record_id = item.id if isinstance(item, Record) else item
             if not self._spool.claim(record_id):
@@ -271,6 +399,15 @@ class Relay:
                     )
             finally:
                 self._spool.release(record_id)
+
+    @staticmethod
+    def _surplus(relay: DestinationRelay) -> bool:
+        """True (and off the list) when this worker is beyond the configured concurrency."""
+        task = asyncio.current_task()
+        if len(relay.tasks) > relay.config.concurrency and task in relay.tasks:
+            relay.tasks.remove(task)
+            return True
+        return False
 
     def _not_busy(self, task: asyncio.Task[Any]) -> None:
         self._busy.discard(task)
@@ -356,6 +493,7 @@ class Relay:
         error = state.outcome.exception() if state.outcome else None
         reason = error.reason if isinstance(error, RelayError) else type(error).__name__
         if not isinstance(error, CircuitOpen):  # held back, not an attempt
+            self._metrics.relay_retries.labels(destination=relay.name).inc()
             await self._spool.note_failed_attempt(record.id, reason)
         log.info(
             "retry",
@@ -406,8 +544,10 @@ class Relay:
         payload = SpoolPayload(chunks, record.plaintext_size, record.content_type)
         started = time.perf_counter()
         outcome = "error"
+        session = relay.session
+        self._sessions_in_use[session] = self._sessions_in_use.get(session, 0) + 1
         try:
-            async with relay.session.post(
+            async with session.post(
                 relay.config.url, data=payload, headers=headers, allow_redirects=False
             ) as response:
                 outcome = str(response.status)
@@ -431,6 +571,7 @@ class Relay:
             outcome = "connection_error"
             raise RelayError(f"connection failed: {type(exc).__name__}", retryable=True) from None
         finally:
+            self._release_session(session)
             self._metrics.relay_attempts.labels(destination=relay.name, outcome=outcome).inc()
             self._metrics.relay_duration.labels(destination=relay.name).observe(
                 time.perf_counter() - started

@@ -539,6 +539,28 @@ class Spool:
             (at, reason, record_id),
         )
 
+    async def requeue(self, record_id: str) -> Record:
+        """Put a held record back in the queue (an operator's decision); returns it.
+
+        Raises SpoolError when there is no such live record or it is not held.
+        """
+        changed = await self._index.run(
+            lambda c: (
+                c.execute(
+                    "UPDATE records SET state='queued', held_at=NULL WHERE id=? AND state='held' "
+                    "AND wrapped_key IS NOT NULL",
+                    (record_id,),
+                ).rowcount
+            )
+        )
+        record = await self.get(record_id)
+        if not changed or record is None:
+            state = "unknown" if record is None else record.state
+            raise SpoolError(f"{record_id} is {state}; only a held record can be requeued")
+        self.counts["held"] -= 1
+        self.counts["queued"] += 1
+        return record
+
     async def note_failed_attempt(self, record_id: str, reason: str) -> None:
         await self._index.run(
             lambda c: c.execute(
@@ -652,3 +674,41 @@ class Spool:
     def free_bytes(self) -> int:
         st = os.statvfs(self.directory)
         return st.f_bavail * st.f_frsize
+
+
+def read_records(
+    directory: Path,
+    *,
+    states: Sequence[str] = (),
+    channel: str | None = None,
+    record_id: str | None = None,
+    limit: int = 100,
+) -> list[Record]:
+    """Records' metadata straight from the index, read-only: works with or without the
+    daemon running (records being delivered show as ``queued``), newest first."""
+    path = directory / "index.sqlite3"
+    if not path.exists():
+        raise SpoolError(f"no spool index at {path}")
+    where, params = ["1=1"], []
+    if states:
+        where.append(f"state IN ({','.join('?' * len(states))})")
+        params += list(states)
+    if channel is not None:
+        where.append("channel=?")
+        params.append(channel)
+    if record_id is not None:
+        where.append("id=?")
+        params.append(record_id)
+    sql = (
+        f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} "  # noqa: S608 - constant parts
+        "ORDER BY received_at DESC LIMIT ?"
+    )
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        rows = conn.execute(sql, (*params, limit)).fetchall()
+    except sqlite3.Error as exc:
+        raise SpoolError(f"cannot read the spool index {path}: {exc}") from None
+    finally:
+        conn.close()
+    return [Record.from_row(row) for row in rows]

@@ -30,7 +30,7 @@ import tomli_w
 from PIL import Image
 
 from gateway.auth import basic_authorization
-from gateway.config import GatewayConfig, load_config
+from gateway.config import MAX_UNIX_SOCKET_PATH, GatewayConfig, load_config
 from gateway.crypto.keys import write_new_master_key
 from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import client_context
@@ -241,6 +241,15 @@ def _secret(path: Path, content: bytes) -> Path:
     return path
 
 
+def _control_socket(state: Path) -> Path:
+    """``state/control.sock``, or a short name in /tmp when that path is too long to bind."""
+    path = state / "control.sock"
+    if len(os.fsencode(path)) <= MAX_UNIX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+    return Path("/tmp") / f"gateway-{digest}.sock"  # noqa: S108 - unique per sandbox
+
+
 async def build_sandbox(
     directory: Path,
     *,
@@ -302,7 +311,8 @@ async def build_sandbox(
         client_ca=str(pki.device_ca.cert),
         shutdown_timeout=5,
     )
-    data["admin"].update(host="127.0.0.1", port=0)
+    data["admin"].update(host="127.0.0.1", port=0, control_socket=str(_control_socket(state)))
+    data["audit"] = {"log": str(state / "audit.jsonl"), "anchor": str(state / "audit.anchor")}
     data["spool"].update(
         directory=str(state / "spool"),
         master_key=str(master),
@@ -359,8 +369,11 @@ async def start_gateway(
     sleep: Sleep = asyncio.sleep,
     clock: Callable[[], float] = time.time,
     metrics: Metrics | None = None,
+    config_path: Path | None = None,
 ) -> RunningGateway:
-    """Start :func:`gateway.daemon.serve` as a task; returns once it listens."""
+    """Start :func:`gateway.daemon.serve` as a task; returns once it listens.
+
+    With ``config_path``, ``running.bound.reload()`` reads that file again (SIGHUP)."""
     stop = asyncio.Event()
     ready: asyncio.Future[Bound] = asyncio.get_running_loop().create_future()
     metrics = metrics or Metrics()
@@ -372,6 +385,7 @@ async def start_gateway(
             clock=clock,
             metrics=metrics,
             on_ready=ready.set_result,
+            config_path=config_path,
         )
     )
     waiters: set[asyncio.Future[Any]] = {task, ready}
@@ -401,6 +415,7 @@ class DeviceClient:
         user: str = "staff-001",
         password: str | None = None,
         limit: int = 100,
+        trace_configs: list[aiohttp.TraceConfig] | None = None,
     ) -> None:
         device = sandbox.pki.devices[device_id]
         context = client_context(ca=sandbox.pki.gateway_ca.cert, cert=device.cert, key=device.key)
@@ -409,7 +424,7 @@ class DeviceClient:
             user, STAFF.get(user, "") if password is None else password
         )
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=limit)
+            connector=aiohttp.TCPConnector(ssl=context, limit=limit), trace_configs=trace_configs
         )
 
     async def close(self) -> None:
@@ -481,9 +496,12 @@ class DaemonProcess:
     lines to ``log_path`` while it runs.
     """
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, config_path: Path, log_path: Path, *, env: Mapping[str, str] | None = None
+    ) -> None:
         self.config_path = config_path
         self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
         self.process: asyncio.subprocess.Process | None = None
         self.port = 0
         self._pump: asyncio.Task[None] | None = None
@@ -498,6 +516,7 @@ class DaemonProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            env=self.env,
         )
         assert self.process.stderr is not None
         log = self.log_path.open("ab")
@@ -520,6 +539,7 @@ class DaemonProcess:
         try:
             while line := await stream.readline():
                 log.write(line)
+                log.flush()  # readable by a test waiting for a line
         finally:
             log.close()
 
@@ -533,6 +553,10 @@ class DaemonProcess:
         assert self.process is not None
         self.process.kill()
         return await self._reap()
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
 
     async def terminate(self) -> int:
         """SIGTERM: the daemon drains and exits."""

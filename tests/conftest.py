@@ -68,7 +68,9 @@ async def start_gateway(sandbox: Sandbox, sleep: FakeSleep | None = None) -> Run
     """Start the daemon on ``sandbox`` with a fake relay sleep."""
     assert sandbox.config is not None
     fake = sleep or FakeSleep()
-    running = await start_in_loop(sandbox.config, sleep=fake, clock=fake.clock)
+    running = await start_in_loop(
+        sandbox.config, sleep=fake, clock=fake.clock, config_path=sandbox.config_path
+    )
     return Running(sandbox, running, fake)
 
 

@@ -12,6 +12,7 @@ appear in plaintext in any file the gateway wrote, the SQLite index and its WAL 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ from conftest import Running, start_gateway
 
 from gateway import logs
 from gateway.channels.fields import individual_number_check_digit
+from gateway.cli import gatewayctl
 from gateway.testing import CHANNEL_DEVICE, DeviceClient, Sandbox, make_jpeg
 
 # ------------------------------------------------------------------ planted values
@@ -550,6 +552,25 @@ async def fetch_admin(canary: Canary) -> str:
     return answer.text
 
 
+async def operator_outputs(canary: Canary, sandbox: Sandbox) -> None:
+    """What operators see: spool list/show, the audit log, and a reload's answer."""
+    config = str(sandbox.config_path)
+    held = canary.accepted["online-application"]
+    for argv in (
+        ["spool", "list", "--state", "all", "--format", "json", "--config", config],
+        ["spool", "show", held, "--config", config],
+        ["spool", "requeue", held, "--config", config],  # through the control socket
+        ["reload", "--config", config],
+        ["audit", "list", "--config", config],
+    ):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            await asyncio.to_thread(gatewayctl.main, argv)
+        canary.seen.texts.append((f"gatewayctl {argv[0]} {argv[1]}", out.getvalue()))
+        canary.seen.texts.append((f"gatewayctl {argv[0]} {argv[1]} stderr", err.getvalue()))
+    assert held in canary.seen.texts[-10][1]  # the listing was not empty
+
+
 async def test_no_planted_value_leaks_on_any_path(
     sandbox: Sandbox, capture: Capture, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -575,6 +596,7 @@ async def test_no_planted_value_leaks_on_any_path(
         assert sims["jlis-express"].attempts == 3
         assert gateway.sleep.calls, "no retry was scheduled"
         metrics = await fetch_admin(canary)
+        await operator_outputs(canary, sandbox)
         on_disk_while_running = files_under(sandbox.dir)
         running_leaks = byte_leaks(on_disk_while_running, on_disk_bytes)
     finally:

@@ -1009,9 +1009,11 @@ def test_bodies_being_received_hold_their_room_against_others() -> None:
     """Room is reserved at admission: what is under way counts against the quota."""
     spool_cfg = SimpleNamespace(quota_bytes=1000, min_free_bytes=0, retry_after_seconds=30)
     spool = SimpleNamespace(bytes=400, free_bytes=lambda: 10**9)
-    rt = SimpleNamespace(config=SimpleNamespace(spool=spool_cfg), spool=spool, reserved_bytes=0)
+    rt = SimpleNamespace(
+        config=SimpleNamespace(spool=spool_cfg), spool=spool, gate=SimpleNamespace(reserved_bytes=0)
+    )
     _check_room(rt, 500)  # type: ignore[arg-type]
-    rt.reserved_bytes = 500  # another body of 500 bytes is being received
+    rt.gate.reserved_bytes = 500  # another body of 500 bytes is being received
     with pytest.raises(ProblemError) as caught:
         _check_room(rt, 500)  # type: ignore[arg-type]
     assert caught.value.status == 507 and caught.value.slug == "spool-full"

@@ -1,9 +1,12 @@
 """``gatewayctl``: check the configuration, make a development PKI, administer devices and
-staff, and run the demo. Run ``gatewayctl COMMAND --help`` for each command's options."""
+staff, look after the spool, verify the audit log, and run the demo. Every command that
+changes state is written to the operations audit log. Run ``gatewayctl COMMAND --help``
+for each command's options."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import json
 import sys
@@ -13,8 +16,10 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from gateway import __version__
-from gateway.chain import HashChainLog
+from gateway.audit import AuditLog, current_actor
+from gateway.chain import ChainBroken, HashChainLog
 from gateway.config import GatewayConfig, load_config
+from gateway.control import control_request
 from gateway.crypto.pki import PkiExistsError, cert_fingerprint, init_pki, load_cert_der
 from gateway.daemon import secret_problems
 from gateway.errors import ConfigError, GatewayError
@@ -35,8 +40,11 @@ from gateway.registry import (
     upsert_user,
 )
 from gateway.retention.report import as_csv, certificate
+from gateway.spool import Record, is_submission_id, read_records
 
 DEFAULT_CONFIG = Path("/etc/gateway/gateway.toml")
+PROTECTIVE = frozenset({"device.revoke", "user.disable"})
+"""Actions done even when the audit log cannot take their entry (exit status 3)."""
 
 
 class UsageError(GatewayError):
@@ -44,8 +52,10 @@ class UsageError(GatewayError):
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
-    config = load_config(args.config)
-    return config
+    loaded: GatewayConfig | None = getattr(args, "loaded_config", None)
+    if loaded is None:
+        loaded = args.loaded_config = load_config(args.config)
+    return loaded
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -130,6 +140,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         raise UsageError(f"device {args.id!r} exists; a replacement device needs a new id")
     device = Device(args.id, fingerprint, args.group, revoked=False)
     upsert_device(config.auth.devices_file, device)
+    args.audit_detail.update(group=args.group, fingerprint=fingerprint)
     print(f"device {device.id} ({device.group}) registered: {fingerprint}")
     return 0
 
@@ -231,6 +242,159 @@ def cmd_erasure_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spool_rows(records: Sequence[Record]) -> list[dict[str, object]]:
+    def iso(ts: float | None) -> str | None:
+        return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+    return [
+        {
+            "submission_id": r.id,
+            "channel": r.channel,
+            "destination": r.destination,
+            "state": r.state,
+            "device_id": r.device_id,
+            "user_id": r.user_id,
+            "received_at": iso(r.received_at),
+            "expires_at": iso(r.expires_at),
+            "delivered_at": iso(r.delivered_at),
+            "held_at": iso(r.held_at),
+            "erased_at": iso(r.erased_at),
+            "attempts": r.attempts,
+            "last_error": r.last_error,
+            "upstream_receipt": r.upstream_receipt,
+            "size": r.plaintext_size,
+            "fields": list(r.field_names),
+        }
+        for r in records
+    ]
+
+
+def cmd_spool_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    states = () if args.state == "all" else (args.state,)
+    records = read_records(
+        config.spool.directory, states=states, channel=args.channel, limit=args.limit
+    )
+    rows = _spool_rows(records)
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for row in rows:
+        print(
+            f"{row['submission_id']}  {row['state']:<9} {row['channel']:<22} "
+            f"{row['received_at']}  attempts={row['attempts']}  {row['last_error'] or ''}"
+        )
+    print(f"{len(rows)} record(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_spool_show(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _check_submission_ids([args.id])
+    records = read_records(config.spool.directory, record_id=args.id, limit=1)
+    if not records:
+        raise UsageError(f"no record {args.id} in {config.spool.directory}")
+    json.dump(_spool_rows(records)[0], sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _check_submission_ids(ids: Sequence[str]) -> None:
+    for value in ids:
+        if not is_submission_id(value):
+            raise UsageError(f"{value!r} is not a submission id")
+
+
+def _spool_action(args: argparse.Namespace, action: str) -> int:
+    """Ask the running daemon to requeue or erase each record; one audit entry per record."""
+    config = _config(args)
+    _check_submission_ids(args.ids)
+    if config.admin.control_socket is None:
+        raise UsageError("admin.control_socket is not configured: the daemon cannot be asked")
+    audit: AuditLog = args.audit
+    failures = 0
+    for submission_id in args.ids:
+        try:
+            asyncio.run(
+                control_request(
+                    config.admin.control_socket, "POST", f"/v1/spool/{submission_id}/{action}"
+                )
+            )
+        except GatewayError as exc:
+            failures += 1
+            audit.record(
+                f"spool.{action}",
+                target=submission_id,
+                outcome="failed",
+                detail={"reason": str(exc)},
+            )
+            print(f"gatewayctl: {submission_id}: {exc}", file=sys.stderr)
+            continue
+        audit.record(f"spool.{action}", target=submission_id)
+        done = "queued again" if action == "requeue" else "erased (ledger reason: operator)"
+        print(f"{submission_id} {done}")
+    return 1 if failures else 0
+
+
+def cmd_spool_requeue(args: argparse.Namespace) -> int:
+    return _spool_action(args, "requeue")
+
+
+def cmd_spool_erase(args: argparse.Namespace) -> int:
+    return _spool_action(args, "erase")
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to reload; it writes the audit entry (with the outcome)."""
+    config = _config(args)
+    if config.admin.control_socket is None:
+        raise UsageError("admin.control_socket is not configured: send SIGHUP to gatewayd")
+    try:
+        answer = asyncio.run(
+            control_request(
+                config.admin.control_socket, "POST", "/v1/reload", actor=current_actor()
+            )
+        )
+    except GatewayError as exc:
+        print(f"gatewayctl: reload refused, the old configuration stays: {exc}", file=sys.stderr)
+        return 1
+    print(f"reloaded: {answer['reason']}")
+    return 0
+
+
+def _audit_chain(config: GatewayConfig) -> HashChainLog:
+    where = config.audit_log
+    return HashChainLog(where.log, anchor=where.anchor)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    chain = _audit_chain(_config(args))
+    try:
+        count = chain.verify()
+    except ChainBroken as exc:
+        line = "" if exc.line is None else f" at line {exc.line}"
+        print(f"gatewayctl: audit log BROKEN{line} ({exc.reason}): {exc}", file=sys.stderr)
+        return 1
+    seq, digest = chain.head
+    print(f"audit log intact: {count} entries, head {seq} {digest} ({chain.path})")
+    return 0
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    chain = _audit_chain(_config(args))
+    entries = list(chain.entries())  # verified as read: a broken chain raises ChainBroken
+    for entry in entries[-args.last :] if args.last else entries:
+        body = entry.body
+        print(
+            f"{entry.seq:>6} {entry.at} {body.get('actor')}@{body.get('host')} "
+            f"{body.get('via')} {body.get('action')} {body.get('target') or '-'} "
+            f"{body.get('outcome')}"
+            + (f" {json.dumps(body['detail'], ensure_ascii=False)}" if body.get("detail") else "")
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -248,9 +412,10 @@ def _parser() -> argparse.ArgumentParser:
         help_: str,
         parent: argparse._SubParsersAction[argparse.ArgumentParser] = commands,
         config: bool = True,
+        audited: str | None = None,
     ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_, description=help_)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, audit_action=audited)
         if config:
             sub.add_argument(
                 "--config",
@@ -302,7 +467,11 @@ def _parser() -> argparse.ArgumentParser:
         dest="device_command", required=True, metavar="ACTION"
     )
     add = command(
-        "add", cmd_device_add, "register a device by its client certificate", parent=device
+        "add",
+        cmd_device_add,
+        "register a device by its client certificate",
+        parent=device,
+        audited="device.add",
     )
     add.add_argument("--id", required=True)
     add.add_argument("--group", required=True, help="device group, e.g. assist-tablet")
@@ -315,6 +484,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd_device_revoke,
         "disable a lost or stolen device at once (端末無効化)",
         parent=device,
+        audited="device.revoke",
     )
     revoke.add_argument("--id", required=True)
 
@@ -325,14 +495,16 @@ def _parser() -> argparse.ArgumentParser:
         ("add", cmd_user_add, "add a staff user (password asked, or read from stdin)"),
         ("passwd", cmd_user_passwd, "set a staff user's password"),
     ):
-        sub = command(name, handler, text, parent=user)
+        sub = command(name, handler, text, parent=user, audited=f"user.{name}")
         sub.add_argument("--id", required=True)
         sub.add_argument(
             "--password-stdin",
             action="store_true",
             help="read the password from the first line of standard input",
         )
-    disable = command("disable", cmd_user_disable, "disable a staff user", parent=user)
+    disable = command(
+        "disable", cmd_user_disable, "disable a staff user", parent=user, audited="user.disable"
+    )
     disable.add_argument("--id", required=True)
 
     report = command(
@@ -367,6 +539,57 @@ def _parser() -> argparse.ArgumentParser:
         help="the organization the certificate is issued by",
     )
 
+    spool = commands.add_parser("spool", help="spooled records (metadata only)").add_subparsers(
+        dest="spool_command", required=True, metavar="ACTION"
+    )
+    listing = command(
+        "list", cmd_spool_list, "list spooled records, newest first (no field values)", parent=spool
+    )
+    listing.add_argument(
+        "--state",
+        choices=["queued", "held", "delivered", "erased", "all"],
+        default="held",
+        help="which records (default: held, the ones waiting for an operator)",
+    )
+    listing.add_argument("--channel", help="only this channel")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--format", choices=["text", "json"], default="text")
+    show = command("show", cmd_spool_show, "one record's metadata, as JSON", parent=spool)
+    show.add_argument("id", metavar="SUBMISSION_ID")
+    for name, handler, text in (
+        ("requeue", cmd_spool_requeue, "send held records again (through the running daemon)"),
+        (
+            "erase",
+            cmd_spool_erase,
+            "crypto-erase records now, recorded in the erasure ledger with reason 'operator'",
+        ),
+    ):
+        sub = command(name, handler, text, parent=spool, audited=f"spool.{name}")
+        sub.set_defaults(audit_self=True)
+        sub.add_argument("ids", nargs="+", metavar="SUBMISSION_ID")
+
+    command(
+        "reload",
+        cmd_reload,
+        "make the running daemon read its configuration, certificates and registries again "
+        "(as SIGHUP does, but answered: a refused configuration is reported here)",
+    )
+
+    audit = commands.add_parser("audit", help="operations audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    command(
+        "verify",
+        cmd_audit_verify,
+        "check the audit log's hash chain and anchor: any edit, deletion, reordering or "
+        "truncation is reported with its line",
+        parent=audit,
+    )
+    audit_list = command(
+        "list", cmd_audit_list, "print the (verified) audit log, one entry a line", parent=audit
+    )
+    audit_list.add_argument("--last", type=int, metavar="N", help="only the last N entries")
+
     demo = command(
         "demo",
         cmd_demo,
@@ -382,10 +605,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; a state-changing one only once the audit log can take its entry,
+    and with that entry written after it (outcome ``ok`` or ``failed``)."""
+    action: str | None = args.audit_action
+    if action is None:
+        return int(args.handler(args))
+    audit = AuditLog(_config(args).audit_log, via="gatewayctl")
+    try:
+        audit.check()
+    except (GatewayError, OSError) as exc:
+        if action not in PROTECTIVE:
+            raise UsageError(
+                f"the audit log cannot record this change, so it was not made: {exc} "
+                "(see 'gatewayctl audit verify')"
+            ) from None
+        # Disabling a lost tablet or a user must never wait for a repaired log.
+        args.handler(args)
+        print(
+            f"gatewayctl: {action} done, but NOT recorded in the audit log: {exc}",
+            file=sys.stderr,
+        )
+        return 3
+    args.audit = audit
+    args.audit_detail = {}
+    if getattr(args, "audit_self", False):
+        return int(args.handler(args))
+    target = getattr(args, "id", None)
+    try:
+        status = int(args.handler(args))
+    except (GatewayError, OSError) as exc:
+        audit.record(action, target=target, outcome="failed", detail={"reason": str(exc)})
+        raise
+    audit.record(
+        action, target=target, outcome="ok" if status == 0 else "failed", detail=args.audit_detail
+    )
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        return _run(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"gatewayctl: {problem}", file=sys.stderr)

@@ -477,6 +477,23 @@ def issue_device(layout_dir: Path, device_id: str, *, now: datetime | None = Non
     return issued
 
 
+def reissue_gateway_server(
+    layout_dir: Path, *, hostnames: Sequence[str] = ("localhost",), now: datetime | None = None
+) -> Issued:
+    """A new key and certificate for the gateway's server, from the same gateway CA,
+    written over the old files (certificate rotation: then reload the daemon)."""
+    directory = Path(layout_dir)
+    return _make_leaf(
+        directory,
+        "gateway-server",
+        _load_ca(directory, "gateway-ca"),
+        common_name="gateway-server",
+        sans=_server_sans(hostnames),
+        server=True,
+        now=_now(now),
+    )
+
+
 def load_layout(directory: Path) -> PkiLayout:
     """Re-read a PKI directory written by :func:`init_pki`."""
     directory = Path(directory)

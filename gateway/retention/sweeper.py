@@ -71,7 +71,8 @@ class Sweeper:
         self._sleep = sleep
         self._interval = interval
         self._lock = asyncio.Lock()
-        self._channels = tuple(channels)
+        self.channels = tuple(channels)
+        """Channels whose early-warning gauge is exported (0 when none expire)."""
 
     async def run(self) -> None:
         while True:
@@ -93,7 +94,7 @@ class Sweeper:
     async def _export_warning(self, now: float) -> None:
         """The early warning: what will expire undelivered within 24 hours, per channel."""
         counts = await self._spool.expiring_undelivered(now, WARNING_WINDOW)
-        for channel in {*self._channels, *counts}:
+        for channel in {*self.channels, *counts}:
             self._metrics.expiring_undelivered.labels(channel=channel).set(counts.get(channel, 0))
 
     async def erase_delivered(self, record_id: str) -> None:
@@ -101,6 +102,13 @@ class Sweeper:
         due = await self._spool.describe(record_id)
         if due is not None:
             await self._erase([due], ["delivered"], self._clock())
+
+    async def erase_by_operator(self, record_id: str) -> bool:
+        """An operator's erasure of one live record (``gatewayctl spool erase``)."""
+        due = await self._spool.describe(record_id)
+        if due is None:
+            return False
+        return await self._erase([due], ["operator"], self._clock()) == 1
 
     async def _erase(self, due: Sequence[Due], reasons: Sequence[str], now: float) -> int:
         async with self._lock:

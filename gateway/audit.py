@@ -1,0 +1,86 @@
+"""The operations audit log (管理業務で実施した作業を記録): who did what, and when.
+
+Every state-changing ``gatewayctl`` action and every start, stop and reload of the
+daemon is one entry of a hash-chained, append-only log (:mod:`gateway.chain`), so
+``gatewayctl audit verify`` detects an edited, deleted, reordered or truncated entry.
+Entries hold identifiers only (device and staff ids, submission ids, file digests):
+never a password, a key, or anything a device sent.
+
+An entry's body::
+
+    {"actor": "yamada", "uid": 0, "via": "gatewayctl", "host": "gw01",
+     "action": "device.revoke", "target": "tablet-07", "outcome": "ok", "detail": {...}}
+
+``actor`` is the login behind the command (``SUDO_USER`` when run through sudo, else
+the login of the process), ``uid`` the effective uid that made the change.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from gateway.chain import ChainEntry, HashChainLog
+from gateway.config import AuditConfig
+
+Outcome = Literal["ok", "failed", "refused"]
+
+
+def current_actor(environ: Mapping[str, str] = os.environ) -> str:
+    """The person behind this process: the sudo caller if any, else the login name."""
+    sudo_user = environ.get("SUDO_USER")
+    if sudo_user:
+        return sudo_user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, no LOGNAME: still say which uid
+        return f"uid:{os.geteuid()}"
+
+
+class AuditLog:
+    """Appends audit entries for one program (``via``); thread-safe, multi-process safe."""
+
+    def __init__(
+        self,
+        config: AuditConfig,
+        *,
+        via: str,
+        actor: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"anchor": config.anchor}
+        if clock is not None:
+            kwargs["clock"] = clock
+        self.chain = HashChainLog(config.log, **kwargs)
+        self.via = via
+        self.actor = actor or current_actor()
+        self.host = socket.gethostname()
+
+    def check(self) -> None:
+        """Raise ChainBroken now if the log cannot take an entry (before changing anything)."""
+        _ = self.chain.head
+
+    def record(
+        self,
+        action: str,
+        *,
+        target: str | None = None,
+        outcome: Outcome = "ok",
+        detail: Mapping[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> ChainEntry:
+        body: dict[str, Any] = {
+            "actor": actor or self.actor,
+            "uid": os.geteuid(),
+            "via": self.via,
+            "host": self.host,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+        }
+        if detail:
+            body["detail"] = dict(detail)
+        return self.chain.append(body)

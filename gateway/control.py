@@ -1,0 +1,126 @@
+"""The daemon's control socket: what ``gatewayctl spool requeue|erase`` and
+``gatewayctl reload`` ask of it.
+
+A Unix socket (mode 0600, so only the daemon's own user and root) speaking plain HTTP
+with JSON answers, served by the running daemon so that its relay queues, spool
+counters and erasure ledger stay consistent: a requeued record goes straight to its
+destination's workers, an erased one through the same ledger-first path as the
+retention sweeper (reason ``operator``). Answers carry identifiers and states only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.errors import GatewayError, SpoolError
+from gateway.logs import get_logger
+from gateway.retention.sweeper import Sweeper
+from gateway.spool import Record, Spool, is_submission_id
+
+log = get_logger("gateway.control")
+
+
+class ControlError(GatewayError):
+    """The daemon could not be reached or refused the operation; the message says why."""
+
+
+def peer_uid(request: web.Request) -> int | None:
+    """The connecting process's uid, from the kernel (SO_PEERCRED), not from its word."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport else None
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+def build_control_app(
+    spool: Spool,
+    sweeper: Sweeper,
+    enqueue: Callable[[Record], None],
+    reload: Callable[..., Awaitable[tuple[bool, str]]],
+) -> web.Application:
+    def record_id(request: web.Request) -> str:
+        value = request.match_info["submission_id"]
+        if not is_submission_id(value):
+            raise web.HTTPBadRequest(text="not a submission id")
+        return value
+
+    async def requeue(request: web.Request) -> web.Response:
+        submission_id = record_id(request)
+        try:
+            record = await spool.requeue(submission_id)
+        except SpoolError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        enqueue(record)
+        log.info("requeued", submission_id=submission_id, destination=record.destination)
+        return web.json_response({"submission_id": submission_id, "state": "queued"})
+
+    async def erase(request: web.Request) -> web.Response:
+        submission_id = record_id(request)
+        if not await sweeper.erase_by_operator(submission_id):
+            return web.json_response(
+                {"error": f"{submission_id} is unknown or already erased"}, status=404
+            )
+        return web.json_response({"submission_id": submission_id, "state": "erased"})
+
+    async def reload_handler(request: web.Request) -> web.Response:
+        # The actor is what gatewayctl says of its user; the uid is the kernel's word.
+        claimed = request.headers.get("X-Actor", "unknown")[:64]
+        uid = peer_uid(request)
+        actor = f"{claimed} (uid {uid})" if uid is not None else claimed
+        applied, reason = await reload(actor=actor)
+        return web.json_response(
+            {"applied": applied, "reason": reason}, status=200 if applied else 409
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/reload", reload_handler)
+    app.router.add_post("/v1/spool/{submission_id}/requeue", requeue)
+    app.router.add_post("/v1/spool/{submission_id}/erase", erase)
+    return app
+
+
+async def start_control_site(runner: web.AppRunner, path: Path) -> None:
+    """Listen on ``path`` (replacing a stale socket) with mode 0600."""
+    await runner.setup()
+    old_umask = os.umask(0o177)  # the socket is never, even briefly, open to others
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+
+
+async def control_request(
+    socket_path: Path, method: str, path: str, *, actor: str | None = None
+) -> dict[str, Any]:
+    """One request to the running daemon; ControlError when it is not there or refuses."""
+    headers = {"X-Actor": actor} if actor else {}
+    try:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as s,
+            s.request(method, f"http://gatewayd{path}", headers=headers) as response,
+        ):
+            body: dict[str, Any] = await response.json(content_type=None)
+            if response.status >= 400:
+                reason = body.get("error") or body.get("reason") or f"refused ({response.status})"
+                raise ControlError(str(reason))
+            return body
+    except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
+        raise ControlError(
+            f"gatewayd is not answering on {socket_path} ({type(exc).__name__}): requeue "
+            "and erase go through the running daemon; start it, or check admin.control_socket"
+        ) from None
