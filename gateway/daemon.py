@@ -1,9 +1,14 @@
 """The daemon's lifecycle: ``serve(config, shutdown_trigger=...)``.
 
 Only the entry point knows about signals; tests and the demo stop the daemon by
-resolving ``shutdown_trigger``. Start-up: check secrets, open the spool (recovering
-from any crash), start the relay, then listen. Shutdown: stop accepting, let in-flight
-requests finish within ``ingress.shutdown_timeout``, stop the relay, close the spool.
+resolving ``shutdown_trigger`` and reload it through ``Bound.reload``. Start-up: check
+the audit log and the secrets, open the spool (recovering from any crash), bring up the
+admin listener, erase the copies whose retention ended while the daemon was down, start
+the relay, then listen (and tell systemd READY=1). Reload (:meth:`Daemon.reload`):
+build everything the configuration file names, then swap it in at once, or refuse and
+keep the old. Shutdown: stop accepting, let in-flight requests finish within
+``ingress.shutdown_timeout``, let deliveries under way record their outcome, stop the
+relay, close the spool.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[Confi
     return problems
 
 
-def _admin_app(ref: RuntimeRef, metrics: Metrics, readiness: dict[str, str]) -> web.Application:
+def _admin_app(gate: Gate, metrics: Metrics, readiness: dict[str, str]) -> web.Application:
     async def metrics_handler(_request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -100,7 +105,7 @@ def _admin_app(ref: RuntimeRef, metrics: Metrics, readiness: dict[str, str]) -> 
         return web.json_response({"status": "ok", "version": __version__})
 
     async def readyz(_request: web.Request) -> web.Response:
-        ready = ref.current.gate.accepting and readiness.get("state") == "ready"
+        ready = gate.accepting and readiness.get("state") == "ready"
         return web.json_response(
             {"ready": ready, "state": readiness.get("state", "starting")},
             status=200 if ready else 503,
@@ -351,47 +356,59 @@ async def serve(
             await sweeper.erase_delivered(record.id)
 
     relay.on_delivered = on_delivered
-    daemon.readiness["state"] = "erasing_overdue_copies"
-    erased = await sweeper.sweep()  # copies whose deadline passed while we were down
-    if erased:
-        log.info("erased_at_start", count=erased)
-    photos = PhotoChecker(inline=inline_photo_checks)
-    photos.start()
-    ref = daemon.ref = RuntimeRef(
-        Runtime(
-            config=config,
-            policies={n: ChannelPolicy.from_config(n, c) for n, c in config.channels.items()},
-            registries=daemon._registries(config),
-            auth=daemon._authenticator(config),
-            spool=spool,
-            metrics=metrics,
-            clock=clock,
-            on_accepted=relay.enqueue,
-            photos=photos,
-            gate=Gate(),
-        )
-    )
-    gate = ref.current.gate
-    ingress = web.AppRunner(
-        build_app(ref),
-        handle_signals=False,
-        access_log=None,
-        keepalive_timeout=config.ingress.keepalive_timeout,
-        shutdown_timeout=config.ingress.shutdown_timeout,
-    )
+    gate = Gate()
     admin = web.AppRunner(
-        _admin_app(ref, metrics, daemon.readiness), handle_signals=False, access_log=None
+        _admin_app(gate, metrics, daemon.readiness), handle_signals=False, access_log=None
     )
-    control = web.AppRunner(
-        build_control_app(spool, sweeper, relay.enqueue, daemon.reload),
-        handle_signals=False,
-        access_log=None,
-    )
-    tls = daemon._tls(config)
-    await relay.start()
-    sweeping = asyncio.create_task(sweeper.run(), name="retention-sweeper")
+    photos = PhotoChecker(inline=inline_photo_checks)
+    ingress: web.AppRunner | None = None
+    control: web.AppRunner | None = None
+    sweeping: asyncio.Task[None] | None = None
     watchdog: asyncio.Task[None] | None = None
     try:
+        admin_port = None
+        if config.admin.enabled:  # up first: /readyz says what the start-up is doing
+            await admin.setup()
+            await web.TCPSite(
+                admin, config.admin.host, config.admin.port, reuse_address=True
+            ).start()
+            admin_port = _port(admin)
+        daemon.readiness["state"] = "erasing_overdue_copies"
+        if notifier:
+            notifier.status("erasing copies whose retention ended while stopped")
+        erased = await sweeper.sweep()  # nothing is served that should already be gone
+        if erased:
+            log.info("erased_at_start", count=erased)
+        photos.start()
+        ref = daemon.ref = RuntimeRef(
+            Runtime(
+                config=config,
+                policies={n: ChannelPolicy.from_config(n, c) for n, c in config.channels.items()},
+                registries=daemon._registries(config),
+                auth=daemon._authenticator(config),
+                spool=spool,
+                metrics=metrics,
+                clock=clock,
+                on_accepted=relay.enqueue,
+                photos=photos,
+                gate=gate,
+            )
+        )
+        ingress = web.AppRunner(
+            build_app(ref),
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=config.ingress.keepalive_timeout,
+            shutdown_timeout=config.ingress.shutdown_timeout,
+        )
+        control = web.AppRunner(
+            build_control_app(spool, sweeper, relay.enqueue, daemon.reload),
+            handle_signals=False,
+            access_log=None,
+        )
+        tls = daemon._tls(config)
+        await relay.start()
+        sweeping = asyncio.create_task(sweeper.run(), name="retention-sweeper")
         await ingress.setup()
         daemon.site = TlsSite(
             ingress,
@@ -403,13 +420,6 @@ async def serve(
             ).inc(),
         )
         await daemon.site.start()
-        admin_port = None
-        if config.admin.enabled:
-            await admin.setup()
-            await web.TCPSite(
-                admin, config.admin.host, config.admin.port, reuse_address=True
-            ).start()
-            admin_port = _port(admin)
         if config.admin.control_socket is not None:
             await start_control_site(control, config.admin.control_socket)
         bound = Bound(_port(ingress), admin_port, daemon.reload)
@@ -438,12 +448,15 @@ async def serve(
         gate.accepting = False
         if watchdog is not None:
             watchdog.cancel()
-        sweeping.cancel()
-        await asyncio.gather(sweeping, return_exceptions=True)
+        if sweeping is not None:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
         await relay.stop(drain_timeout=daemon.config.ingress.shutdown_timeout)
-        await control.cleanup()
+        if control is not None:
+            await control.cleanup()
         await admin.cleanup()
-        await ingress.cleanup()
+        if ingress is not None:
+            await ingress.cleanup()
         photos.close()
         await spool.close()
         daemon._audit("gatewayd.stop", detail={"version": __version__})
