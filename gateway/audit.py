@@ -60,8 +60,13 @@ class AuditLog:
         self.host = socket.gethostname()
 
     def check(self) -> None:
-        """Raise ChainBroken now if the log cannot take an entry (before changing anything)."""
-        _ = self.chain.head
+        """Raise ChainBroken now if the log is not intact (before changing anything).
+
+        The whole chain is verified, not only its tail: an entry appended to a chain
+        already broken in the middle would be recorded in a log that proves nothing.
+        The audit log holds administrative actions only, so this stays cheap.
+        """
+        self.chain.verify()
 
     def record(
         self,

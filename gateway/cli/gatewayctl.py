@@ -401,6 +401,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayctl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -552,7 +562,9 @@ def _parser() -> argparse.ArgumentParser:
         help="which records (default: held, the ones waiting for an operator)",
     )
     listing.add_argument("--channel", help="only this channel")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument(
+        "--limit", type=_positive, default=100, help="at most this many (default 100)"
+    )
     listing.add_argument("--format", choices=["text", "json"], default="text")
     show = command("show", cmd_spool_show, "one record's metadata, as JSON", parent=spool)
     show.add_argument("id", metavar="SUBMISSION_ID")
@@ -588,7 +600,9 @@ def _parser() -> argparse.ArgumentParser:
     audit_list = command(
         "list", cmd_audit_list, "print the (verified) audit log, one entry a line", parent=audit
     )
-    audit_list.add_argument("--last", type=int, metavar="N", help="only the last N entries")
+    audit_list.add_argument(
+        "--last", type=_positive, metavar="N", help="only the last N entries (N ≥ 1)"
+    )
 
     demo = command(
         "demo",
