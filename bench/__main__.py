@@ -6,7 +6,8 @@ simulated upstreams in this process, both legs over mutual TLS on loopback. Repo
 * sustained submissions/s with 300 KB photos (closed loop, 16 concurrent devices), with
   the daemon's CPU time per relayed submission;
 * p50/p99 time-to-202 at a steady 50 and 100 submissions/s (open loop);
-* the daemon's peak RSS while 100 devices upload 7 MB photos at once.
+* the daemon's peak RSS while 100 devices upload 7 MB photos at once;
+* the cost of sealing a 300 KB and a 7 MB payload with each suite (``bench/seal.py``).
 
 Figures go to stdout and to ``bench-results.json``.
 """
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import retention
+from bench import retention, seal
 from gateway.testing import (
     DaemonProcess,
     DeviceClient,
@@ -185,12 +186,22 @@ def main() -> int:
         help="records in the spool for the retention figures (0 skips them)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
+    parser.add_argument(
+        "--seal-only", action="store_true", help="only the sealing figures; writes no file"
+    )
     args = parser.parse_args()
+    if args.seal_only:
+        rows = seal.run()
+        print(seal.table(rows), file=sys.stderr)
+        print(json.dumps({"seal": rows}, indent=2))
+        return 0
     results = asyncio.run(run(args))
     if args.sweep_records:
         progress(f"retention: {args.sweep_records} records in the spool, then one sweep")
         with tempfile.TemporaryDirectory(prefix="gateway-bench-retention-") as tmp:
             results["retention"] = asyncio.run(retention.run(Path(tmp), args.sweep_records))
+    progress("sealing: 300 KB and 7 MB payloads with each suite")
+    results["seal"] = seal.run()
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
