@@ -188,6 +188,39 @@ class DestinationConfig(_Model):
     request_timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
     tls_profile: Literal["intermediate", "modern"] = "intermediate"
     retry: RetryConfig = RetryConfig()
+    payload_encryption: Literal["none", "hpke", "cms"] = "none"
+    """Seal each payload for the recipient (docs/sealed-payload.md) on top of TLS."""
+    payload_kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
+    """HPKE's key encapsulation: X25519, or the hybrid post-quantum ML-KEM-768 + X25519."""
+    recipient_key: RelPath | None = None
+    """hpke: the recipient's public key (PEM); cms: the recipient's X.509 certificate."""
+    recipient_key_not_after: date | None = None
+    """The last day (JST) an HPKE recipient key may be used: a bare key has no expiry."""
+    signing_key: SecretRef | None = None
+    """The gateway's Ed25519 or P-256 signing key (a 0600 file or credential:NAME)."""
+    signing_key_not_after: date | None = None
+    """Optional: the last day the signing key is to be used (its rotation date)."""
+
+    @model_validator(mode="after")
+    def _payload_keys(self) -> DestinationConfig:
+        if self.payload_encryption == "none":
+            named = [k for k in ("recipient_key", "signing_key") if getattr(self, k) is not None]
+            if named:
+                raise ValueError(
+                    f'{", ".join(named)} set but payload_encryption is "none": '
+                    "say which encryption, or remove them"
+                )
+            return self
+        missing = [k for k in ("recipient_key", "signing_key") if getattr(self, k) is None]
+        if self.payload_encryption == "hpke" and self.recipient_key_not_after is None:
+            missing.append("recipient_key_not_after")
+        if missing:
+            raise ValueError(
+                f"payload_encryption = {self.payload_encryption!r} needs {', '.join(missing)}"
+            )
+        if self.payload_encryption == "cms" and self.payload_kem != "x25519":
+            raise ValueError("payload_kem applies to hpke only (cms uses the certificate's RSA)")
+        return self
 
 
 class FieldConfig(_Model):

@@ -36,6 +36,7 @@ from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
 from gateway.control import build_control_app, start_control_site
 from gateway.crypto.keys import load_master_key, read_secret_file, resolve_secret_path
+from gateway.crypto.seal import load_recipient, load_signing_key
 from gateway.crypto.tls import cert_not_after, server_context
 from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.ingress import Gate, Runtime, RuntimeRef, build_app
@@ -93,6 +94,33 @@ def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[Confi
     for key, path in files:
         if not path.is_file():
             problems.append(ConfigProblem(file, key, f"{path}: file not found"))
+    return problems + _payload_key_problems(config, file)
+
+
+def _payload_key_problems(config: GatewayConfig, file: str) -> list[ConfigProblem]:
+    """Every payload encryption key loads: algorithm, size, expiry, file permissions."""
+    problems = []
+    for name, dest in config.destinations.items():
+        if dest.payload_encryption == "none":
+            continue
+        assert dest.recipient_key is not None and dest.signing_key is not None
+        key = f"destinations.{name}."
+        try:
+            load_recipient(
+                dest.recipient_key,
+                suite=dest.payload_encryption,
+                kem=dest.payload_kem,
+                not_after=dest.recipient_key_not_after,
+            )
+        except (GatewayError, OSError) as exc:
+            problems.append(ConfigProblem(file, key + "recipient_key", str(exc)))
+        try:
+            load_signing_key(
+                resolve_secret_path(dest.signing_key, ROOT),
+                not_after=dest.signing_key_not_after,
+            )
+        except (GatewayError, OSError) as exc:
+            problems.append(ConfigProblem(file, key + "signing_key", str(exc)))
     return problems
 
 

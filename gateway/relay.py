@@ -33,6 +33,7 @@ from gateway.breaker import CircuitBreaker
 from gateway.config import DestinationConfig, GatewayConfig
 from gateway.crypto.keys import read_secret_file, resolve_secret_path
 from gateway.crypto.pki import spki_sha256_b64
+from gateway.crypto.seal import Sealed, Sealer, load_recipient, load_signing_key
 from gateway.crypto.tls import client_context, peer_cert_der
 from gateway.errors import RecordCorrupt, RelayError, SecretFileError, SpoolError
 from gateway.logs import get_logger
@@ -122,6 +123,8 @@ class DestinationParts:
     config: DestinationConfig
     session: aiohttp.ClientSession
     authorization: str | None
+    sealer: Sealer | None = None
+    """Seals each payload for the recipient when the destination has payload encryption."""
 
 
 @dataclass
@@ -139,6 +142,7 @@ class DestinationRelay:
     authorization: str | None
     tasks: list[asyncio.Task[None]]
     breaker: CircuitBreaker
+    sealer: Sealer | None = None
 
 
 @dataclass
@@ -193,7 +197,9 @@ class Relay:
             parts.authorization,
             [],
             CircuitBreaker(dest.retry.circuit_threshold, dest.retry.circuit_cooldown),
+            parts.sealer,
         )
+        self._export_key_expiry(name, parts)
         self._destinations[name] = relay
         for record_id in await self._spool.queued_ids(name):
             relay.queue.put_nowait(record_id)
@@ -209,7 +215,22 @@ class Relay:
             )
 
     def _parts(self, dest: DestinationConfig) -> DestinationParts:
-        return DestinationParts(dest, self._session(dest), self._authorization(dest))
+        sealer = payload_sealer(dest)  # first: it may refuse a key, and owns nothing
+        return DestinationParts(dest, self._session(dest), self._authorization(dest), sealer)
+
+    def _export_key_expiry(self, name: str, parts: DestinationParts) -> None:
+        gauge = self._metrics.payload_key_expiry
+        for key in ("recipient", "signing"):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name, key)
+        if parts.sealer is None:
+            return
+        gauge.labels(destination=name, key="recipient").set(
+            parts.sealer.recipient.not_after.timestamp()
+        )
+        signing_until = parts.sealer.signing_key.not_after
+        if signing_until is not None:
+            gauge.labels(destination=name, key="signing").set(signing_until.timestamp())
 
     # ------------------------------------------------------------------ reload
 
@@ -255,7 +276,8 @@ class Relay:
             retired.append(relay.session)
             old = relay.config
             relay.config, relay.session = parts.config, parts.session
-            relay.authorization = parts.authorization
+            relay.authorization, relay.sealer = parts.authorization, parts.sealer
+            self._export_key_expiry(name, parts)
             if old.retry != parts.config.retry:
                 relay.breaker = CircuitBreaker(
                     parts.config.retry.circuit_threshold, parts.config.retry.circuit_cooldown
@@ -267,6 +289,7 @@ class Relay:
         for name, parts in added:
             await self._add_destination(name, parts)
         for relay in gone:
+            self._export_key_expiry(relay.name, DestinationParts(relay.config, relay.session, None))
             for task in relay.tasks:
                 task.cancel()
             retired.append(relay.session)
@@ -342,6 +365,36 @@ class Relay:
         if not sep or not user:
             raise SecretFileError(f"{path}: an upstream credential file holds user-id:password")
         return basic_authorization(user, password)
+
+    async def _seal(
+        self, relay: DestinationRelay, sealer: Sealer, record: Record, chunks: Iterator[bytes]
+    ) -> Sealed:
+        """Read the whole record and seal it for the recipient, off the event loop.
+
+        A fresh seal per attempt (a new HPKE ephemeral key each time): the upstream
+        deduplicates by Idempotency-Key, not by bytes.
+        """
+
+        def seal() -> Sealed:
+            plaintext = b"".join(chunks)
+            return sealer.seal(
+                plaintext,
+                channel=record.channel,
+                submission_id=record.id,
+                destination=relay.name,
+                content_type=record.content_type,
+                created=self._clock(),
+            )
+
+        try:
+            return await asyncio.to_thread(seal)
+        except (RecordCorrupt, OSError) as exc:
+            self._metrics.relay_attempts.labels(
+                destination=relay.name, outcome="record_unreadable"
+            ).inc()
+            raise RelayError(
+                f"record unreadable: {type(exc).__name__}", retryable=False, local=True
+            ) from None
 
     def _release_session(self, session: aiohttp.ClientSession) -> None:
         left = self._sessions_in_use[session] - 1
@@ -541,7 +594,13 @@ class Relay:
         if relay.authorization:
             headers["Authorization"] = relay.authorization
         chunks = await self._spool.open_plaintext(record)
-        payload = SpoolPayload(chunks, record.plaintext_size, record.content_type)
+        payload: SpoolPayload | bytes
+        if relay.sealer is None:
+            payload = SpoolPayload(chunks, record.plaintext_size, record.content_type)
+        else:
+            sealed = await self._seal(relay, relay.sealer, record, chunks)
+            headers["Content-Type"] = sealed.media_type
+            payload = sealed.data
         started = time.perf_counter()
         outcome = "error"
         session = relay.session
@@ -563,7 +622,7 @@ class Relay:
                     retry_after=retry_after,
                 )
         except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
-            if payload.unreadable:
+            if isinstance(payload, SpoolPayload) and payload.unreadable:
                 outcome = "record_unreadable"
                 raise RelayError(
                     f"record unreadable: {payload.unreadable}", retryable=False, local=True
@@ -576,6 +635,27 @@ class Relay:
             self._metrics.relay_duration.labels(destination=relay.name).observe(
                 time.perf_counter() - started
             )
+
+
+def payload_sealer(dest: DestinationConfig) -> Sealer | None:
+    """The destination's sealer, its keys loaded and checked; None without encryption.
+
+    Raises SealKeyError (naming the file and the rule) for a key that is missing, of the
+    wrong kind or size, expired, or readable by others.
+    """
+    if dest.payload_encryption == "none":
+        return None
+    assert dest.recipient_key is not None and dest.signing_key is not None
+    recipient = load_recipient(
+        dest.recipient_key,
+        suite=dest.payload_encryption,
+        kem=dest.payload_kem,
+        not_after=dest.recipient_key_not_after,
+    )
+    signing = load_signing_key(
+        resolve_secret_path(dest.signing_key, ROOT), not_after=dest.signing_key_not_after
+    )
+    return Sealer(recipient, signing)
 
 
 async def _upstream_receipt(response: aiohttp.ClientResponse) -> str | None:

@@ -37,9 +37,17 @@ from typing import Any, Self
 from aiohttp import MultipartReader, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.crypto.pki import cert_fingerprint
+from gateway.crypto.seal import MEDIA_TYPE as SEALED_MEDIA_TYPE
+from gateway.crypto.seal import (
+    RecipientPrivateKey,
+    SealedHeader,
+    SealOpenError,
+    VerifyKey,
+    open_sealed,
+)
 from gateway.crypto.tls import peer_cert_der, server_context
 
 __all__ = ["Received", "UpstreamSimulator", "main"]
@@ -63,6 +71,18 @@ class Received:
     client_fingerprint: str
     authorization_user: str | None
     receipt_id: str
+    wire: bytes = b""
+    """The request body as it arrived (the sealed payload when sealed, else ``body``)."""
+    sealed: SealedHeader | None = None
+    """The verified header of a sealed payload; ``body`` is then its opened plaintext."""
+
+
+@dataclass(frozen=True)
+class Opener:
+    """What a recipient needs to verify and open sealed payloads addressed to it."""
+
+    recipient_key: RecipientPrivateKey
+    trusted_signers: tuple[VerifyKey, ...]
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,7 @@ class UpstreamSimulator:
         path: str = "/submissions",
         credential: tuple[str, str] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        opener: Opener | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -155,8 +176,12 @@ class UpstreamSimulator:
         self._port: int | None = None
         self._sleep = sleep
         self._runner: web.AppRunner | None = None
+        self.opener = opener
+        """Set to verify and open sealed payloads (and refuse plain ones)."""
 
         self.received: list[Received] = []
+        self.sealed_refusals: list[str] = []
+        """Why each refused sealed payload was refused (SealOpenError reasons)."""
         self.deliveries: dict[str, Received] = {}
         self.attempts = 0
         self.duplicates = 0
@@ -284,7 +309,34 @@ class UpstreamSimulator:
             return self._receipt(original, status=200)
 
         content_type = request.content_type
-        if content_type == "multipart/form-data":
+        sealed: SealedHeader | None = None
+        wire = b""
+        if self.opener is not None or content_type == SEALED_MEDIA_TYPE:
+            if self.opener is None:
+                return _problem(415, "unsupported-media-type", "not expecting sealed payloads")
+            if content_type != SEALED_MEDIA_TYPE:
+                return _problem(415, "unsupported-media-type", f"{SEALED_MEDIA_TYPE} required")
+            wire = await request.read()
+            try:
+                opened = open_sealed(
+                    wire,
+                    recipient_key=self.opener.recipient_key,
+                    trusted_signers=self.opener.trusted_signers,
+                    channel=channel,
+                    submission_id=key,
+                    destination=self.name,
+                )
+            except SealOpenError as exc:
+                self.sealed_refusals.append(exc.reason)
+                return _problem(400, "sealed-payload-refused", f"refused: {exc.reason}")
+            sealed, body = opened.header, opened.plaintext
+            inner = CIMultiDictProxy(CIMultiDict({"Content-Type": opened.content_type}))
+            try:
+                fields, files = await _parse_multipart(inner, body)
+            except _MalformedBody as exc:
+                return _problem(400, "malformed-body", str(exc))
+            content_type = opened.content_type
+        elif content_type == "multipart/form-data":
             body = await request.read()
             try:
                 fields, files = await _parse_multipart(request.headers, body)
@@ -304,13 +356,17 @@ class UpstreamSimulator:
         received = Received(
             idempotency_key=key,
             channel=channel,
-            content_type=request.headers.get("Content-Type", content_type),
+            content_type=content_type
+            if sealed is not None
+            else request.headers.get("Content-Type", content_type),
             body=body,
             fields=MappingProxyType(fields),
             files=MappingProxyType(files),
             client_fingerprint=fingerprint,
             authorization_user=user,
             receipt_id=f"{self.name}-{self._counter:08d}",
+            wire=wire or body,
+            sealed=sealed,
         )
         self._received_at[key] = datetime.now(UTC).isoformat()
         self.deliveries[key] = received

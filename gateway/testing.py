@@ -21,16 +21,19 @@ import time
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import tomli_w
+from cryptography.hazmat.primitives.asymmetric import rsa
 from PIL import Image
 
 from gateway.auth import basic_authorization
 from gateway.config import MAX_UNIX_SOCKET_PATH, GatewayConfig, load_config
+from gateway.crypto import seal
 from gateway.crypto.keys import write_new_master_key
 from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import client_context
@@ -47,7 +50,7 @@ from gateway.registry import (
     save_users,
 )
 from gateway.relay import Sleep
-from gateway.simulator import UpstreamSimulator
+from gateway.simulator import Opener, UpstreamSimulator
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "gateway.toml"
 
@@ -241,6 +244,47 @@ def _secret(path: Path, content: bytes) -> Path:
     return path
 
 
+@lru_cache(maxsize=1)
+def _cms_rsa_key() -> rsa.RSAPrivateKey:
+    """One RSA-3072 key per process: making one takes about a second."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+
+
+def _recipient_file(name: str, dest: Mapping[str, Any]) -> str:
+    return f"{name}.pem" if dest["payload_encryption"] == "cms" else f"{name}.pub"
+
+
+def _payload_keys(
+    directory: Path,
+    destinations: Mapping[str, Mapping[str, Any]],
+    simulators: Mapping[str, UpstreamSimulator],
+    secrets_dir: Path,
+) -> Path:
+    """A signing key for the gateway, and a recipient key pair for each destination that
+    seals payloads: the public half for the gateway, the private half for its simulator."""
+    signing = secrets_dir / "payload-signing.key"
+    if not signing.exists():
+        _secret(signing, seal.generate_signing_key("ed25519"))
+    verify = seal.load_signing_key(signing).verify_key
+    recipients = directory / "recipients"
+    recipients.mkdir(exist_ok=True)
+    for name, dest in destinations.items():
+        kind = dest.get("payload_encryption", "none")
+        if kind == "none":
+            continue
+        if kind == "cms":
+            private, public = seal.generate_cms_recipient(name, key=_cms_rsa_key())
+            certificate: bytes | None = public
+        else:
+            private, public = seal.generate_recipient_key(dest.get("payload_kem", "x25519"))
+            certificate = None
+        write_atomic(recipients / _recipient_file(name, dest), public, mode=0o644)
+        simulators[name].opener = Opener(
+            seal.recipient_private_key_from_pem(private, certificate_pem=certificate), (verify,)
+        )
+    return signing
+
+
 def _control_socket(state: Path) -> Path:
     """``state/control.sock``, or a short name in /tmp when that path is too long to bind."""
     path = state / "control.sock"
@@ -322,7 +366,14 @@ async def build_sandbox(
     data["auth"].update(
         devices_file=str(state / "devices.json"), users_file=str(state / "users.json")
     )
+    signing_key = _payload_keys(directory, destinations, simulators, secrets_dir)
     for name, dest in destinations.items():
+        if dest.get("payload_encryption", "none") != "none":
+            dest.update(
+                recipient_key=str(directory / "recipients" / _recipient_file(name, dest)),
+                recipient_key_not_after=date.today() + timedelta(days=365),
+                signing_key=str(signing_key),
+            )
         dest.update(
             url=simulators[name].url
             if start_simulators

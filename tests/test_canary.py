@@ -343,20 +343,26 @@ def leaks(texts: Iterable[tuple[str, str]], values: Iterable[str]) -> list[str]:
     return sorted(set(found))
 
 
-def byte_leaks(files: Iterable[Path], values: Iterable[bytes]) -> list[str]:
-    """Planted values in raw file bytes; short ones (a 4-digit PIN) only as a whole token,
+def byte_leaks_in(data: bytes, values: Iterable[bytes]) -> list[bytes]:
+    """Planted values in raw bytes; short ones (a 4-digit PIN) only as a whole token,
     since random hex (a fingerprint, an id) contains any four digits now and then."""
-    patterns = [
-        (value, re.compile(rb"(?<![0-9A-Za-z])" + re.escape(value) + rb"(?![0-9A-Za-z])"))
-        for value in values
-    ]
+    found = []
+    for value in values:
+        if len(value) < 8:
+            token = rb"(?<![0-9A-Za-z])" + re.escape(value) + rb"(?![0-9A-Za-z])"
+            if re.search(token, data):
+                found.append(value)
+        elif value in data:
+            found.append(value)
+    return found
+
+
+def byte_leaks(files: Iterable[Path], values: Iterable[bytes]) -> list[str]:
+    """Planted values in the raw bytes of files (see :func:`byte_leaks_in`)."""
     found = []
     for path in files:
         data = path.read_bytes()
-        for value, token in patterns:
-            hit = token.search(data) if len(value) < 8 else value in data
-            if hit:
-                found.append(f"{value!r} in {path}")
+        found += [f"{value!r} in {path}" for value in byte_leaks_in(data, values)]
     return found
 
 
@@ -611,6 +617,14 @@ async def test_no_planted_value_leaks_on_any_path(
     for received in (r for sim in sims.values() for r in sim.received):
         assert PERSONAL_FIELD_NAME.encode() not in received.body
         assert UNLISTED["favourite_colour"].encode() not in received.body
+    sealed = [r for sim in sims.values() for r in sim.received if r.sealed is not None]
+    assert {r.channel for r in sealed} == {
+        "online-application",
+        "express-issuance",
+        "overseas-application",
+    }
+    for received in sealed:  # encrypted before sending: nothing planted on the wire
+        assert not byte_leaks_in(received.wire, on_disk_bytes), received.channel
     assert 'gateway_fields_dropped_total{channel="online-application",field="other"} 2.0' in (
         metrics
     )
