@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from gateway import logs
+from gateway.crypto.seal import KEM_IDS
 from gateway.daemon import Bound
 from gateway.metrics import Metrics
 from gateway.testing import (
@@ -169,9 +170,15 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
         for dest, sim in sandbox.simulators.items():
             for received in sim.received:
                 names = sorted([*received.fields, *received.files])
+                header = received.sealed
+                how = "plain multipart (TLS only)"
+                if header is not None:
+                    kems = {v: k for k, v in KEM_IDS.items()}
+                    suite = "CMS" if header.kem_id is None else f"HPKE {kems[header.kem_id]}"
+                    how = f"sealed {suite}, signature verified, opened"
                 print(
                     f"  {dest:<22} {received.channel:<22} receipt {received.receipt_id}"
-                    f"  fields: {', '.join(names)}",
+                    f"  [{how}]  fields: {', '.join(names)}",
                     file=out,
                 )
         if accepted:
