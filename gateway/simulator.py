@@ -46,9 +46,12 @@ from gateway.crypto.seal import (
     SealedHeader,
     SealOpenError,
     VerifyKey,
+    load_recipient_private_key,
+    load_verify_key,
     open_sealed,
 )
 from gateway.crypto.tls import peer_cert_der, server_context
+from gateway.errors import GatewayError
 
 __all__ = ["Received", "UpstreamSimulator", "main"]
 
@@ -455,6 +458,14 @@ def _read_credential(path: Path) -> tuple[str, str]:
 
 async def _serve(args: argparse.Namespace) -> None:
     credential = _read_credential(args.credential_file) if args.credential_file else None
+    opener = None
+    if args.recipient_key:
+        if not args.trusted_signer:
+            raise ValueError("--recipient-key needs at least one --trusted-signer")
+        opener = Opener(
+            load_recipient_private_key(args.recipient_key, certificate=args.recipient_cert),
+            tuple(load_verify_key(path) for path in args.trusted_signer),
+        )
     sim = UpstreamSimulator(
         args.name,
         cert=args.cert,
@@ -464,6 +475,7 @@ async def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         path=args.path,
         credential=credential,
+        opener=opener,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -500,6 +512,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="file holding 'user:password' to require as HTTP Basic",
     )
+    parser.add_argument(
+        "--recipient-key",
+        type=Path,
+        help="accept only sealed payloads (docs/sealed-payload.md), opened with this private key",
+    )
+    parser.add_argument(
+        "--recipient-cert", type=Path, help="with a CMS recipient key: its certificate"
+    )
+    parser.add_argument(
+        "--trusted-signer",
+        type=Path,
+        action="append",
+        help="a signer public key (PEM) whose sealed payloads are trusted (repeat)",
+    )
     args = parser.parse_args(argv)
 
     handler = logging.StreamHandler(sys.stderr)
@@ -510,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(args))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, GatewayError) as exc:
         print(f"simulator: {exc}", file=sys.stderr)
         return 1
     finally:

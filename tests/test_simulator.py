@@ -10,11 +10,13 @@ import signal
 import ssl
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from gateway.crypto import seal
 from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import client_context
 from gateway.simulator import UpstreamSimulator, main
@@ -315,6 +317,69 @@ async def test_command_line_serves_until_sigterm(
         rest = await asyncio.wait_for(proc.stderr.read(), 30)
         assert await proc.wait() == 0
         assert json.loads(rest.splitlines()[-1])["event"] == "stopped"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_command_line_opens_sealed_payloads_and_refuses_plain_ones(
+    pki: PkiLayout, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """--recipient-key/--trusted-signer: a sealed payload for it is opened and accepted;
+    a plain multipart body is refused with 415."""
+    jlis = pki.upstreams["jlis"]
+    private, public = seal.generate_recipient_key("x25519")
+    recipient_key = tmp_path / "recipient.key"
+    recipient_key.write_bytes(private)
+    recipient_key.chmod(0o600)
+    signing_key = tmp_path / "signing.key"
+    signing_key.write_bytes(seal.generate_signing_key("ed25519"))
+    signing_key.chmod(0o600)
+    signer = seal.load_signing_key(signing_key)
+    signer_pub = tmp_path / "signer.pub"
+    signer_pub.write_bytes(signer.public_pem())
+    recipient_pub = tmp_path / "recipient.pub"
+    recipient_pub.write_bytes(public)
+    sealer = seal.Sealer(
+        seal.load_recipient(
+            recipient_pub, suite="hpke", not_after=datetime.now(UTC) + timedelta(days=1)
+        ),
+        signer,
+    )
+    sealed = sealer.seal(
+        b'--b\r\nContent-Disposition: form-data; name="application_id"\r\n\r\n1\r\n--b--\r\n',
+        channel="card-application",
+        submission_id="sub-1",
+        destination="jlis",
+        content_type="multipart/form-data; boundary=b",
+        created=datetime.now(UTC),
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.simulator",
+        *("--name", "jlis", "--cert", str(jlis.cert), "--key", str(jlis.key)),
+        *("--client-ca", str(pki.gateway_ca.cert), "--port", "0"),
+        *("--recipient-key", str(recipient_key), "--trusted-signer", str(signer_pub)),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+    )
+    assert proc.stderr is not None
+    try:
+        listening = json.loads(await asyncio.wait_for(proc.stderr.readline(), 30))
+        url = listening["url"]
+        async with session.post(url, data=form(), headers=headers("sub-0")) as resp:
+            assert resp.status == 415
+        sealed_headers = {**headers(), "Content-Type": sealed.media_type}
+        async with session.post(url, data=sealed.data, headers=sealed_headers) as resp:
+            assert resp.status == 201
+        entry = json.loads(await asyncio.wait_for(proc.stderr.readline(), 30))
+        assert entry["fields"] == ["application_id"]
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.stderr.read(), 30)
+        assert await proc.wait() == 0
     finally:
         if proc.returncode is None:
             proc.kill()
