@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+TOOLS_STAMP := $(VENV)/.tools-stamp
 
 .PHONY: demo test bench lint clean
 
@@ -24,7 +25,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy
 
-test: lint
+# promtool (Debian's prometheus package) and systemd-analyze, for the tests
+$(TOOLS_STAMP): scripts/install-tools | $(STAMP)
+	bash scripts/install-tools
+	@touch $@
+
+test: lint $(TOOLS_STAMP)
 	$(BIN)/pytest --cov=gateway --cov-report=term --cov-fail-under=85
 
 bench: $(STAMP)

@@ -45,7 +45,7 @@ from gateway.metrics import Metrics
 from gateway.photo_check import PhotoChecker
 from gateway.registry import RegistryWatcher
 from gateway.relay import Relay, Sleep
-from gateway.retention.sweeper import Sweeper
+from gateway.retention.sweeper import ERASURE_REASONS, Sweeper
 from gateway.sdnotify import Notifier, watchdog_loop
 from gateway.spool import Record, Spool
 from gateway.tls_listener import TlsSite
@@ -243,6 +243,9 @@ class Daemon:
         )
 
     def _export(self, config: GatewayConfig) -> None:
+        for channel in config.channels:  # rare events start at 0, so alerts see the first
+            for reason in ERASURE_REASONS:
+                self.metrics.erasures.labels(channel=channel, reason=reason)
         self.metrics.spool_quota_bytes.set(config.spool.quota_bytes)
         _export_certificate_expiry(config, self.metrics)
         self.metrics.last_reload.set(self.clock())

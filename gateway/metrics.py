@@ -144,6 +144,8 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        for outcome in ("applied", "failed"):
+            self.reloads.labels(outcome=outcome)  # a first failure is then an increase
         self.last_reload = Gauge(
             "gateway_config_last_reload_success_timestamp_seconds",
             "When the running configuration was loaded",

@@ -24,6 +24,8 @@ from gateway.metrics import Metrics
 from gateway.spool import Due, Spool
 
 METHOD = "crypto-erase (AES-256-GCM data key destroyed, SQLite secure_delete) + unlink"
+ERASURE_REASONS = ("retention", "expired_undelivered", "delivered", "operator")
+"""Why a copy was erased: the ledger's ``reason`` and the metric's label."""
 BATCH = 1000
 WARNING_WINDOW = 86400.0
 
