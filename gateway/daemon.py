@@ -473,7 +473,10 @@ async def serve(
         daemon.readiness["state"] = "draining"
         if notifier:
             notifier.stopping()
-        gate.accepting = False
+        gate.accepting = False  # a request on an open connection now gets 503
+        await daemon.site.stop()  # and nothing new connects
+        if not await gate.drained(daemon.config.ingress.shutdown_timeout):
+            log.warning("drain_timeout", in_flight=gate.in_flight)
         await ingress.cleanup()
     finally:
         gate.accepting = False

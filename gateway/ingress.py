@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,6 +69,32 @@ class Gate:
     reserved_bytes: int = 0
     """Room promised to bodies being received (their declared or maximum size)."""
     accepting: bool = True
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drained(self, within: float) -> bool:
+        """Wait until no request is being handled (True), or ``within`` seconds pass (False).
+
+        The drain waits here, not in aiohttp's shutdown: that stops reading from every
+        connection at once, so a body still arriving could never finish.
+        """
+        if self.in_flight == 0:
+            return True
+        try:
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -491,6 +517,7 @@ async def _handle(
         context["channel"] = channel_label
     started = time.perf_counter()
     rt.metrics.in_flight.inc()
+    rt.gate.enter()
     try:
         response = await run(context)
         outcome = context.pop("outcome", "ok")
@@ -519,6 +546,7 @@ async def _handle(
         context["error"] = type(exc).__name__
     finally:
         rt.metrics.in_flight.dec()
+        rt.gate.leave()
     duration = time.perf_counter() - started
     if channel_label is not None:
         rt.metrics.submissions.labels(channel=channel_label, outcome=outcome).inc()

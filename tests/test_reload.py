@@ -31,6 +31,7 @@ from gateway.testing import (
     DeviceClient,
     Sandbox,
     build_sandbox,
+    multipart_body,
     sample_submission,
 )
 
@@ -413,3 +414,45 @@ async def test_sighup_reloads_sigterm_drains_and_systemd_hears_of_both(
         ("gatewayd.stop", "ok", "gatewayd"),
     ]
     assert all(e["uid"] == os.geteuid() for e in entries)
+
+
+async def test_sigterm_drain_finishes_the_request_under_way_and_refuses_new_ones(
+    gateway: Running,
+) -> None:
+    """Shutdown stops accepting, lets a body that is half-sent finish with its 202 (the
+    record is kept and delivered later), then the daemon stops."""
+    sandbox = gateway.sandbox
+    fields, files = sample_submission(CHANNEL)
+    body, content_type = multipart_body(fields, files)
+    device = sandbox.pki.devices["tablet-01"]
+    context = client_context(ca=sandbox.pki.gateway_ca.cert, cert=device.cert, key=device.key)
+    port = gateway.bound.ingress_port
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="localhost"
+    )
+    head = (
+        f"POST /v1/channels/{CHANNEL}/submissions HTTP/1.1\r\nHost: localhost\r\n"
+        "Authorization: Basic c3RhZmYtMDAxOmNvcnJlY3QgaG9yc2UgYmF0dGVyeQ==\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body[:1000])
+    await writer.drain()
+    await _until(lambda: sample_value("gateway_ingress_requests_in_flight", {}, gateway) == 1)
+    gateway.gateway.stop.set()  # what SIGTERM does
+    async with gateway.client() as late:  # a new request during the drain
+        with contextlib.suppress(aiohttp.ClientError):
+            reply = await late.submit(CHANNEL, fields, files)
+            assert reply.status == 503
+    writer.write(body[1000:])
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+    assert status_line.startswith(b"HTTP/1.1 202"), status_line
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.wait_for(gateway.task, timeout=30)
+    assert (
+        sample_value(
+            "gateway_submissions_total", {"channel": CHANNEL, "outcome": "accepted"}, gateway
+        )
+        == 1
+    )
