@@ -119,3 +119,24 @@ async def gateway(sandbox: Sandbox) -> AsyncIterator[Running]:
     yield running
     if not running.task.done():
         await running.shutdown()
+
+
+def ctl(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    """Run ``gatewayctl`` in this thread; returns exit code, stdout, stderr."""
+    from gateway.cli import gatewayctl
+
+    capsys.readouterr()
+    code = gatewayctl.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def actl(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    """Run ``gatewayctl`` in a thread: the commands that talk to the daemon call
+    ``asyncio.run``, and the daemon runs in the test's own loop."""
+    from gateway.cli import gatewayctl
+
+    capsys.readouterr()
+    code = await asyncio.to_thread(gatewayctl.main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

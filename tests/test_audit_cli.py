@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import structlog
 import tomli_w
-from conftest import Running, start_gateway
+from conftest import Running, actl, ctl, start_gateway
 
 from gateway import __version__
 from gateway.chain import ChainEntry, HashChainLog
@@ -46,22 +46,6 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     saved = structlog.get_config()
     yield
     structlog.configure(**saved)
-
-
-def ctl(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    """Run ``gatewayctl`` in this thread; returns exit code, stdout, stderr."""
-    capsys.readouterr()
-    code = gatewayctl.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-async def actl(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    """Run ``gatewayctl`` in a thread (it calls asyncio.run; the daemon runs in this loop)."""
-    capsys.readouterr()
-    code = await asyncio.to_thread(gatewayctl.main, [str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def stdin(monkeypatch: pytest.MonkeyPatch, text: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from conftest import ctl
 
 from gateway.cli import gatewayctl, gatewayd
 from gateway.crypto.pki import cert_fingerprint, init_pki, issue_device, load_cert_der
@@ -35,14 +36,6 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     saved = structlog.get_config()
     yield
     structlog.configure(**saved)
-
-
-def ctl(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    """Run ``gatewayctl`` with ``argv``; returns exit code, stdout, stderr."""
-    capsys.readouterr()
-    code = gatewayctl.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def stdin(monkeypatch: pytest.MonkeyPatch, text: str) -> None:

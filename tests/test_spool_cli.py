@@ -12,15 +12,13 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from conftest import Running
+from conftest import Running, actl
 
 from gateway.chain import ChainEntry, HashChainLog
-from gateway.cli import gatewayctl
 from gateway.config import GatewayConfig
 from gateway.testing import DeviceClient, Sandbox, sample_submission
 
@@ -51,17 +49,6 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def config_of(sandbox: Sandbox) -> GatewayConfig:
     assert sandbox.config is not None
     return sandbox.config
-
-
-async def ctl(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    """Run ``gatewayctl`` in a thread; returns exit code, stdout, stderr.
-
-    stdout also carries the in-process daemon's log lines: parse what the command
-    printed with :func:`json_out` or search it, never compare it whole."""
-    capsys.readouterr()
-    code = await asyncio.to_thread(gatewayctl.main, [str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def json_out(out: str) -> Any:
@@ -140,14 +127,14 @@ async def test_spool_list_shows_held_by_default_and_filters(
     held, delivered = await held_and_delivered(gateway)
     config = gateway.sandbox.config_path
 
-    code, out, err = await ctl(capsys, "spool", "list", "--config", config)
+    code, out, err = await actl(capsys, "spool", "list", "--config", config)
     assert code == 0, err
     assert held in out
     assert delivered not in out
     assert "1 record(s)" in err
     assert_no_values(out + err)
 
-    code, out, err = await ctl(
+    code, out, err = await actl(
         capsys, "spool", "list", "--config", config, "--state", "all", "--format", "json"
     )
     assert code == 0, err
@@ -171,7 +158,7 @@ async def test_spool_list_shows_held_by_default_and_filters(
     assert rows[delivered]["upstream_receipt"]
     assert "application_id" in rows[delivered]["fields"]
 
-    code, out, err = await ctl(
+    code, out, err = await actl(
         capsys,
         "spool",
         "list",
@@ -187,7 +174,7 @@ async def test_spool_list_shows_held_by_default_and_filters(
     assert code == 0, err
     assert [row["submission_id"] for row in json_out(out)] == [delivered]
 
-    code, out, err = await ctl(
+    code, out, err = await actl(
         capsys, "spool", "list", "--config", config, "--state", "delivered", "--format", "json"
     )
     assert code == 0, err
@@ -203,7 +190,7 @@ async def test_spool_show_prints_field_names_never_values(
         (held, "held", set(PLANTED)),
         (delivered, "delivered", {"application_id", "face_photo"}),
     ):
-        code, out, err = await ctl(capsys, "spool", "show", "--config", config, submission_id)
+        code, out, err = await actl(capsys, "spool", "show", "--config", config, submission_id)
         assert code == 0, err
         assert_no_values(out + err)
         shown = json_out(out)
@@ -211,13 +198,13 @@ async def test_spool_show_prints_field_names_never_values(
         assert shown["state"] == state
         assert names <= set(shown["fields"]), shown["fields"]
 
-    code, out, err = await ctl(capsys, "spool", "show", "--config", config, "not-an-id")
+    code, out, err = await actl(capsys, "spool", "show", "--config", config, "not-an-id")
     assert code == 1
     assert err.startswith("gatewayctl: 'not-an-id' is not a submission id"), err
     assert "Traceback" not in err
 
     unknown = "0" * 32
-    code, out, err = await ctl(capsys, "spool", "show", "--config", config, unknown)
+    code, out, err = await actl(capsys, "spool", "show", "--config", config, unknown)
     assert code == 1
     assert f"no record {unknown}" in err
     assert "Traceback" not in err
@@ -243,15 +230,15 @@ async def test_spool_requeue_delivers_a_held_record_and_is_audited(
     intact = audit_log.stat().st_size
     with audit_log.open("ab") as handle:
         handle.write(b'{"at":"2026-')  # a torn final line
-    code, out, err = await ctl(capsys, "spool", "requeue", "--config", config, held)
+    code, out, err = await actl(capsys, "spool", "requeue", "--config", config, held)
     assert code == 1
     assert "not made" in err
     assert "queued again" not in out
-    code, out, err = await ctl(capsys, "spool", "show", "--config", config, held)
+    code, out, err = await actl(capsys, "spool", "show", "--config", config, held)
     assert json_out(out)["state"] == "held"
     os.truncate(audit_log, intact)  # what an operator does after inspecting the torn line
 
-    code, out, err = await ctl(capsys, "spool", "requeue", "--config", config, held)
+    code, out, err = await actl(capsys, "spool", "requeue", "--config", config, held)
     assert code == 0, err
     assert f"{held} queued again" in out
     await ward.wait_for(1, timeout=10)
@@ -270,7 +257,7 @@ async def test_spool_requeue_delivers_a_held_record_and_is_audited(
     assert last.body["actor"] == OPERATOR
 
     # A record that is not held (delivered) is refused, and the refusal recorded.
-    code, out, err = await ctl(capsys, "spool", "requeue", "--config", config, delivered)
+    code, out, err = await actl(capsys, "spool", "requeue", "--config", config, delivered)
     assert code == 1
     assert "queued again" not in out
     assert delivered in err
@@ -283,7 +270,7 @@ async def test_spool_requeue_delivers_a_held_record_and_is_audited(
     assert len(ward.received) == 1
     assert len(gateway.sandbox.simulators["dnp-relay"].received) == 1  # not sent again
 
-    code, _out, err = await ctl(capsys, "spool", "requeue", "--config", config, "xyz")
+    code, _out, err = await actl(capsys, "spool", "requeue", "--config", config, "xyz")
     assert code == 1
     assert "is not a submission id" in err
 
@@ -300,7 +287,7 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     records = config_of(sandbox).spool.directory / "records"
     assert (records / held).is_file()
 
-    code, out, err = await ctl(capsys, "spool", "erase", "--config", config, held)
+    code, out, err = await actl(capsys, "spool", "erase", "--config", config, held)
     assert code == 0, err
     assert f"{held} erased" in out
     assert not (records / held).exists()
@@ -308,7 +295,7 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     assert spool_states(gateway) == {"queued": 0, "held": 0, "delivered": 1}
     assert gauge(gateway, "gateway_spool_oldest_undelivered_age_seconds") == 0
 
-    code, out, err = await ctl(capsys, "spool", "show", "--config", config, held)
+    code, out, err = await actl(capsys, "spool", "show", "--config", config, held)
     assert code == 0, err
     shown = json_out(out)
     assert shown["state"] == "erased"
@@ -333,7 +320,7 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     assert last.body["actor"] == OPERATOR
 
     # Again, together with a live one: the erased one fails, the live one is erased.
-    code, out, err = await ctl(capsys, "spool", "erase", "--config", config, held, delivered)
+    code, out, err = await actl(capsys, "spool", "erase", "--config", config, held, delivered)
     assert code == 1
     assert f"{held}: " in err
     assert "already erased" in err
@@ -370,7 +357,7 @@ async def test_without_a_daemon_requeue_fails_clearly_and_list_still_works(
     for left_behind in (True, False):  # a stale socket file, then none at all
         if not left_behind:
             socket.unlink(missing_ok=True)
-        code, out, err = await ctl(capsys, "spool", "requeue", "--config", config, held)
+        code, out, err = await actl(capsys, "spool", "requeue", "--config", config, held)
         assert code == 1
         assert "queued again" not in out
         assert "gatewayd is not answering" in err
@@ -379,7 +366,7 @@ async def test_without_a_daemon_requeue_fails_clearly_and_list_still_works(
         assert (last.body["action"], last.body["target"]) == ("spool.requeue", held)
         assert last.body["outcome"] == "failed"
 
-    code, out, err = await ctl(capsys, "spool", "list", "--config", config)
+    code, out, err = await actl(capsys, "spool", "list", "--config", config)
     assert code == 0, err
     assert held in out
     assert "1 record(s)" in err
