@@ -20,6 +20,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -40,6 +41,11 @@ def current_actor(environ: Mapping[str, str] = os.environ) -> str:
         return f"uid:{os.geteuid()}"
 
 
+def audit_chain(config: AuditConfig, *, clock: Callable[[], float] = time.time) -> HashChainLog:
+    """The audit log's hash chain, anchored where the configuration says."""
+    return HashChainLog(config.log, clock=clock, anchor=config.anchor)
+
+
 class AuditLog:
     """Appends audit entries for one program (``via``); thread-safe, multi-process safe."""
 
@@ -51,10 +57,7 @@ class AuditLog:
         actor: str | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        kwargs: dict[str, Any] = {"anchor": config.anchor}
-        if clock is not None:
-            kwargs["clock"] = clock
-        self.chain = HashChainLog(config.log, **kwargs)
+        self.chain = audit_chain(config, clock=clock or time.time)
         self.via = via
         self.actor = actor or current_actor()
         self.host = socket.gethostname()

@@ -31,12 +31,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway import __version__, logs
 from gateway.audit import AuditLog
 from gateway.auth import StaffAuthenticator
-from gateway.chain import HashChainLog
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
 from gateway.control import build_control_app, start_control_site
 from gateway.crypto.keys import load_master_key, read_secret_file, resolve_secret_path
-from gateway.crypto.seal import load_recipient, load_signing_key
 from gateway.crypto.tls import cert_not_after, server_context
 from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.ingress import Gate, Runtime, RuntimeRef, build_app
@@ -44,8 +42,8 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.photo_check import PhotoChecker
 from gateway.registry import RegistryWatcher
-from gateway.relay import Relay, Sleep
-from gateway.retention.sweeper import ERASURE_REASONS, Sweeper
+from gateway.relay import Relay, Sleep, payload_recipient, payload_signing_key
+from gateway.retention.sweeper import ERASURE_REASONS, Sweeper, erasure_ledger
 from gateway.sdnotify import Notifier, watchdog_loop
 from gateway.spool import Record, Spool
 from gateway.tls_listener import TlsSite
@@ -103,24 +101,14 @@ def _payload_key_problems(config: GatewayConfig, file: str) -> list[ConfigProble
     for name, dest in config.destinations.items():
         if dest.payload_encryption == "none":
             continue
-        assert dest.recipient_key is not None and dest.signing_key is not None
-        key = f"destinations.{name}."
-        try:
-            load_recipient(
-                dest.recipient_key,
-                suite=dest.payload_encryption,
-                kem=dest.payload_kem,
-                not_after=dest.recipient_key_not_after,
-            )
-        except (GatewayError, OSError) as exc:
-            problems.append(ConfigProblem(file, key + "recipient_key", str(exc)))
-        try:
-            load_signing_key(
-                resolve_secret_path(dest.signing_key, ROOT),
-                not_after=dest.signing_key_not_after,
-            )
-        except (GatewayError, OSError) as exc:
-            problems.append(ConfigProblem(file, key + "signing_key", str(exc)))
+        for key, load in (
+            ("recipient_key", payload_recipient),
+            ("signing_key", payload_signing_key),
+        ):
+            try:
+                load(dest)
+            except (GatewayError, OSError) as exc:
+                problems.append(ConfigProblem(file, f"destinations.{name}.{key}", str(exc)))
     return problems
 
 
@@ -185,14 +173,12 @@ class Daemon:
         *,
         config_path: Path | None,
         clock: Callable[[], float],
-        sleep: Sleep,
         metrics: Metrics,
         notifier: Notifier | None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.clock = clock
-        self.sleep = sleep
         self.metrics = metrics
         self.notifier = notifier
         self.readiness = {"state": "starting"}
@@ -205,7 +191,6 @@ class Daemon:
     sweeper: Sweeper
     ref: RuntimeRef
     site: TlsSite
-    photos: PhotoChecker
 
     def _audit(self, action: str, **kwargs: Any) -> None:
         """An audit entry; a log that cannot take it is logged, never fatal to serving."""
@@ -343,7 +328,6 @@ async def serve(
         config,
         config_path=config_path,
         clock=clock,
-        sleep=sleep,
         metrics=metrics,
         notifier=notifier,
     )
@@ -372,11 +356,7 @@ async def serve(
     metrics.spool_free_bytes.set_function(spool.free_bytes)
     daemon._export(config)
     relay = daemon.relay = Relay(config, spool, metrics, sleep=sleep, clock=clock)
-    ledger = HashChainLog(
-        config.spool.directory / "erasure-ledger.jsonl",
-        clock=clock,
-        anchor=config.spool.directory / "erasure-ledger.anchor",
-    )
+    ledger = erasure_ledger(config.spool.directory, clock=clock)
     sweeper = daemon.sweeper = Sweeper(
         spool, ledger, metrics, clock=clock, channels=tuple(config.channels)
     )
@@ -388,6 +368,7 @@ async def serve(
 
     relay.on_delivered = on_delivered
     gate = Gate()
+    metrics.in_flight.set_function(lambda: gate.in_flight)
     admin = web.AppRunner(
         _admin_app(gate, metrics, daemon.readiness), handle_signals=False, access_log=None
     )

@@ -70,6 +70,7 @@ class Gate:
     """Room promised to bodies being received (their declared or maximum size)."""
     accepting: bool = True
     in_flight: int = 0
+    """Requests being handled (exported as gateway_ingress_requests_in_flight)."""
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def enter(self) -> None:
@@ -516,7 +517,6 @@ async def _handle(
     if channel_label is not None:
         context["channel"] = channel_label
     started = time.perf_counter()
-    rt.metrics.in_flight.inc()
     rt.gate.enter()
     try:
         response = await run(context)
@@ -545,7 +545,6 @@ async def _handle(
         level = "error"
         context["error"] = type(exc).__name__
     finally:
-        rt.metrics.in_flight.dec()
         rt.gate.leave()
     duration = time.perf_counter() - started
     if channel_label is not None:

@@ -33,7 +33,14 @@ from gateway.breaker import CircuitBreaker
 from gateway.config import DestinationConfig, GatewayConfig
 from gateway.crypto.keys import read_secret_file, resolve_secret_path
 from gateway.crypto.pki import spki_sha256_b64
-from gateway.crypto.seal import Sealed, Sealer, load_recipient, load_signing_key
+from gateway.crypto.seal import (
+    Recipient,
+    Sealed,
+    Sealer,
+    SigningKey,
+    load_recipient,
+    load_signing_key,
+)
 from gateway.crypto.tls import client_context, peer_cert_der
 from gateway.errors import RecordCorrupt, RelayError, SecretFileError, SpoolError
 from gateway.logs import get_logger
@@ -49,9 +56,10 @@ log = get_logger("gateway.relay")
 
 
 class SpoolPayload(Payload):
-    """A record's plaintext streamed from its encrypted file, with a known length."""
+    """A record's plaintext streamed from its encrypted file (or a sealed payload's
+    parts), with a known length."""
 
-    def __init__(self, chunks: Iterator[bytes], size: int, content_type: str) -> None:
+    def __init__(self, chunks: Iterator[bytes | memoryview], size: int, content_type: str) -> None:
         super().__init__(chunks, content_type=content_type)
         self._chunks = chunks
         self._size_hint = size
@@ -129,20 +137,29 @@ class DestinationParts:
 
 @dataclass
 class DestinationRelay:
-    """One destination's queue, session and workers.
+    """One destination's parts, queue and workers.
 
-    Workers read ``config``, ``session`` and ``authorization`` at each attempt, so a
-    reload that replaces them takes effect from the next attempt on.
+    Workers read ``parts`` at each attempt, so a reload that replaces them takes effect
+    from the next attempt on.
     """
 
     name: str
-    config: DestinationConfig
+    parts: DestinationParts
     queue: asyncio.Queue[str | Record]  # ids loaded at start-up, records as accepted
-    session: aiohttp.ClientSession
-    authorization: str | None
     tasks: list[asyncio.Task[None]]
     breaker: CircuitBreaker
-    sealer: Sealer | None = None
+
+    @property
+    def config(self) -> DestinationConfig:
+        return self.parts.config
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self.parts.session
+
+
+def _breaker(dest: DestinationConfig) -> CircuitBreaker:
+    return CircuitBreaker(dest.retry.circuit_threshold, dest.retry.circuit_cooldown)
 
 
 @dataclass
@@ -151,7 +168,7 @@ class RelayPlan:
 
     config: GatewayConfig
     build: dict[str, DestinationParts]
-    """Destinations added or changed, with their new parts."""
+    """Every configured destination, rebuilt (its files read again)."""
     remove: tuple[str, ...]
 
 
@@ -178,7 +195,6 @@ class Relay:
         self._busy: set[asyncio.Task[Any]] = set()  # workers inside an attempt, not a sleep
         self._stopping = False
         self._drained = asyncio.Event()  # set once stopping and no attempt is under way
-        self._channels_of = {name: ch for name, ch in config.channels.items()}
         self._sessions_in_use: dict[aiohttp.ClientSession, int] = {}
         self._retired: set[aiohttp.ClientSession] = set()
         self._closing: set[asyncio.Task[None]] = set()
@@ -188,22 +204,12 @@ class Relay:
             await self._add_destination(name, self._parts(dest))
 
     async def _add_destination(self, name: str, parts: DestinationParts) -> None:
-        dest = parts.config
-        relay = DestinationRelay(
-            name,
-            dest,
-            asyncio.Queue(),
-            parts.session,
-            parts.authorization,
-            [],
-            CircuitBreaker(dest.retry.circuit_threshold, dest.retry.circuit_cooldown),
-            parts.sealer,
-        )
-        self._export_key_expiry(name, parts)
+        relay = DestinationRelay(name, parts, asyncio.Queue(), [], _breaker(parts.config))
+        self._export_key_expiry(name, parts.sealer)
         self._destinations[name] = relay
         for record_id in await self._spool.queued_ids(name):
             relay.queue.put_nowait(record_id)
-        self._resize(relay, dest.concurrency)
+        self._resize(relay, parts.config.concurrency)
 
     def _resize(self, relay: DestinationRelay, workers: int) -> None:
         """Start workers up to ``workers``; extra ones end after their current delivery."""
@@ -218,17 +224,15 @@ class Relay:
         sealer = payload_sealer(dest)  # first: it may refuse a key, and owns nothing
         return DestinationParts(dest, self._session(dest), self._authorization(dest), sealer)
 
-    def _export_key_expiry(self, name: str, parts: DestinationParts) -> None:
+    def _export_key_expiry(self, name: str, sealer: Sealer | None) -> None:
         gauge = self._metrics.payload_key_expiry
         for key in ("recipient", "signing"):
             with contextlib.suppress(KeyError):
                 gauge.remove(name, key)
-        if parts.sealer is None:
+        if sealer is None:
             return
-        gauge.labels(destination=name, key="recipient").set(
-            parts.sealer.recipient.not_after.timestamp()
-        )
-        signing_until = parts.sealer.signing_key.not_after
+        gauge.labels(destination=name, key="recipient").set(sealer.recipient.not_after.timestamp())
+        signing_until = sealer.signing_key.not_after
         if signing_until is not None:
             gauge.labels(destination=name, key="signing").set(signing_until.timestamp())
 
@@ -259,10 +263,6 @@ class Relay:
             raise
         return RelayPlan(config, build, remove)
 
-    async def discard(self, plan: RelayPlan) -> None:
-        """Close what a plan built when the reload is not going ahead."""
-        await asyncio.gather(*(p.session.close() for p in plan.build.values()))
-
     async def apply(self, plan: RelayPlan) -> None:
         """Swap a prepared plan in. The swap itself does not yield to the event loop;
         the old sessions close once the attempts still using them are done."""
@@ -274,22 +274,17 @@ class Relay:
                 added.append((name, parts))
                 continue
             retired.append(relay.session)
-            old = relay.config
-            relay.config, relay.session = parts.config, parts.session
-            relay.authorization, relay.sealer = parts.authorization, parts.sealer
-            self._export_key_expiry(name, parts)
-            if old.retry != parts.config.retry:
-                relay.breaker = CircuitBreaker(
-                    parts.config.retry.circuit_threshold, parts.config.retry.circuit_cooldown
-                )
+            if relay.config.retry != parts.config.retry:
+                relay.breaker = _breaker(parts.config)
+            relay.parts = parts
+            self._export_key_expiry(name, parts.sealer)
             self._resize(relay, parts.config.concurrency)
         gone = [self._destinations.pop(name) for name in plan.remove]
         self._config = plan.config
-        self._channels_of = dict(plan.config.channels)
         for name, parts in added:
             await self._add_destination(name, parts)
         for relay in gone:
-            self._export_key_expiry(relay.name, DestinationParts(relay.config, relay.session, None))
+            self._export_key_expiry(relay.name, None)
             for task in relay.tasks:
                 task.cancel()
             retired.append(relay.session)
@@ -367,7 +362,7 @@ class Relay:
         return basic_authorization(user, password)
 
     async def _seal(
-        self, relay: DestinationRelay, sealer: Sealer, record: Record, chunks: Iterator[bytes]
+        self, destination: str, sealer: Sealer, record: Record, chunks: Iterator[bytes]
     ) -> Sealed:
         """Read the whole record and seal it for the recipient, off the event loop.
 
@@ -381,7 +376,7 @@ class Relay:
                 plaintext,
                 channel=record.channel,
                 submission_id=record.id,
-                destination=relay.name,
+                destination=destination,
                 content_type=record.content_type,
                 created=self._clock(),
             )
@@ -390,7 +385,7 @@ class Relay:
             return await asyncio.to_thread(seal)
         except (RecordCorrupt, OSError) as exc:
             self._metrics.relay_attempts.labels(
-                destination=relay.name, outcome="record_unreadable"
+                destination=destination, outcome="record_unreadable"
             ).inc()
             raise RelayError(
                 f"record unreadable: {type(exc).__name__}", retryable=False, local=True
@@ -591,16 +586,15 @@ class Relay:
             "Idempotency-Key": record.id,
             "Gateway-Channel": record.channel,
         }
-        if relay.authorization:
-            headers["Authorization"] = relay.authorization
+        if relay.parts.authorization:
+            headers["Authorization"] = relay.parts.authorization
         chunks = await self._spool.open_plaintext(record)
-        payload: SpoolPayload | bytes
-        if relay.sealer is None:
+        sealer = relay.parts.sealer
+        if sealer is None:
             payload = SpoolPayload(chunks, record.plaintext_size, record.content_type)
-        else:
-            sealed = await self._seal(relay, relay.sealer, record, chunks)
-            headers["Content-Type"] = sealed.media_type
-            payload = sealed.data
+        else:  # its parts as they are: the ciphertext is not copied once more to join them
+            sealed = await self._seal(relay.name, sealer, record, chunks)
+            payload = SpoolPayload(iter(sealed.parts), sealed.size, sealed.media_type)
         started = time.perf_counter()
         outcome = "error"
         session = relay.session
@@ -622,7 +616,7 @@ class Relay:
                     retry_after=retry_after,
                 )
         except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
-            if isinstance(payload, SpoolPayload) and payload.unreadable:
+            if payload.unreadable:
                 outcome = "record_unreadable"
                 raise RelayError(
                     f"record unreadable: {payload.unreadable}", retryable=False, local=True
@@ -637,25 +631,32 @@ class Relay:
             )
 
 
-def payload_sealer(dest: DestinationConfig) -> Sealer | None:
-    """The destination's sealer, its keys loaded and checked; None without encryption.
-
-    Raises SealKeyError (naming the file and the rule) for a key that is missing, of the
-    wrong kind or size, expired, or readable by others.
-    """
-    if dest.payload_encryption == "none":
-        return None
-    assert dest.recipient_key is not None and dest.signing_key is not None
-    recipient = load_recipient(
+def payload_recipient(dest: DestinationConfig) -> Recipient:
+    """The destination's recipient key, checked (kind, size, expiry); SealKeyError if not.
+    Only for a destination with payload encryption."""
+    assert dest.payload_encryption != "none" and dest.recipient_key is not None
+    return load_recipient(
         dest.recipient_key,
         suite=dest.payload_encryption,
         kem=dest.payload_kem,
         not_after=dest.recipient_key_not_after,
     )
-    signing = load_signing_key(
+
+
+def payload_signing_key(dest: DestinationConfig) -> SigningKey:
+    """The gateway's signing key for the destination, checked (algorithm, expiry, not
+    readable by others); SealKeyError or SecretFileError if not."""
+    assert dest.signing_key is not None
+    return load_signing_key(
         resolve_secret_path(dest.signing_key, ROOT), not_after=dest.signing_key_not_after
     )
-    return Sealer(recipient, signing)
+
+
+def payload_sealer(dest: DestinationConfig) -> Sealer | None:
+    """The destination's sealer, its keys loaded and checked; None without encryption."""
+    if dest.payload_encryption == "none":
+        return None
+    return Sealer(payload_recipient(dest), payload_signing_key(dest))
 
 
 async def _upstream_receipt(response: aiohttp.ClientResponse) -> str | None:

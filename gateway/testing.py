@@ -20,7 +20,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -227,11 +227,17 @@ class Sandbox:
     config_path: Path
     simulators: dict[str, UpstreamSimulator]
     config: GatewayConfig | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def reload_config(self) -> GatewayConfig:
         self.config = load_config(self.config_path)
         return self.config
+
+    def edit_config(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Rewrite the configuration file through ``change`` (the daemon's view changes
+        on reload; ``self.config`` on :meth:`reload_config`)."""
+        data = tomllib.loads(self.config_path.read_text("utf-8"))
+        change(data)
+        self.config_path.write_text(tomli_w.dumps(data), "utf-8")
 
     async def stop_simulators(self) -> None:
         for sim in self.simulators.values():
@@ -244,10 +250,14 @@ def _secret(path: Path, content: bytes) -> Path:
     return path
 
 
-@lru_cache(maxsize=1)
-def _cms_rsa_key() -> rsa.RSAPrivateKey:
-    """One RSA-3072 key per process: making one takes about a second."""
-    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+@lru_cache(maxsize=8)
+def _cms_recipient(name: str) -> tuple[bytes, seal.RecipientPrivateKey]:
+    """A CMS recipient per destination name and process, as (certificate PEM, private
+    key): making an RSA-3072 key takes about a second, and loading one back checks it
+    (about 0.15 s), so neither is done per sandbox."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    private, certificate = seal.generate_cms_recipient(name, key=key)
+    return certificate, seal.recipient_private_key_from_pem(private, certificate_pem=certificate)
 
 
 def _recipient_file(name: str, dest: Mapping[str, Any]) -> str:
@@ -273,15 +283,12 @@ def _payload_keys(
         if kind == "none":
             continue
         if kind == "cms":
-            private, public = seal.generate_cms_recipient(name, key=_cms_rsa_key())
-            certificate: bytes | None = public
+            public, recipient_key = _cms_recipient(name)
         else:
             private, public = seal.generate_recipient_key(dest.get("payload_kem", "x25519"))
-            certificate = None
+            recipient_key = seal.recipient_private_key_from_pem(private)
         write_atomic(recipients / _recipient_file(name, dest), public, mode=0o644)
-        simulators[name].opener = Opener(
-            seal.recipient_private_key_from_pem(private, certificate_pem=certificate), (verify,)
-        )
+        simulators[name].opener = Opener(recipient_key, (verify,))
     return signing
 
 

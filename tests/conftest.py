@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import structlog
 
 from gateway.daemon import Bound
 from gateway.metrics import Metrics
@@ -140,3 +141,20 @@ async def actl(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[i
     code = await asyncio.to_thread(gatewayctl.main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+async def until(predicate: Callable[[], bool], *, within: float = 15.0) -> None:
+    """Wait for what another task or process does (a metric, a log line, a refusal)."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - nothing to await but its effect
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def hermetic_cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For gatewayctl in this process: no systemd credentials directory, and the
+    structlog configuration it changes restored afterwards."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

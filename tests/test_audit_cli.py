@@ -13,15 +13,12 @@ import json
 import os
 import sys
 import time
-import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-import tomli_w
 from conftest import Running, actl, ctl, start_gateway
 
 from gateway import __version__
@@ -39,13 +36,9 @@ PLANTED_PASSWORD_2 = "Second-Planted-Pw-k3Vv-88"
 
 
 @pytest.fixture(autouse=True)
-def _hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A known sudo caller, no systemd credentials; structlog configuration restored."""
+def _hermetic(hermetic_cli: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A known sudo caller (see conftest.hermetic_cli for the rest)."""
     monkeypatch.setenv("SUDO_USER", OPERATOR)
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 def stdin(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
@@ -95,12 +88,6 @@ def add_device(
 def assert_recent(at: str) -> None:
     moment = datetime.fromisoformat(at.replace("Z", "+00:00"))
     assert abs(moment.timestamp() - time.time()) < 60, at
-
-
-def edit_config(sandbox: Sandbox, change: Callable[[dict[str, Any]], None]) -> None:
-    data = tomllib.loads(sandbox.config_path.read_text("utf-8"))
-    change(data)
-    sandbox.config_path.write_text(tomli_w.dumps(data), "utf-8")
 
 
 # --------------------------------------------------------- what each command records
@@ -548,7 +535,7 @@ async def test_reload_is_recorded(gateway: Running) -> None:
 
 async def test_a_refused_reload_is_recorded_as_refused(gateway: Running) -> None:
     """A misspelt key: the reload returns (False, reason naming it), logged "refused"."""
-    edit_config(gateway.sandbox, lambda d: d["ingress"].update(shutdown_timout=5))
+    gateway.sandbox.edit_config(lambda d: d["ingress"].update(shutdown_timout=5))
     applied, reason = await gateway.bound.reload()
     assert not applied
     assert "ingress.shutdown_timout" in reason
@@ -587,7 +574,7 @@ async def test_gatewayctl_reload_of_a_refused_configuration_exits_1_with_the_rea
     change: Callable[[dict[str, Any]], None],
 ) -> None:
     """The daemon refuses the new file: exit 1, reason on stderr, entry "refused"."""
-    edit_config(gateway.sandbox, change)
+    gateway.sandbox.edit_config(change)
     code, out, err = await actl(capsys, "reload", "--config", gateway.sandbox.config_path)
     assert code == 1
     assert "reloaded: " not in out
@@ -606,7 +593,7 @@ async def test_gatewayctl_reload_of_a_misspelt_key_fails_naming_the_key(
     """A config gatewayctl itself cannot load: non-zero exit naming the key; the daemon
     keeps serving the old configuration and reloads once the file is fixed."""
     original = gateway.sandbox.config_path.read_text("utf-8")
-    edit_config(gateway.sandbox, lambda d: d["ingress"].update(shutdown_timout=5))
+    gateway.sandbox.edit_config(lambda d: d["ingress"].update(shutdown_timout=5))
     code, out, err = await actl(capsys, "reload", "--config", gateway.sandbox.config_path)
     assert code != 0
     assert "reloaded: " not in out

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from conftest import ctl
 
 from gateway.cli import gatewayctl, gatewayd
@@ -29,13 +27,7 @@ CHANNELS = (
 NEW_PASSWORD = "a-long-enough-password"
 
 
-@pytest.fixture(autouse=True)
-def _hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No systemd credentials directory; structlog configuration restored afterwards."""
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
+pytestmark = pytest.mark.usefixtures("hermetic_cli")
 
 
 def stdin(monkeypatch: pytest.MonkeyPatch, text: str) -> None:

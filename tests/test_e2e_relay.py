@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 from conftest import FakeSleep, Running, hold, start_gateway
 
 from gateway.crypto.pki import load_cert_der, spki_sha256_b64
@@ -361,9 +359,7 @@ async def test_wrong_spki_pin_never_delivers(tmp_path: Path) -> None:
 
 def _pin_destination(box: Sandbox, destination: str, pins: list[str]) -> None:
     """Rewrite the sandbox's configuration with SPKI pins for ``destination``."""
-    data = tomllib.loads(box.config_path.read_text("utf-8"))
-    data["destinations"][destination]["spki_pins"] = pins
-    box.config_path.write_text(tomli_w.dumps(data), "utf-8")
+    box.edit_config(lambda d: d["destinations"][destination].update(spki_pins=pins))
     box.reload_config()
 
 

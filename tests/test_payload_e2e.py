@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tomllib
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -17,8 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-import tomli_w
-from conftest import Running, start_gateway
+from conftest import Running, start_gateway, until
 
 from gateway.cli import gatewayctl
 from gateway.crypto import seal
@@ -182,13 +180,6 @@ async def test_an_untrusted_signer_is_refused(gateway: Running) -> None:
     assert sim.sealed_refusals[0] == "untrusted signer"
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait for what the relay does in its own tasks."""
-    async with asyncio.timeout(15):
-        while not predicate():  # noqa: ASYNC110 - nothing to await but its effect
-            await asyncio.sleep(0.01)
-
-
 async def until_held(gateway: Running, submission_id: str) -> str:
     state = ""
 
@@ -236,12 +227,6 @@ def test_key_expiry_is_exported_as_metrics(gateway: Running) -> None:
     assert none is None
 
 
-def _edit(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    data = tomllib.loads(path.read_text("utf-8"))
-    change(data)
-    path.write_text(tomli_w.dumps(data), "utf-8")
-
-
 @pytest.mark.parametrize(
     ("what", "change", "key", "message"),
     [
@@ -281,7 +266,7 @@ async def test_bad_payload_keys_are_refused_at_load(
 ) -> None:
     """check-config names the destination's key and the rule; nothing about the key."""
     box = await build_sandbox(tmp_path, start_simulators=False)
-    _edit(box.config_path, lambda d: change(d, box))
+    box.edit_config(lambda d: change(d, box))
     status = gatewayctl.main(["check-config", "--config", str(box.config_path)])
     err = capsys.readouterr().err
     assert status == 1, what

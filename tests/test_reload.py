@@ -12,15 +12,13 @@ import os
 import signal
 import socket
 import ssl
-import tomllib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import tomli_w
-from conftest import Running, start_gateway
+from conftest import Running, start_gateway, until
 
 from gateway.chain import HashChainLog
 from gateway.cli import gatewayctl
@@ -36,12 +34,6 @@ from gateway.testing import (
 )
 
 CHANNEL = "online-application"
-
-
-def edit_config(sandbox: Sandbox, change: Callable[[dict[str, Any]], None]) -> None:
-    data = tomllib.loads(sandbox.config_path.read_text("utf-8"))
-    change(data)
-    sandbox.config_path.write_text(tomli_w.dumps(data), "utf-8")
 
 
 def sample_value(name: str, labels: dict[str, str], running: Running) -> float:
@@ -148,7 +140,7 @@ async def test_reload_applies_a_changed_channel(gateway: Running) -> None:
         def shrink(data: dict[str, Any]) -> None:
             data["channels"][CHANNEL]["max_body_bytes"] = 2048
 
-        edit_config(gateway.sandbox, shrink)
+        gateway.sandbox.edit_config(shrink)
         applied, reason = await gateway.bound.reload()
         assert applied, reason
         reply = await client.submit(CHANNEL, fields, files)
@@ -187,7 +179,7 @@ async def test_a_broken_configuration_is_refused_and_the_old_one_kept(
     gateway: Running, what: str, change: Callable[[dict[str, Any]], None], expected: str
 ) -> None:
     """Refused, logged, counted and audited; the gateway goes on as before."""
-    edit_config(gateway.sandbox, change)
+    gateway.sandbox.edit_config(change)
     applied, reason = await gateway.bound.reload()
     assert not applied, what
     assert expected in reason
@@ -202,8 +194,7 @@ async def test_a_broken_configuration_is_refused_and_the_old_one_kept(
 async def test_a_key_that_does_not_match_its_certificate_is_refused(gateway: Running) -> None:
     """The TLS context is built before the swap: a mismatched pair changes nothing."""
     pki = gateway.sandbox.pki
-    edit_config(
-        gateway.sandbox,
+    gateway.sandbox.edit_config(
         lambda d: d["ingress"].update(private_key=str(pki.gateway_client.key)),
     )
     applied, reason = await gateway.bound.reload()
@@ -234,7 +225,7 @@ async def test_certificate_rotation_keeps_the_listener_and_open_connections(
 
 async def test_reload_rebuilds_destinations_and_deliveries_go_on(gateway: Running) -> None:
     """Destinations are rebuilt (new certificates and credentials are read) on reload."""
-    edit_config(gateway.sandbox, lambda d: d["destinations"]["dnp-relay"].update(concurrency=1))
+    gateway.sandbox.edit_config(lambda d: d["destinations"]["dnp-relay"].update(concurrency=1))
     applied, reason = await gateway.bound.reload()
     assert applied, reason
     async with gateway.client() as client:
@@ -258,7 +249,7 @@ async def test_removing_a_destination_with_waiting_records_is_refused(tmp_path: 
             del data["channels"]["card-delegation-batch"]
             del data["destinations"]["jlis-card-management"]
 
-        edit_config(box, drop)
+        box.edit_config(drop)
         applied, reason = await running.bound.reload()
         assert not applied
         assert "destinations.jlis-card-management: removed while 1 record(s) wait" in reason
@@ -289,13 +280,6 @@ async def _handshake(port: int, context: ssl.SSLContext) -> None:
             await writer.wait_closed()
 
 
-async def _until(predicate: Callable[[], bool]) -> None:
-    """Wait for something another task or process does (a metric, a log line)."""
-    async with asyncio.timeout(10):
-        while not predicate():  # noqa: ASYNC110 - nothing to await but its effect
-            await asyncio.sleep(0.01)
-
-
 async def test_failed_handshakes_are_counted_by_reason(gateway: Running, tmp_path: Path) -> None:
     """No client certificate, and one from a CA the gateway does not know, each counted."""
     pki = gateway.sandbox.pki
@@ -303,7 +287,7 @@ async def test_failed_handshakes_are_counted_by_reason(gateway: Running, tmp_pat
     anonymous = ssl.create_default_context(cafile=str(pki.gateway_ca.cert))
     await _handshake(port, anonymous)
     labels = {"listener": "ingress", "reason": "no_client_certificate"}
-    await _until(lambda: sample_value("gateway_tls_handshake_failures_total", labels, gateway) == 1)
+    await until(lambda: sample_value("gateway_tls_handshake_failures_total", labels, gateway) == 1)
 
     stranger = init_pki(tmp_path / "other-pki", devices=("tablet-01",))
     foreign = client_context(
@@ -313,7 +297,7 @@ async def test_failed_handshakes_are_counted_by_reason(gateway: Running, tmp_pat
     )
     await _handshake(port, foreign)
     labels = {"listener": "ingress", "reason": "certificate"}
-    await _until(lambda: sample_value("gateway_tls_handshake_failures_total", labels, gateway) == 1)
+    await until(lambda: sample_value("gateway_tls_handshake_failures_total", labels, gateway) == 1)
 
     async with gateway.client() as client:  # a good device still gets in
         fields, files = sample_submission(CHANNEL)
@@ -363,7 +347,7 @@ async def _log_event(log: Path, event: str, count: int = 1) -> list[dict[str, An
                     found.append(doc)
         return len(found) >= count
 
-    await _until(scan)
+    await until(scan)
     return found
 
 
@@ -437,7 +421,7 @@ async def test_sigterm_drain_finishes_the_request_under_way_and_refuses_new_ones
     )
     writer.write(head.encode() + body[:1000])
     await writer.drain()
-    await _until(lambda: sample_value("gateway_ingress_requests_in_flight", {}, gateway) == 1)
+    await until(lambda: sample_value("gateway_ingress_requests_in_flight", {}, gateway) == 1)
     gateway.gateway.stop.set()  # what SIGTERM does
     async with gateway.client() as late:  # a new request during the drain
         with contextlib.suppress(aiohttp.ClientError):

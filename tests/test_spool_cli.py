@@ -11,11 +11,9 @@ import asyncio
 import json
 import os
 import stat
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 from conftest import Running, actl
 
 from gateway.chain import ChainEntry, HashChainLog
@@ -38,12 +36,9 @@ PLANTED_DELIVERED_ID = "27182818284590452353602"
 
 
 @pytest.fixture(autouse=True)
-def _hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _hermetic(hermetic_cli: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A known sudo caller (see conftest.hermetic_cli for the rest)."""
     monkeypatch.setenv("SUDO_USER", OPERATOR)
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 def config_of(sandbox: Sandbox) -> GatewayConfig:

@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
+from functools import cached_property
 
 from gateway.channels.fields import TextRule
 from gateway.channels.photo import PhotoRules
@@ -84,7 +85,7 @@ class FieldRule:
     def is_file(self) -> bool:
         return self.format in FILE_FORMATS
 
-    @property
+    @cached_property  # read for every chunk of a text part
     def text_rule(self) -> TextRule:
         return TextRule(self.format, self.max_length)
 

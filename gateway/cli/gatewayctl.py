@@ -16,8 +16,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from gateway import __version__
-from gateway.audit import AuditLog, current_actor
-from gateway.chain import ChainBroken, HashChainLog
+from gateway.audit import AuditLog, audit_chain, current_actor
+from gateway.chain import ChainBroken
 from gateway.config import GatewayConfig, load_config
 from gateway.control import control_request
 from gateway.crypto.pki import PkiExistsError, cert_fingerprint, init_pki, load_cert_der
@@ -40,6 +40,7 @@ from gateway.registry import (
     upsert_user,
 )
 from gateway.retention.report import as_csv, certificate
+from gateway.retention.sweeper import erasure_ledger
 from gateway.spool import Record, is_submission_id, read_records
 
 DEFAULT_CONFIG = Path("/etc/gateway/gateway.toml")
@@ -215,10 +216,7 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
 
 def cmd_erasure_report(args: argparse.Namespace) -> int:
     config = _config(args)
-    directory = config.spool.directory
-    ledger = HashChainLog(
-        directory / "erasure-ledger.jsonl", anchor=directory / "erasure-ledger.anchor"
-    )
+    ledger = erasure_ledger(config.spool.directory)
     if args.to < args.from_:
         raise UsageError("--to is before --from")
     cert = certificate(
@@ -363,13 +361,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_chain(config: GatewayConfig) -> HashChainLog:
-    where = config.audit_log
-    return HashChainLog(where.log, anchor=where.anchor)
-
-
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    chain = _audit_chain(_config(args))
+    chain = audit_chain(_config(args).audit_log)
     try:
         count = chain.verify()
     except ChainBroken as exc:
@@ -382,7 +375,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
-    chain = _audit_chain(_config(args))
+    chain = audit_chain(_config(args).audit_log)
     entries = list(chain.entries())  # verified as read: a broken chain raises ChainBroken
     for entry in entries[-args.last :] if args.last else entries:
         body = entry.body

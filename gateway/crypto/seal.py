@@ -422,7 +422,6 @@ class Recipient:
     kem: Kem | None
     key_id: str
     not_after: datetime
-    source: str
     public_key: HpkePublicKey | None = field(default=None, repr=False)
     certificate: x509.Certificate | None = field(default=None, repr=False)
 
@@ -479,7 +478,6 @@ def _recipient_hpke(
         kem=cast(Kem, kem),
         key_id=kid,
         not_after=not_after,
-        source=where,
         public_key=public_key,
     )
 
@@ -530,7 +528,6 @@ def _recipient_cms(
         kem=None,
         key_id=key_id(_spki(key)),
         not_after=effective,
-        source=where,
         certificate=cert,
     )
 
@@ -622,7 +619,6 @@ class SigningKey:
     alg: SigAlg
     private_key: SignerPrivateKey = field(repr=False)
     key_id: str
-    source: str
     not_after: datetime | None = None
 
     def sign(self, message: Buffer) -> bytes:
@@ -676,7 +672,6 @@ def _signing_key_from_pem(
         alg=alg,
         private_key=signer,
         key_id=key_id(_spki(signer.public_key())),
-        source=where,
         not_after=configured,
     )
 
@@ -728,7 +723,6 @@ class RecipientPrivateKey:
     suite: SuiteKind
     kem: Kem | None
     key_id: str
-    source: str
     hpke_key: HpkePrivateKey | None = field(default=None, repr=False)
     rsa_key: rsa.RSAPrivateKey | None = field(default=None, repr=False)
     certificate: x509.Certificate | None = field(default=None, repr=False)
@@ -755,7 +749,6 @@ def recipient_private_key_from_pem(
             suite="hpke",
             kem="mlkem768-x25519",
             key_id=key_id(public),
-            source=source,
             hpke_key=hybrid,
         )
     if len(labels) != 1 or not labels[0].endswith("PRIVATE KEY") or "ENCRYPTED" in labels[0]:
@@ -769,7 +762,6 @@ def recipient_private_key_from_pem(
             suite="hpke",
             kem="x25519",
             key_id=key_id(_spki(key.public_key())),
-            source=source,
             hpke_key=key,
         )
     if isinstance(key, rsa.RSAPrivateKey):
@@ -786,7 +778,6 @@ def recipient_private_key_from_pem(
             suite="cms",
             kem=None,
             key_id=key_id(_spki(cert_key)),
-            source=source,
             rsa_key=key,
             certificate=cert,
         )
@@ -830,10 +821,6 @@ class SealedHeader:
     aead_id: int | None = None
     enc: bytes | None = field(default=None, repr=False)
     version: int = VERSION
-
-    @property
-    def created_at(self) -> datetime:
-        return datetime.strptime(self.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
     def as_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {
@@ -1042,7 +1029,7 @@ class Sealed:
 class Opened:
     """A verified and decrypted payload."""
 
-    plaintext: bytes = field(repr=False)
+    plaintext: bytes = field(repr=False, compare=False)  # never in a test's failure diff
     content_type: str
     header: SealedHeader
     signer_kid: str
@@ -1068,14 +1055,6 @@ class Sealer:
                 .set_content_encryption_algorithm(algorithms.AES256)
                 .add_recipient(recipient.certificate)
             )
-
-    @property
-    def media_type(self) -> str:
-        return MEDIA_TYPE
-
-    @property
-    def suite_name(self) -> str:
-        return self.recipient.suite_name
 
     def seal(
         self,

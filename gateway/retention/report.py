@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
 from gateway import __version__
-from gateway.chain import ChainEntry, HashChainLog
+from gateway.chain import GENESIS, ChainEntry, HashChainLog
 
 JST = timezone(timedelta(hours=9), "JST")
 RECORD_FIELDS = (
@@ -53,10 +53,18 @@ def certificate(
     ledger: HashChainLog, start: date, end: date, *, operator: str, organization: str, now: datetime
 ) -> dict[str, Any]:
     """Verify the ledger and build the certificate for [start, end] (JST dates)."""
-    total = ledger.verify()  # raises ChainBroken, naming the line and the reason
-    head_seq, head_hash = ledger.head
     low, high = period_bounds(start, end)
-    records = select(ledger.entries(), low, high)
+    total, head_seq, head_hash = 0, 0, GENESIS
+
+    def verified() -> Iterable[ChainEntry]:
+        """The ledger read once: each entry verified as it comes (ChainBroken names the
+        line and the reason), counted, and the last one taken as the head."""
+        nonlocal total, head_seq, head_hash
+        for entry in ledger.entries():
+            total, head_seq, head_hash = total + 1, entry.seq, entry.hash
+            yield entry
+
+    records = select(verified(), low, high)
     counts: Counter[tuple[str, str]] = Counter((r["channel"], r["reason"]) for r in records)
     by_channel: dict[str, dict[str, int]] = {}
     for (channel, reason), n in sorted(counts.items()):

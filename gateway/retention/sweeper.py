@@ -15,7 +15,9 @@ no record of it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway.chain import HashChainLog
@@ -30,6 +32,17 @@ BATCH = 1000
 WARNING_WINDOW = 86400.0
 
 log = get_logger("gateway.retention")
+
+
+def erasure_ledger(
+    spool_directory: Path, *, clock: Callable[[], float] = time.time
+) -> HashChainLog:
+    """The erasure ledger beside the spool, with its anchor."""
+    return HashChainLog(
+        spool_directory / "erasure-ledger.jsonl",
+        clock=clock,
+        anchor=spool_directory / "erasure-ledger.anchor",
+    )
 
 
 def reason_for(due: Due, *, delivered_now: bool = False) -> str:
