@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import resource
 import signal
 import ssl
 import sys
@@ -34,7 +35,12 @@ from gateway.auth import StaffAuthenticator
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
 from gateway.control import build_control_app, start_control_site
-from gateway.crypto.keys import load_master_key, read_secret_file, resolve_secret_path
+from gateway.crypto.keys import (
+    load_master_key,
+    load_upstream_credential,
+    read_secret_file,
+    resolve_secret_path,
+)
 from gateway.crypto.tls import cert_not_after, server_context
 from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.ingress import Gate, Runtime, RuntimeRef, build_app
@@ -65,19 +71,23 @@ class Bound:
 def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[ConfigProblem]:
     """Every secret the configuration names must exist and be readable by us alone."""
     problems = []
+
+    def secret(what: str) -> Callable[[Path], object]:
+        return lambda path: read_secret_file(path, what=what)
+
     secrets_ = [
-        ("ingress.private_key", config.ingress.private_key, "ingress private key"),
-        ("spool.master_key", config.spool.master_key, "spool master key"),
+        ("ingress.private_key", config.ingress.private_key, secret("ingress private key")),
+        ("spool.master_key", config.spool.master_key, load_master_key),
     ]
     for name, dest in config.destinations.items():
-        secrets_.append((f"destinations.{name}.client_key", dest.client_key, "client key"))
+        secrets_.append((f"destinations.{name}.client_key", dest.client_key, secret("client key")))
         if dest.credential:
             secrets_.append(
-                (f"destinations.{name}.credential", dest.credential, "upstream credential")
+                (f"destinations.{name}.credential", dest.credential, load_upstream_credential)
             )
-    for key, spec, what in secrets_:
+    for key, spec, load in secrets_:
         try:
-            read_secret_file(resolve_secret_path(spec, ROOT), what=what)
+            load(resolve_secret_path(spec, ROOT))
         except Exception as exc:
             problems.append(ConfigProblem(file, key, str(exc)))
     files = [
@@ -494,6 +504,9 @@ def _export_certificate_expiry(config: GatewayConfig, metrics: Metrics) -> None:
 def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
     """The ``gatewayd`` program: load, check, serve until SIGTERM or SIGINT; exit status."""
     logs.configure(level=getattr(logging, log_level.upper()))
+    # No core file, whoever starts us: memory holds decrypted submissions and keys (the
+    # photo-check workers inherit the limit).
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
         config = load_config(config_path)
         problems = secret_problems(config, str(config_path))

@@ -284,8 +284,8 @@ class Admission:
     device: Device
     policy: ChannelPolicy
     user_id: str
-    boundary: bytes
-    key: str | None
+    boundary: bytes = field(repr=False)  # chosen by the device
+    key: str | None = field(repr=False)  # chosen by the device, may be anything
     expected_bytes: int
 
 
@@ -457,6 +457,8 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         await _admit(rt, request, channel, learned)
     except ProblemError as exc:
         failure = exc
+    except Exception as exc:
+        return _unexpected(exc)
     if failure is None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
@@ -578,18 +580,23 @@ async def last_resort(
         problem = ProblemError(exc.status, slug, exc.reason or "Error")
         return problem_response(problem)
     except Exception as exc:
-        frame = exc.__traceback__
-        while frame is not None and frame.tb_next is not None:
-            frame = frame.tb_next
-        where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}" if frame else "?"
-        log.error("unexpected_error", error=type(exc).__name__, reason=where)
-        problem = ProblemError(
-            500,
-            "internal-error",
-            "Internal error",
-            "the gateway failed; the submission was not accepted",
-        )
-        return problem_response(problem)
+        return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> web.Response:
+    """A bug, answered without details: logged by type and place, never by message."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}" if frame else "?"
+    log.error("unexpected_error", error=type(exc).__name__, reason=where)
+    problem = ProblemError(
+        500,
+        "internal-error",
+        "Internal error",
+        "the gateway failed; the submission was not accepted",
+    )
+    return problem_response(problem)
 
 
 def build_app(runtime: RuntimeRef) -> web.Application:

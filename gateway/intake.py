@@ -36,7 +36,10 @@ def malformed(detail: str) -> ProblemError:
 
 def multipart_boundary(content_type: str) -> bytes:
     """The boundary of a ``multipart/form-data`` Content-Type, or 415/400."""
-    media, params = parse_options_header(content_type)
+    try:
+        media, params = parse_options_header(content_type)
+    except UnicodeError:  # not Latin-1: no media type of ours
+        media, params = b"", {}
     if media != b"multipart/form-data":
         raise ProblemError(
             415,

@@ -87,10 +87,27 @@ def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # Libraries that log through the standard library bypass keep_safe_keys; the
-    # multipart parser's warnings quote body bytes, so it is silenced outright.
+    # The multipart parser's warnings quote body bytes: silenced outright, its child
+    # loggers (python_multipart.multipart, ...) included, which `disabled` alone misses.
     for name in QUOTING_LOGGERS:
         logging.getLogger(name).disabled = True
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    # Every other library logs through the standard library: its records are rendered
+    # here as events whose text is dropped (a message or traceback may quote a request)
+    # and whose keys pass keep_safe_keys like any other event.
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryLogHandler) for h in root.handlers):
+        root.addHandler(_LibraryLogHandler())
+
+
+class _LibraryLogHandler(logging.Handler):
+    """Standard-library records as ``library_log`` events: logger, level, exception type."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+        log = structlog.get_logger(logger_name=record.name)
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        getattr(log, level)("library_log", error=error)
 
 
 def get_logger(name: str) -> Any:

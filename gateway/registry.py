@@ -277,10 +277,11 @@ class RegistryWatcher:
         self._interval = interval
         self._on_error = on_error
         self._checked_at = float("-inf")
-        self._stamps: tuple[tuple[int, ...] | None, ...] = (None, None)
+        # Stamped before reading, as refresh does: a file replaced in between is read
+        # again at the next refresh rather than missed until its next change.
+        self._stamps = tuple(self._stamp(p) for p in self._files)
         self.devices = load_devices(devices_file)
         self.users = load_users(users_file)
-        self._stamps = tuple(self._stamp(p) for p in self._files)
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, ...] | None:

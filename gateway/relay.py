@@ -16,10 +16,11 @@ import contextlib
 import email.utils
 import functools
 import json
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from tenacity.wait import wait_random_exponential
 from gateway.auth import basic_authorization
 from gateway.breaker import CircuitBreaker
 from gateway.config import DestinationConfig, GatewayConfig
-from gateway.crypto.keys import read_secret_file, resolve_secret_path
+from gateway.crypto.keys import load_upstream_credential, resolve_secret_path
 from gateway.crypto.pki import spki_sha256_b64
 from gateway.crypto.seal import (
     Recipient,
@@ -42,7 +43,7 @@ from gateway.crypto.seal import (
     load_signing_key,
 )
 from gateway.crypto.tls import client_context, peer_cert_der
-from gateway.errors import RecordCorrupt, RelayError, SecretFileError, SpoolError
+from gateway.errors import RecordCorrupt, RelayError, SpoolError
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.spool import Record, Spool
@@ -50,6 +51,9 @@ from gateway.spool import Record, Spool
 Sleep = Callable[[float], Awaitable[None]]
 RETRYABLE_STATUS = frozenset({408, 429})
 MAX_RECEIPT_BYTES = 4096
+RECEIPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+"""An upstream receipt id is kept (logged, stored, shown) only when it looks like an id:
+free text from an upstream could echo something personal."""
 ROOT = Path("/")  # secret paths in a loaded configuration are already absolute
 
 log = get_logger("gateway.relay")
@@ -130,7 +134,7 @@ class DestinationParts:
 
     config: DestinationConfig
     session: aiohttp.ClientSession
-    authorization: str | None
+    authorization: str | None = field(repr=False)  # the upstream's Basic credential
     sealer: Sealer | None = None
     """Seals each payload for the recipient when the destination has payload encryption."""
 
@@ -354,12 +358,9 @@ class Relay:
     def _authorization(self, dest: DestinationConfig) -> str | None:
         if dest.credential is None:
             return None
-        path = resolve_secret_path(dest.credential, ROOT)
-        raw = read_secret_file(path, what="upstream credential").decode("utf-8").strip()
-        user, sep, password = raw.partition(":")
-        if not sep or not user:
-            raise SecretFileError(f"{path}: an upstream credential file holds user-id:password")
-        return basic_authorization(user, password)
+        return basic_authorization(
+            *load_upstream_credential(resolve_secret_path(dest.credential, ROOT))
+        )
 
     async def _seal(
         self, destination: str, sealer: Sealer, record: Record, chunks: Iterator[bytes]
@@ -667,6 +668,6 @@ async def _upstream_receipt(response: aiohttp.ClientResponse) -> str | None:
     except (ValueError, aiohttp.ClientError):
         return None
     value = doc.get("receipt_id") if isinstance(doc, dict) else None
-    if isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable():
+    if isinstance(value, str) and RECEIPT_ID.fullmatch(value):
         return value
     return None

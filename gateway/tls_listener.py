@@ -17,7 +17,10 @@ import ssl
 from asyncio import sslproto
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.web_request import BaseRequest
+
+from gateway.errors import ProblemError
 
 HANDSHAKE_TIMEOUT = 30
 
@@ -31,6 +34,34 @@ _PROTOCOL_REASONS = (
     "NO_SUITABLE",
     "INAPPROPRIATE_FALLBACK",
 )
+
+
+class _ProblemRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, but a request it cannot parse is answered with a
+    fixed problem+json: its own text quotes the offending line (a header, a chunk size),
+    and a device may have put anything there."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc)  # logs (type only) and checks the writer
+        if status < 500:
+            problem = ProblemError(
+                status, "malformed", "Malformed request", "the request could not be parsed"
+            )
+        else:
+            problem = ProblemError(status, "internal-error", "Internal error")
+        response = web.json_response(
+            problem.body(), status=status, content_type="application/problem+json"
+        )
+        response.force_close()
+        return response
 
 
 def handshake_failure_reason(exc: BaseException) -> str:
@@ -86,9 +117,11 @@ class TlsSite(web.BaseSite):
         def connection() -> asyncio.BaseProtocol:
             waiter = loop.create_future()
             waiter.add_done_callback(self._handshake_done)
+            handler = app_factory()
+            handler.__class__ = _ProblemRequestHandler  # same layout, one method differs
             return sslproto.SSLProtocol(
                 loop,
-                app_factory(),
+                handler,
                 self.context,
                 waiter,
                 server_side=True,

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import re
+import ssl
 import traceback
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ from conftest import Running, start_gateway
 from gateway import logs
 from gateway.channels.fields import individual_number_check_digit
 from gateway.cli import gatewayctl
+from gateway.crypto.tls import client_context
 from gateway.testing import CHANNEL_DEVICE, DeviceClient, Sandbox, make_jpeg
 
 # ------------------------------------------------------------------ planted values
@@ -669,3 +671,85 @@ def test_the_multipart_parsers_own_logger_is_silenced() -> None:
     """python-multipart's warnings quote body bytes, so configuring logs disables them."""
     logs.configure()
     assert logging.getLogger("python_multipart").disabled
+
+
+def test_standard_library_logs_keep_no_text(caplog: pytest.LogCaptureFixture) -> None:
+    """A library's message may quote request bytes: the multipart parser (and its child
+    loggers) says nothing, and any other library's record keeps only logger, level and
+    exception type."""
+    stream = io.StringIO()
+    logs.configure(stream)
+    planted = "PLANTED-983205673214"
+    logging.getLogger("python_multipart.multipart").warning("Expected %r", planted)
+    try:
+        raise ValueError(planted)
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling %s", planted)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert planted not in stream.getvalue()
+    assert [(d["event"], d["logger_name"], d["error"]) for d in lines] == [
+        ("library_log", "aiohttp.server", "ValueError")
+    ]
+
+
+RAW_PLANTED = "yamada-983205673214"
+GOOD_LOGIN = "Authorization: Basic c3RhZmYtMDAxOmNvcnJlY3QgaG9yc2UgYmF0dGVyeQ==\r\n"
+RAW_REQUESTS = {
+    # aiohttp's own parser refuses these; its stock answer quotes the offending line.
+    "a header with a control byte": (
+        f"Idempotency-Key: {RAW_PLANTED}\x01x\r\n{GOOD_LOGIN}Content-Length: 0\r\n\r\n",
+        400,
+        "/malformed",
+    ),
+    "a broken chunk size": (
+        f"{GOOD_LOGIN}Content-Type: multipart/form-data; boundary=b\r\n"
+        f"Transfer-Encoding: chunked\r\n\r\n{RAW_PLANTED}\r\n",
+        400,
+        "/malformed",
+    ),
+    # Refused before the body, on the Expect: 100-continue path (outside the middlewares).
+    "a login that is not ASCII, with Expect": (
+        "Authorization: Basic 山田太郎983205673214\r\nExpect: 100-continue\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10\r\n\r\n",
+        401,
+        "/unauthorized",
+    ),
+    "a media type that is not Latin-1, with Expect": (
+        f"{GOOD_LOGIN}Expect: 100-continue\r\n"
+        "Content-Type: multipart/form-data; boundary=山田983205673214\r\n"
+        "Content-Length: 10\r\n\r\n",
+        415,
+        "/unsupported-media-type",
+    ),
+}
+
+
+@pytest.mark.parametrize("what", sorted(RAW_REQUESTS))
+async def test_requests_the_parser_refuses_are_answered_without_their_bytes(
+    gateway: Running, what: str
+) -> None:
+    """problem+json naming no byte of the request, never a 5xx for bad input."""
+    headers, status, slug = RAW_REQUESTS[what]
+    sandbox = gateway.sandbox
+    device = sandbox.pki.devices["tablet-01"]
+    context = client_context(ca=sandbox.pki.gateway_ca.cert, cert=device.cert, key=device.key)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gateway.bound.ingress_port, ssl=context, server_hostname="localhost"
+    )
+    try:
+        request = "POST /v1/channels/online-application/submissions HTTP/1.1\r\nHost: x\r\n"
+        writer.write((request + headers).encode("utf-8"))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.I)[1])  # type: ignore[index]
+        answer = head + await asyncio.wait_for(reader.readexactly(length), timeout=10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode(), head  # HTTP/1.0 when unparsed
+    assert b"application/problem+json" in head
+    assert json.loads(body)["type"].endswith(slug)
+    for value in (RAW_PLANTED, "983205673214", "山田"):
+        assert value.encode() not in answer

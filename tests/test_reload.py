@@ -366,6 +366,9 @@ async def test_sighup_reloads_sigterm_drains_and_systemd_hears_of_both(
         await daemon.start()
         await notify.expect("READY=1")
         await notify.expect("WATCHDOG=1")
+        limits = Path(f"/proc/{daemon.pid}/limits").read_text()  # noqa: ASYNC240 - procfs
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"]  # no core file holds decrypted submissions
 
         sandbox.config_path.write_text(good.replace("[ingress]", "[ingres]"), "utf-8")
         daemon.signal(signal.SIGHUP)

@@ -195,6 +195,22 @@ def load_master_key(path: Path) -> bytes:
     return key
 
 
+def load_upstream_credential(path: Path) -> tuple[str, str]:
+    """An upstream's HTTP Basic credential: a file holding ``user-id:password``.
+
+    The error never quotes the file (a decoding error would show a byte of it).
+    """
+    data = read_secret_file(path, what="upstream credential")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SecretFileError(f"{path}: an upstream credential file is UTF-8 text") from None
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise SecretFileError(f"{path}: an upstream credential file holds user-id:password")
+    return user, password
+
+
 def write_new_master_key(path: Path) -> None:
     """Create ``path`` holding a fresh key as 64 hex characters and a newline.
 
