@@ -348,3 +348,134 @@ def test_cert_not_after_matches_certificate(pki: PkiLayout) -> None:
     got = cert_not_after(path)
     assert got == expected
     assert isinstance(got, datetime) and got.utcoffset() is not None
+
+
+# ------------------------------------------------------------ key exchange groups
+# On TLS 1.2 the client's supported groups also say which curves ECDSA certificates may
+# use, on both sides, so a 1.2 client offering only X25519 cannot complete a handshake
+# with P-256 certificates whatever the server allows. The TLS 1.2 cases therefore use an
+# RSA server certificate (ECDHE-RSA suites) and no client certificate, so that the
+# group offered is the key exchange alone.
+
+
+@pytest.fixture(scope="module")
+def rsa_server(pki: PkiLayout, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An RSA-2048 server certificate for localhost, issued by the gateway CA."""
+    from datetime import UTC, timedelta
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(pki.gateway_ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.gateway_ca.key.read_bytes(), None)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa-server")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    directory = tmp_path_factory.mktemp("rsa")
+    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def group_server(
+    pki: PkiLayout, rsa_server: tuple[Path, Path], version: ssl.TLSVersion
+) -> ssl.SSLContext:
+    if version == ssl.TLSVersion.TLSv1_3:
+        return device_server(pki)
+    cert, key = rsa_server
+    return server_context(cert, key, client_ca=None)
+
+
+def client_offering(pki: PkiLayout, group: str, version: ssl.TLSVersion) -> ssl.SSLContext:
+    """A device client built by hand that offers only ``group`` on exactly ``version``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ctx.maximum_version = version
+    ctx.set_ecdh_curve(group)  # OpenSSL 3: the only group in supported_groups
+    ctx.load_verify_locations(pki.gateway_ca.cert)
+    if version == ssl.TLSVersion.TLSv1_3:
+        device = pki.devices["tablet-01"]
+        ctx.load_cert_chain(device.cert, device.key)
+    return ctx
+
+
+VERSIONS = [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2]
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+@pytest.mark.parametrize("group", ["X448", "secp521r1"])
+async def test_key_exchange_outside_intermediate_is_refused(
+    pki: PkiLayout, rsa_server: tuple[Path, Path], group: str, version: ssl.TLSVersion
+) -> None:
+    """A client offering only X448, or only P-521, is refused, on TLS 1.3 as on 1.2."""
+    async with serve(group_server(pki, rsa_server, version)) as listener:
+        out = await attempt(client_offering(pki, group, version), listener.port)
+    assert out.refused, out
+    assert listener.peers == []
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+@pytest.mark.parametrize("group", ["X25519", "prime256v1", "secp384r1"])
+async def test_key_exchange_on_intermediate_groups_is_accepted(
+    pki: PkiLayout, rsa_server: tuple[Path, Path], group: str, version: ssl.TLSVersion
+) -> None:
+    """X25519, P-256 and P-384 each complete the handshake, on TLS 1.3 and 1.2."""
+    async with serve(group_server(pki, rsa_server, version)) as listener:
+        out = await attempt(client_offering(pki, group, version), listener.port)
+    assert out.accepted, out.error
+    assert out.cipher is not None and out.cipher[1] == version.name.replace("_", ".")
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+@pytest.mark.parametrize("group", ["X448", "secp521r1"])
+async def test_without_the_limit_openssl_would_share_x448_and_p521(
+    rsa_server: tuple[Path, Path], pki: PkiLayout, group: str, version: ssl.TLSVersion
+) -> None:
+    """The control: a bare OpenSSL context shares X448 and P-521, so the refusals above
+    come from the gateway's policy, not from OpenSSL's defaults."""
+    bare = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    bare.load_cert_chain(*rsa_server)
+    async with serve(bare) as listener:
+        out = await attempt(client_offering(pki, group, version), listener.port)
+    assert out.accepted, out.error
+
+
+async def test_gateway_client_offers_only_intermediate_groups(pki: PkiLayout) -> None:
+    """Egress too: an upstream that accepts only P-521 gets no handshake from the gateway."""
+    upstream = pki.upstreams["jlis"]
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(upstream.cert, upstream.key)
+    server.set_ecdh_curve("secp521r1")
+    client = client_context(
+        ca=pki.upstream_ca.cert, cert=pki.gateway_client.cert, key=pki.gateway_client.key
+    )
+    async with serve(server) as listener:
+        out = await attempt(client, listener.port, hostname="127.0.0.1")
+    assert not out.accepted
+    assert listener.peers == []
+
+
+def test_unknown_group_list_is_an_error_at_start() -> None:
+    """A group list OpenSSL does not know is refused loudly, never silently widened."""
+    from gateway.crypto.tls import set_key_exchange_groups
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.raises(TlsConfigError, match="refused the key exchange groups"):
+        set_key_exchange_groups(ctx, "X25519:no-such-group")

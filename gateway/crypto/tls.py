@@ -1,12 +1,15 @@
 """``ssl.SSLContext`` factories for the device listener and upstream clients.
 
-Policy (DESIGN.md §4, Mozilla "intermediate"): TLS 1.2 minimum, TLS 1.3 preferred, TLS 1.2
-only with ECDHE + AEAD suites; ``modern`` is TLS 1.3 only. Compression and renegotiation
-are off. Trust comes only from the CA file given: system default CAs are never loaded.
+Policy (Mozilla "intermediate"): TLS 1.2 minimum, TLS 1.3 preferred, TLS 1.2 only with
+ECDHE + AEAD suites, and key exchange on X25519, P-256 or P-384 only, on TLS 1.3 as on
+1.2; ``modern`` is TLS 1.3 only. Compression and renegotiation are off. Trust comes only
+from the CA file given: system default CAs are never loaded.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import ssl
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +21,7 @@ from gateway.errors import GatewayError
 
 __all__ = [
     "INTERMEDIATE_CIPHERS",
+    "KEY_EXCHANGE_GROUPS",
     "TlsConfigError",
     "TlsProfile",
     "cert_not_after",
@@ -39,6 +43,13 @@ INTERMEDIATE_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     )
 )
+
+
+KEY_EXCHANGE_GROUPS = "X25519:P-256:P-384"
+"""Mozilla "intermediate" key exchange, in preference order. OpenSSL's own default also
+offers X448 and P-521 (and, on TLS 1.3, finite-field groups)."""
+
+_SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list() is this SSL_CTX_ctrl() call
 
 
 class TlsConfigError(GatewayError):
@@ -66,6 +77,41 @@ def _no_password() -> NoReturn:
     raise TlsConfigError("encrypted private keys are not supported")
 
 
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The libssl that Python's own ``_ssl`` module is linked against (dlsym on the
+    module's handle searches its dependencies), not any other copy in the process."""
+    import _ssl  # the C module: its file is the handle to resolve libssl through
+
+    lib = ctypes.CDLL(_ssl.__file__)
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    return lib
+
+
+def set_key_exchange_groups(ctx: ssl.SSLContext, groups: str = KEY_EXCHANGE_GROUPS) -> None:
+    """Limit ``ctx`` to these key exchange groups, for TLS 1.3 and 1.2 alike.
+
+    Python 3.15 has ``SSLContext.set_groups``; before it, ``set_ecdh_curve`` takes one
+    curve only. So this calls OpenSSL's ``SSL_CTX_set1_groups_list`` on the context
+    directly. The ``SSL_CTX`` pointer is the field after the object header in CPython's
+    ``PySSLContext``; it is checked against the context's options before it is used, and
+    anything unexpected is an error at start, never a silently wider policy.
+    """
+    setter = getattr(ctx, "set_groups", None)
+    if setter is not None:  # pragma: no cover - Python 3.15+
+        setter(groups)
+        return
+    lib = _libssl()
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer or lib.SSL_CTX_get_options(pointer) != int(ctx.options):
+        raise TlsConfigError("cannot limit the TLS key exchange groups with this Python build")
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode("ascii")) != 1:
+        raise TlsConfigError(f"OpenSSL refused the key exchange groups {groups}")
+
+
 def _base(protocol: int, profile: TlsProfile) -> ssl.SSLContext:
     if profile not in ("intermediate", "modern"):
         raise TlsConfigError(f"unknown TLS profile {profile!r}; use 'intermediate' or 'modern'")
@@ -76,6 +122,7 @@ def _base(protocol: int, profile: TlsProfile) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # Mozilla intermediate/modern: let the client pick (it knows if it has AES hardware).
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    set_key_exchange_groups(ctx)
     return ctx
 
 
