@@ -105,7 +105,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["body_bytes"] = len(body)
         async with (
             DaemonProcess(sandbox.config_path, directory / "daemon.log") as daemon,
-            DeviceClient(sandbox, "tablet-01", port=daemon.port, limit=128) as poster,
+            DeviceClient(
+                sandbox, "tablet-01", port=daemon.port_of("tablet-01"), limit=128
+            ) as poster,
         ):
             progress("warming up")
             await closed_loop(poster, body, ctype, total=100, concurrency=8)
@@ -149,7 +151,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         big_body, big_ctype = multipart_body(fields, {"face_photo": big})
         async with (
             DaemonProcess(sandbox.config_path, directory / "daemon.log") as daemon,
-            DeviceClient(sandbox, "tablet-01", port=daemon.port, limit=args.big) as poster,
+            DeviceClient(
+                sandbox, "tablet-01", port=daemon.port_of("tablet-01"), limit=args.big
+            ) as poster,
         ):
             rss_before = daemon.rss_bytes()
             started = time.perf_counter()

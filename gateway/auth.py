@@ -91,11 +91,18 @@ class StaffAuthenticator:
         material = f"{user_id}\0{password}\0{password_hash}".encode()
         return hmac.new(self._cache_key, material, hashlib.sha256).digest()
 
-    async def authenticate(self, header: str | None) -> str:
-        """The staff user ID, or a :class:`ProblemError` (401, or 429 when locked out)."""
+    async def authenticate(
+        self, header: str | None, *, on_failure: Callable[[str], None] | None = None
+    ) -> str:
+        """The staff user ID, or a :class:`ProblemError` (401, or 429 when locked out).
+
+        ``on_failure`` (the reason of a refusal) replaces the constructor's for this call:
+        the ingress passes one that also knows the listener.
+        """
+        report = on_failure or self._on_failure
         parsed = parse_basic(header)
         if parsed is None:
-            self._on_failure("missing_credential")
+            report("missing_credential")
             raise unauthorized("send the staff user ID and password as HTTP Basic")
         user_id, password = parsed
         key = user_id if ID_PATTERN.fullmatch(user_id) else "\0invalid"
@@ -107,17 +114,19 @@ class StaffAuthenticator:
         gate.users += 1
         try:
             async with gate.lock:
-                return await self._check(key, user_id, password)
+                return await self._check(key, user_id, password, report)
         finally:
             gate.users -= 1
             if gate.users == 0:
                 del self._gates[key]
 
-    async def _check(self, key: str, user_id: str, password: str) -> str:
+    async def _check(
+        self, key: str, user_id: str, password: str, report: Callable[[str], None]
+    ) -> str:
         now = self._clock()
         state = self._failures.get(key)
         if state and state.locked_until > now:
-            self._on_failure("locked_out")
+            report("locked_out")
             raise ProblemError(
                 429,
                 "locked-out",
@@ -144,9 +153,9 @@ class StaffAuthenticator:
         if ok and user is not None and not user.enabled:
             # The answer is the same as for a wrong password, or it would confirm the
             # password of a disabled account; the metric and the log say which it was.
-            self._on_failure("user_disabled")
+            report("user_disabled")
             raise unauthorized("unknown staff user ID or wrong password")
-        self._on_failure("bad_credential")
+        report("bad_credential")
         raise unauthorized("unknown staff user ID or wrong password")
 
     def _remember(self, fingerprint: bytes, now: float) -> None:

@@ -8,6 +8,7 @@ holds only where they are (a path, or ``credential:NAME`` for a systemd credenti
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import re
@@ -98,18 +99,46 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class IngressConfig(_Model):
-    """The device-facing HTTPS listener (client certificate required)."""
+def _ip_address(value: object) -> str:
+    """An IP address literal, kept as written in its normal form (no host names: a
+    listener or a source address names one network interface, not a DNS answer)."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
+    raise ValueError("must be an IP address, e.g. 10.31.0.1 (not a host name)")
 
-    host: str = "0.0.0.0"  # noqa: S104 - the ingress listens for ward devices
+
+IpAddress = Annotated[str, PlainValidator(_ip_address)]
+
+
+class IngressConfig(_Model):
+    """HTTP settings every device-facing listener shares."""
+
+    keepalive_timeout: Annotated[float, Field(gt=0, le=3600)] = 75.0
+    shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+    body_idle_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
+class ListenerConfig(_Model):
+    """One device-facing HTTPS listener, on one network (one listener per network).
+
+    Each has its own address, server certificate, device CA and TLS profile: a device
+    certificate from one network's CA is refused in the handshake on another, and a
+    channel is served only on the listeners it names.
+    """
+
+    host: IpAddress
     port: Port = 8443
     certificate: RelPath
     private_key: SecretRef
     client_ca: RelPath
     tls_profile: Literal["intermediate", "modern"] = "intermediate"
-    keepalive_timeout: Annotated[float, Field(gt=0, le=3600)] = 75.0
-    shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
-    body_idle_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 class AdminConfig(_Model):
@@ -183,6 +212,8 @@ class DestinationConfig(_Model):
     client_key: SecretRef
     spki_pins: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")], ...] = ()
     credential: SecretRef | None = None
+    source_address: IpAddress | None = None
+    """Bind outgoing connections to this local address (the network this upstream is on)."""
     concurrency: Annotated[int, Field(ge=1, le=256)] = 4
     connect_timeout: Annotated[float, Field(gt=0, le=600)] = 10.0
     request_timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
@@ -242,9 +273,15 @@ class FieldConfig(_Model):
 
 
 class ChannelConfig(_Model):
-    """One approved flow: who may send which fields where, and how long a copy is kept."""
+    """One approved flow: who may send which fields where, and how long a copy is kept.
+
+    The gateway's copy is erased as soon as the destination has it; ``retention_days``
+    bounds how long an undelivered copy may be kept (受信後1週間で消去).
+    """
 
     description: str = ""
+    listeners: tuple[Name, ...]
+    """The listeners (networks) this channel is served on; elsewhere it does not exist."""
     destination: Name
     devices: tuple[str, ...]
     source_networks: tuple[Network, ...]
@@ -252,7 +289,6 @@ class ChannelConfig(_Model):
     active_until: date | None = None
     on_unlisted: Literal["drop", "reject"] = "drop"
     retention_days: Annotated[int, Field(ge=1, le=366)] = 7
-    erase_on_delivery: bool = False
     max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_BODY_LIMIT)] = 8 * 1024 * 1024
     fields: dict[str, FieldConfig]
 
@@ -266,6 +302,8 @@ class ChannelConfig(_Model):
             raise ValueError("a channel takes at most one file field")
         if self.active_from and self.active_until and self.active_from > self.active_until:
             raise ValueError("active_from must not be after active_until")
+        if not self.listeners:
+            raise ValueError("listeners must name at least one listener")
         if not self.devices:
             raise ValueError("devices must name at least one device or group:NAME")
         if not self.source_networks:
@@ -287,13 +325,35 @@ class ChannelConfig(_Model):
 class GatewayConfig(_Model):
     """The whole configuration; build it with :func:`load_config`."""
 
-    ingress: IngressConfig
+    ingress: IngressConfig = IngressConfig()
+    listeners: Annotated[dict[Name, ListenerConfig], Field(min_length=1)]
     admin: AdminConfig = AdminConfig()
     spool: SpoolConfig
     auth: AuthConfig
     audit: AuditConfig | None = None
     destinations: dict[Name, DestinationConfig]
     channels: dict[Name, ChannelConfig]
+    channel_groups: dict[Name, tuple[Name, ...]] = {}
+    """Named sets of channels, for staff: a user allowed ``group:NAME`` may post on each."""
+
+    def listeners_of(self, channel: str) -> tuple[str, ...]:
+        """The listeners a channel is served on (none for an unknown channel)."""
+        config = self.channels.get(channel)
+        return config.listeners if config else ()
+
+    def staff_scopes(self) -> frozenset[str]:
+        """What a staff user's ``channels`` entry may name: a channel or ``group:NAME``."""
+        return frozenset(self.channels) | {f"group:{g}" for g in self.channel_groups}
+
+    def expand_staff_scope(self, entries: tuple[str, ...]) -> frozenset[str]:
+        """The channels a user's entries (channel names, ``group:NAME``) allow."""
+        allowed: set[str] = set()
+        for entry in entries:
+            if entry.startswith("group:"):
+                allowed.update(self.channel_groups.get(entry.removeprefix("group:"), ()))
+            elif entry in self.channels:
+                allowed.add(entry)
+        return frozenset(allowed)
 
     @property
     def audit_log(self) -> AuditConfig:
@@ -310,33 +370,144 @@ class GatewayConfig(_Model):
         for name, channel in self.channels.items():
             if channel.destination not in self.destinations:
                 raise ValueError(f"channels.{name}.destination: {_NO_DESTINATION}")
+            for listener in channel.listeners:
+                if listener not in self.listeners:
+                    raise ValueError(f"channels.{name}.listeners: {_NO_LISTENER}")
+        for group, members in self.channel_groups.items():
+            for member in members:
+                if member not in self.channels:
+                    raise ValueError(f"channel_groups.{group}: {_NO_CHANNEL}")
+        clash = _address_clash({n: (lc.host, lc.port) for n, lc in self.listeners.items()})
+        if clash:
+            raise ValueError(f"listeners.{clash[0]}: {clash[1]}")
         return self
 
 
 _NO_DESTINATION = "no destination by that name"
+_NO_LISTENER = "no listener by that name"
+_NO_CHANNEL = "no channel by that name"
+_WILDCARDS = frozenset({"0.0.0.0", "::"})  # noqa: S104 - compared, never bound here
+
+
+def _address_clash(addresses: Mapping[str, tuple[str, int]]) -> tuple[str, str] | None:
+    """The first listener whose address another listener already takes, and why.
+
+    Port 0 (any free port, for tests) never clashes; a wildcard host clashes with every
+    host on the same port, as the kernel would refuse the second bind.
+    """
+    seen: list[tuple[str, str, int]] = []
+    for name, (host, port) in addresses.items():
+        for other, other_host, other_port in seen:
+            if port == 0 or port != other_port:
+                continue
+            if host == other_host or host in _WILDCARDS or other_host in _WILDCARDS:
+                return name, f"{host} port {port} is already listeners.{other}'s address"
+        seen.append((name, host, port))
+    return None
+
+
+def _unknown_name(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"no {kind} named {name!r}{hint}; known: {', '.join(sorted(known)) or 'none'}"
+
+
+def _names(data: Mapping[str, Any], key: str) -> list[str]:
+    table = data.get(key)
+    return [str(k) for k in table] if isinstance(table, Mapping) else []
 
 
 def _reference_problems(data: Mapping[str, Any], file: str) -> list[ConfigProblem]:
-    """Every channel whose destination is not configured, each under its dotted key.
+    """Every broken reference and listener address clash, each under its dotted key:
+    a channel's destination or listener that is not configured, a channel group's
+    unknown channel, two listeners on one address.
 
     Read from the raw mapping so these are reported beside every other problem (an
     "after" model validator would run only once the rest of the file is valid).
     """
-    channels = data.get("channels")
-    destinations = data.get("destinations")
-    if not isinstance(channels, Mapping):
-        return []
-    known = [str(d) for d in destinations] if isinstance(destinations, Mapping) else []
     problems = []
-    for name, channel in channels.items():
-        target = channel.get("destination") if isinstance(channel, Mapping) else None
+    known = _names(data, "destinations")
+    listeners = _names(data, "listeners")
+    channels = data.get("channels")
+    for name, channel in channels.items() if isinstance(channels, Mapping) else ():
+        if not isinstance(channel, Mapping):
+            continue
+        target = channel.get("destination")
         if isinstance(target, str) and target not in known:
             close = difflib.get_close_matches(target, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(
                 ConfigProblem(file, f"channels.{name}.destination", _NO_DESTINATION + hint)
             )
+        served = channel.get("listeners")
+        for index, listener in enumerate(served if isinstance(served, list) else ()):
+            if isinstance(listener, str) and listener not in listeners:
+                problems.append(
+                    ConfigProblem(
+                        file,
+                        f"channels.{name}.listeners.{index}",
+                        _unknown_name("listener", listener, listeners),
+                    )
+                )
+    channel_names = _names(data, "channels")
+    groups = data.get("channel_groups")
+    for group, members in groups.items() if isinstance(groups, Mapping) else ():
+        for index, member in enumerate(members if isinstance(members, list) else ()):
+            if isinstance(member, str) and member not in channel_names:
+                problems.append(
+                    ConfigProblem(
+                        file,
+                        f"channel_groups.{group}.{index}",
+                        _unknown_name("channel", member, channel_names),
+                    )
+                )
+    table = data.get("listeners")
+    addresses = {}
+    for name, listener in table.items() if isinstance(table, Mapping) else ():
+        if isinstance(listener, Mapping):
+            host, port = listener.get("host"), listener.get("port", 8443)
+            with contextlib.suppress(ValueError):
+                if isinstance(host, str) and isinstance(port, int):
+                    addresses[str(name)] = (_ip_address(host), port)
+    clash = _address_clash(addresses)
+    if clash:
+        problems.append(ConfigProblem(file, f"listeners.{clash[0]}.port", clash[1]))
     return problems
+
+
+RETIRED_KEYS: Mapping[tuple[str, ...], str] = {
+    ("channels", "*", "erase_on_delivery"): (
+        "no longer a setting: every channel now erases its copy as soon as the destination "
+        "has it (送信後に自動消去), and the gateway cannot keep a delivered copy any more; "
+        "retention_days bounds undelivered copies only. Remove this key"
+    ),
+    **{
+        ("ingress", key): (
+            "moved to [listeners.NAME]: the gateway has one listener per network, each with "
+            "its own host, port, certificate, private_key, client_ca and tls_profile, and "
+            "each channel names its listeners"
+        )
+        for key in ("host", "port", "certificate", "private_key", "client_ca", "tls_profile")
+    },
+}
+"""Keys an older configuration may still hold, with why they went and what replaces them."""
+
+
+def _retired(loc: tuple[int | str, ...]) -> str | None:
+    for pattern, message in RETIRED_KEYS.items():
+        if len(pattern) == len(loc) and all(
+            p == "*" or p == str(part) for p, part in zip(pattern, loc, strict=True)
+        ):
+            return message
+    return None
+
+
+def _is_reference_message(message: str) -> bool:
+    """A whole-model problem that :func:`_reference_problems` reports under its own key."""
+    return any(
+        text in message
+        for text in (_NO_DESTINATION, _NO_LISTENER, _NO_CHANNEL, "is already listeners.")
+    )
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
@@ -368,7 +539,9 @@ def _problems_from(error: ValidationError, file: str) -> list[ConfigProblem]:
         loc = tuple(item["loc"])
         key = ".".join(str(p) for p in loc)
         message = str(item["msg"])
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and (retired := _retired(loc)):
+            message = retired
+        elif item["type"] == "extra_forbidden":
             known = _known_keys(GatewayConfig, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
@@ -389,7 +562,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, file: str = "<config>")
         problems = [
             p
             for p in _problems_from(exc, file)
-            if not (references and not p.key and _NO_DESTINATION in p.message)
+            if not (references and not p.key and _is_reference_message(p.message))
         ]
         raise ConfigError(problems + references) from None
     if references:  # pragma: no cover - the model validator refuses these first

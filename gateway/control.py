@@ -1,11 +1,13 @@
-"""The daemon's control socket: what ``gatewayctl spool requeue|erase`` and
-``gatewayctl reload`` ask of it.
+"""The daemon's control socket: what ``gatewayctl spool requeue|erase``, ``gatewayctl
+reload`` and ``gatewayctl device revoke`` / ``user disable`` ask of it.
 
 A Unix socket (mode 0600, so only the daemon's own user and root) speaking plain HTTP
 with JSON answers, served by the running daemon so that its relay queues, spool
 counters and erasure ledger stay consistent: a requeued record goes straight to its
 destination's workers, an erased one through the same ledger-first path as the
-retention sweeper (reason ``operator``). Answers carry identifiers and states only.
+retention sweeper (reason ``operator``), and a registry change is applied before the
+command that made it returns (the answer says what the daemon now holds for that device
+or user). Answers carry identifiers and states only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError, SpoolError
 from gateway.logs import get_logger
+from gateway.registry import RegistryWatcher
 from gateway.retention.sweeper import Sweeper
 from gateway.spool import Record, Spool, is_submission_id
 
@@ -51,6 +54,7 @@ def build_control_app(
     sweeper: Sweeper,
     enqueue: Callable[[Record], None],
     reload: Callable[..., Awaitable[tuple[bool, str]]],
+    registries: Callable[[], RegistryWatcher],
 ) -> web.Application:
     def record_id(request: web.Request) -> str:
         value = request.match_info["submission_id"]
@@ -86,8 +90,35 @@ def build_control_app(
             {"applied": applied, "reason": reason}, status=200 if applied else 409
         )
 
+    async def registries_handler(request: web.Request) -> web.Response:
+        """Read the device and staff registries now, and say what the daemon holds for
+        the device or user named (``?device=ID`` or ``?user=ID``) once it is applied."""
+        watcher = registries()
+        problems = watcher.refresh(force=True)
+        if problems:
+            return web.json_response({"error": "; ".join(problems)}, status=409)
+        answer: dict[str, Any] = {"applied": True}
+        device_id = request.query.get("device")
+        if device_id is not None:
+            device = watcher.devices.by_id(device_id)
+            answer["device"] = {
+                "id": device_id,
+                "revoked": None if device is None else device.revoked,
+            }
+        user_id = request.query.get("user")
+        if user_id is not None:
+            user = watcher.users.get(user_id)
+            answer["user"] = {
+                "id": user_id,
+                "enabled": None if user is None else user.enabled,
+                "channels": None if user is None or user.channels is None else list(user.channels),
+            }
+        log.info("registries_applied", reason="gatewayctl")
+        return web.json_response(answer)
+
     app = web.Application()
     app.router.add_post("/v1/reload", reload_handler)
+    app.router.add_post("/v1/registries/apply", registries_handler)
     app.router.add_post("/v1/spool/{submission_id}/requeue", requeue)
     app.router.add_post("/v1/spool/{submission_id}/erase", erase)
     return app
@@ -105,14 +136,21 @@ async def start_control_site(runner: web.AppRunner, path: Path) -> None:
 
 
 async def control_request(
-    socket_path: Path, method: str, path: str, *, actor: str | None = None
+    socket_path: Path,
+    method: str,
+    path: str,
+    *,
+    actor: str | None = None,
+    query: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One request to the running daemon; ControlError when it is not there or refuses."""
     headers = {"X-Actor": actor} if actor else {}
     try:
         async with (
             aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as s,
-            s.request(method, f"http://gatewayd{path}", headers=headers) as response,
+            s.request(
+                method, f"http://gatewayd{path}", headers=headers, params=query or {}
+            ) as response,
         ):
             body: dict[str, Any] = await response.json(content_type=None)
             if response.status >= 400:

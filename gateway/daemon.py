@@ -2,9 +2,10 @@
 
 Only the entry point knows about signals; tests and the demo stop the daemon by
 resolving ``shutdown_trigger`` and reload it through ``Bound.reload``. Start-up: check
-the audit log and the secrets, open the spool (recovering from any crash), bring up the
-admin listener, erase the copies whose retention ended while the daemon was down, start
-the relay, then listen (and tell systemd READY=1). Reload (:meth:`Daemon.reload`):
+the audit log, the secrets and the staff registry, open the spool (recovering from any
+crash), bring up the admin listener, erase the copies whose retention ended while the
+daemon was down, start the relay, then open one listener per network (and tell systemd
+READY=1). Reload (:meth:`Daemon.reload`):
 build everything the configuration file names, then swap it in at once, or refuse and
 keep the old. Shutdown: stop accepting, let in-flight requests finish within
 ``ingress.shutdown_timeout``, let deliveries under way record their outcome, stop the
@@ -21,7 +22,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from gateway import __version__, logs
 from gateway.audit import AuditLog
 from gateway.auth import StaffAuthenticator
 from gateway.channels.policy import ChannelPolicy
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, ListenerConfig, load_config
 from gateway.control import build_control_app, start_control_site
 from gateway.crypto.keys import (
     load_master_key,
@@ -47,7 +48,7 @@ from gateway.ingress import Gate, Runtime, RuntimeRef, build_app
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.photo_check import PhotoChecker
-from gateway.registry import RegistryWatcher
+from gateway.registry import RegistryError, RegistryWatcher, load_users, staff_problems
 from gateway.relay import Relay, Sleep, payload_recipient, payload_signing_key
 from gateway.retention.sweeper import ERASURE_REASONS, Sweeper, erasure_ledger
 from gateway.sdnotify import Notifier, watchdog_loop
@@ -58,12 +59,17 @@ ROOT = Path("/")
 log = get_logger("gateway.daemon")
 
 
+class ListenerError(GatewayError):
+    """A device listener cannot take its address; the message names its key."""
+
+
 @dataclass(frozen=True)
 class Bound:
     """Where the daemon listens once it is ready (ports resolved when 0 was asked), and
     how to ask it to reload its configuration (what SIGHUP does)."""
 
-    ingress_port: int
+    ports: Mapping[str, int]
+    """Each device listener's port, by listener name."""
     admin_port: int | None
     reload: Callable[..., Coroutine[Any, Any, tuple[bool, str]]]
 
@@ -75,10 +81,11 @@ def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[Confi
     def secret(what: str) -> Callable[[Path], object]:
         return lambda path: read_secret_file(path, what=what)
 
-    secrets_ = [
-        ("ingress.private_key", config.ingress.private_key, secret("ingress private key")),
-        ("spool.master_key", config.spool.master_key, load_master_key),
+    secrets_: list[tuple[str, str, Callable[[Path], object]]] = [
+        (f"listeners.{name}.private_key", listener.private_key, secret("listener private key"))
+        for name, listener in config.listeners.items()
     ]
+    secrets_.append(("spool.master_key", config.spool.master_key, load_master_key))
     for name, dest in config.destinations.items():
         secrets_.append((f"destinations.{name}.client_key", dest.client_key, secret("client key")))
         if dest.credential:
@@ -90,10 +97,12 @@ def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[Confi
             load(resolve_secret_path(spec, ROOT))
         except Exception as exc:
             problems.append(ConfigProblem(file, key, str(exc)))
-    files = [
-        ("ingress.certificate", config.ingress.certificate),
-        ("ingress.client_ca", config.ingress.client_ca),
-    ]
+    files = []
+    for name, listener in config.listeners.items():
+        files += [
+            (f"listeners.{name}.certificate", listener.certificate),
+            (f"listeners.{name}.client_ca", listener.client_ca),
+        ]
     for name, dest in config.destinations.items():
         files += [
             (f"destinations.{name}.ca", dest.ca),
@@ -103,6 +112,20 @@ def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[Confi
         if not path.is_file():
             problems.append(ConfigProblem(file, key, f"{path}: file not found"))
     return problems + _payload_key_problems(config, file)
+
+
+def registry_problems(config: GatewayConfig, file: str = "<config>") -> list[ConfigProblem]:
+    """The staff registry must name every user's channels, and only channels (or channel
+    groups) this configuration has. Problems name the registry file and the entry."""
+    path = config.auth.users_file
+    try:
+        users = load_users(path)
+    except RegistryError as exc:
+        return [ConfigProblem(file, "auth.users_file", str(exc))]
+    return [
+        ConfigProblem(str(path), key, message)
+        for key, message in staff_problems(users, config.staff_scopes())
+    ]
 
 
 def _payload_key_problems(config: GatewayConfig, file: str) -> list[ConfigProblem]:
@@ -155,14 +178,37 @@ def _port(runner: web.AppRunner) -> int:
 
 
 RESTART_ONLY: tuple[tuple[str, Callable[[GatewayConfig], object]], ...] = (
-    ("ingress.host", lambda c: c.ingress.host),
-    ("ingress.port", lambda c: c.ingress.port),
     ("ingress.keepalive_timeout", lambda c: c.ingress.keepalive_timeout),
     ("admin", lambda c: c.admin),
     ("spool.directory", lambda c: c.spool.directory),
     ("spool.master_key", lambda c: c.spool.master_key),
 )
 """Settings a running daemon cannot change in place: a reload that changes one is refused."""
+
+
+def restart_problems(old: GatewayConfig, new: GatewayConfig, file: str) -> list[ConfigProblem]:
+    """What a reload from ``old`` to ``new`` cannot change in place, by dotted key: the
+    settings of :data:`RESTART_ONLY`, and each listener's address. A listener's
+    certificate, key, device CA and TLS profile do change on reload."""
+    problems = [
+        ConfigProblem(file, key, "changing it needs a restart")
+        for key, read in RESTART_ONLY
+        if read(new) != read(old)
+    ]
+    for name in dict.fromkeys([*old.listeners, *new.listeners]):
+        before, after = old.listeners.get(name), new.listeners.get(name)
+        if before is None or after is None:
+            change = "adding" if before is None else "removing"
+            problems.append(
+                ConfigProblem(file, f"listeners.{name}", f"{change} a listener needs a restart")
+            )
+            continue
+        for key in ("host", "port"):
+            if getattr(before, key) != getattr(after, key):
+                problems.append(
+                    ConfigProblem(file, f"listeners.{name}.{key}", "changing it needs a restart")
+                )
+    return problems
 
 
 def _config_digest(path: Path | None) -> str | None:
@@ -200,7 +246,7 @@ class Daemon:
     relay: Relay
     sweeper: Sweeper
     ref: RuntimeRef
-    site: TlsSite
+    sites: dict[str, TlsSite]
 
     def _audit(self, action: str, **kwargs: Any) -> None:
         """An audit entry; a log that cannot take it is logged, never fatal to serving."""
@@ -211,11 +257,16 @@ class Daemon:
             log.error("audit_unwritable", action=action, error=type(exc).__name__, reason=str(exc))
 
     def _registries(self, config: GatewayConfig) -> RegistryWatcher:
+        scopes = config.staff_scopes()
         return RegistryWatcher(
             config.auth.devices_file,
             config.auth.users_file,
             clock=self.clock,
             on_error=lambda message: log.error("registry_unreadable", reason=message),
+            validate_users=lambda users: [
+                f"{config.auth.users_file}: {key}: {message}"
+                for key, message in staff_problems(users, scopes)
+            ],
         )
 
     def _authenticator(self, config: GatewayConfig) -> StaffAuthenticator:
@@ -225,17 +276,20 @@ class Daemon:
             lockout_seconds=config.auth.lockout_seconds,
             cache_seconds=config.auth.credential_cache_seconds,
             clock=time.monotonic,
-            on_failure=lambda reason: self.metrics.auth_failures.labels(reason=reason).inc(),
         )
 
     @staticmethod
-    def _tls(config: GatewayConfig) -> ssl.SSLContext:
-        return server_context(
-            config.ingress.certificate,
-            resolve_secret_path(config.ingress.private_key, ROOT),
-            client_ca=config.ingress.client_ca,
-            profile=config.ingress.tls_profile,
-        )
+    def _tls(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
+        """Each listener's TLS context: its certificate, key, device CA and profile."""
+        return {
+            name: server_context(
+                listener.certificate,
+                resolve_secret_path(listener.private_key, ROOT),
+                client_ca=listener.client_ca,
+                profile=listener.tls_profile,
+            )
+            for name, listener in config.listeners.items()
+        }
 
     def _export(self, config: GatewayConfig) -> None:
         for channel in config.channels:  # rare events start at 0, so alerts see the first
@@ -285,11 +339,8 @@ class Daemon:
         try:
             new = load_config(self.config_path)
             problems = secret_problems(new, str(self.config_path))
-            problems += [
-                ConfigProblem(str(self.config_path), key, "changing it needs a restart")
-                for key, read in RESTART_ONLY
-                if read(new) != read(self.config)
-            ]
+            problems += registry_problems(new, str(self.config_path))
+            problems += restart_problems(self.config, new, str(self.config_path))
             if problems:
                 raise ConfigError(problems)
             tls = self._tls(new)
@@ -307,7 +358,8 @@ class Daemon:
         self.ref.current = replace(
             old, config=new, policies=policies, registries=registries, auth=auth
         )
-        self.site.context = tls
+        for name, context in tls.items():
+            self.sites[name].context = context
         self.config = new
         self.sweeper.channels = tuple(new.channels)
         self.audit = AuditLog(new.audit_log, via="gatewayd", actor="gatewayd", clock=self.clock)
@@ -342,6 +394,9 @@ async def serve(
         notifier=notifier,
     )
     daemon.audit.check()  # a broken audit log is found now, not at the first reload
+    staff = registry_problems(config, str(config_path or "<config>"))
+    if staff:
+        raise ConfigError(staff)
     master = load_master_key(resolve_secret_path(config.spool.master_key, ROOT))
     spool = daemon.spool = Spool(config.spool.directory, master, clock=clock)
     report = await spool.open()
@@ -372,9 +427,8 @@ async def serve(
     )
 
     async def on_delivered(record: Record) -> None:
-        channel = daemon.config.channels.get(record.channel)
-        if channel is not None and channel.erase_on_delivery:
-            await sweeper.erase_delivered(record.id)
+        # No delivered copy is kept, on any channel (送信後に自動消去).
+        await sweeper.erase_delivered(record.id)
 
     relay.on_delivered = on_delivered
     gate = Gate()
@@ -383,7 +437,8 @@ async def serve(
         _admin_app(gate, metrics, daemon.readiness), handle_signals=False, access_log=None
     )
     photos = PhotoChecker(inline=inline_photo_checks)
-    ingress: web.AppRunner | None = None
+    listeners: dict[str, web.AppRunner] = {}
+    daemon.sites = {}
     control: web.AppRunner | None = None
     sweeping: asyncio.Task[None] | None = None
     watchdog: asyncio.Task[None] | None = None
@@ -416,44 +471,39 @@ async def serve(
                 gate=gate,
             )
         )
-        ingress = web.AppRunner(
-            build_app(ref),
-            handle_signals=False,
-            access_log=None,
-            keepalive_timeout=config.ingress.keepalive_timeout,
-            shutdown_timeout=config.ingress.shutdown_timeout,
-        )
         control = web.AppRunner(
-            build_control_app(spool, sweeper, relay.enqueue, daemon.reload),
+            build_control_app(
+                spool, sweeper, relay.enqueue, daemon.reload, lambda: ref.current.registries
+            ),
             handle_signals=False,
             access_log=None,
         )
         tls = daemon._tls(config)
         await relay.start()
         sweeping = asyncio.create_task(sweeper.run(), name="retention-sweeper")
-        await ingress.setup()
-        daemon.site = TlsSite(
-            ingress,
-            config.ingress.host,
-            config.ingress.port,
-            tls,
-            on_handshake_failure=lambda reason: metrics.tls_handshake_failures.labels(
-                listener="ingress", reason=reason
-            ).inc(),
-        )
-        await daemon.site.start()
+        for name, listener in config.listeners.items():
+            runner = listeners[name] = web.AppRunner(
+                build_app(ref, name),
+                handle_signals=False,
+                access_log=None,
+                keepalive_timeout=config.ingress.keepalive_timeout,
+                shutdown_timeout=config.ingress.shutdown_timeout,
+            )
+            await runner.setup()
+            daemon.sites[name] = await _listen(runner, name, listener, tls[name], metrics)
         if config.admin.control_socket is not None:
             await start_control_site(control, config.admin.control_socket)
-        bound = Bound(_port(ingress), admin_port, daemon.reload)
+        bound = Bound({n: _port(r) for n, r in listeners.items()}, admin_port, daemon.reload)
         daemon.readiness["state"] = "ready"
-        log.info("ready", port=bound.ingress_port, version=__version__)
+        log.info("ready", ports=dict(bound.ports), version=__version__)
         daemon._audit(
             "gatewayd.start",
             target=str(config_path) if config_path else None,
             detail={"version": __version__, "config_sha256": _config_digest(config_path)},
         )
         if notifier:
-            notifier.ready(status=f"serving on port {bound.ingress_port}")
+            where = ", ".join(f"{n} :{p}" for n, p in bound.ports.items())
+            notifier.ready(status=f"serving on {where}")
             interval = notifier.watchdog_interval()
             if interval:
                 watchdog = asyncio.create_task(watchdog_loop(notifier, interval=interval))
@@ -465,10 +515,12 @@ async def serve(
         if notifier:
             notifier.stopping()
         gate.accepting = False  # a request on an open connection now gets 503
-        await daemon.site.stop()  # and nothing new connects
+        for site in daemon.sites.values():
+            await site.stop()  # and nothing new connects
         if not await gate.drained(daemon.config.ingress.shutdown_timeout):
             log.warning("drain_timeout", in_flight=gate.in_flight)
-        await ingress.cleanup()
+        for runner in listeners.values():
+            await runner.cleanup()
     finally:
         gate.accepting = False
         if watchdog is not None:
@@ -480,16 +532,47 @@ async def serve(
         if control is not None:
             await control.cleanup()
         await admin.cleanup()
-        if ingress is not None:
-            await ingress.cleanup()
+        for runner in listeners.values():
+            await runner.cleanup()
         photos.close()
         await spool.close()
         daemon._audit("gatewayd.stop", detail={"version": __version__})
         log.info("stopped")
 
 
+async def _listen(
+    runner: web.AppRunner,
+    name: str,
+    listener: ListenerConfig,
+    context: ssl.SSLContext,
+    metrics: Metrics,
+) -> TlsSite:
+    """Open one device listener; an address it cannot take is an error naming its key."""
+    site = TlsSite(
+        runner,
+        listener.host,
+        listener.port,
+        context,
+        on_handshake_failure=lambda reason: metrics.tls_handshake_failures.labels(
+            listener=name, reason=reason
+        ).inc(),
+    )
+    try:
+        await site.start()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ListenerError(
+            f"listeners.{name}: cannot listen on {listener.address}: {why}"
+        ) from None
+    log.info("listening", listener=name, address=listener.host, port=_port(runner))
+    return site
+
+
 def _export_certificate_expiry(config: GatewayConfig, metrics: Metrics) -> None:
-    certs = {"ingress": config.ingress.certificate, "device-ca": config.ingress.client_ca}
+    certs: dict[str, Path] = {}
+    for name, listener in config.listeners.items():
+        certs[f"listener:{name}"] = listener.certificate
+        certs[f"device-ca:{name}"] = listener.client_ca
     for name, dest in config.destinations.items():
         certs[f"client:{name}"] = dest.client_certificate
         certs[f"upstream-ca:{name}"] = dest.ca
@@ -510,6 +593,7 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
     try:
         config = load_config(config_path)
         problems = secret_problems(config, str(config_path))
+        problems += registry_problems(config, str(config_path))
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
@@ -518,6 +602,10 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
         return 2
     try:
         asyncio.run(_serve_with_signals(config, config_path))
+    except ConfigError as exc:  # the registries changed between the check and the start
+        for problem in exc.problems:
+            print(f"gatewayd: {problem}", file=sys.stderr)
+        return 2
     except GatewayError as exc:
         log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
         print(f"gatewayd: {exc}", file=sys.stderr)

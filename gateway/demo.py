@@ -3,8 +3,9 @@
 A throw-away PKI, one simulated upstream per destination, the shipped six channels, and
 the real daemon on loopback; realistic submissions on every channel plus the mistakes a
 ward office makes (a field that must be dropped, a revoked tablet, a wrong password, a
-bad photo, a 個人番号 with a wrong check digit, an upstream that is briefly down). It
-prints what was accepted, rejected (and why), dropped and delivered: names and rules,
+staff user not named for the channel, a channel asked for on another network, a bad
+photo, a 個人番号 with a wrong check digit, an upstream that is briefly down). It prints
+what was accepted, rejected (and why), dropped, delivered and erased: names and rules,
 never values.
 """
 
@@ -28,6 +29,7 @@ from gateway.daemon import Bound
 from gateway.metrics import Metrics
 from gateway.testing import (
     CHANNEL_DEVICE,
+    DEVICE_LISTENER,
     DeviceClient,
     Reply,
     Sandbox,
@@ -47,6 +49,7 @@ class Case:
     files: dict[str, bytes]
     password: str | None = None
     idempotency_key: str | None = None
+    user: str = "staff-001"
 
 
 def _cases() -> list[Case]:
@@ -105,7 +108,33 @@ def _cases() -> list[Case]:
         )
     )
     cases.append(
-        Case("tablet posting on the counter's channel", "window-reception", "tablet-01", office, {})
+        Case(
+            "tablet asking for the counter's channel (not served on the tablets' network)",
+            "window-reception",
+            "tablet-01",
+            office,
+            {},
+        )
+    )
+    reservation, _ = sample_submission("issuance-reservation")
+    cases.append(
+        Case(
+            "counter terminal on the call centre's channel (same network, not its channel)",
+            "issuance-reservation",
+            "counter-01",
+            reservation,
+            {},
+            user="staff-counter",
+        )
+    )
+    cases.append(
+        Case(
+            "staff user not named for the overseas channel (取扱者の指定)",
+            "overseas-application",
+            "pc-01",
+            *sample_submission("overseas-application"),
+            user="staff-002",
+        )
     )
     return cases
 
@@ -125,16 +154,20 @@ def _describe(reply: Reply) -> str:
 async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) -> int:
     express = sandbox.simulators["jlis-express"]
     express.fail_next(1, 503, retry_after="1")
-    clients: dict[tuple[str, str | None], DeviceClient] = {}
+    clients: dict[tuple[str, str, str | None], DeviceClient] = {}
     accepted: list[tuple[str, str]] = []
     failures = 0
     print("\nposting through the gateway (mutual TLS, staff login, multipart):", file=out)
     try:
         for case in _cases():
-            key = (case.device, case.password)
+            key = (case.device, case.user, case.password)
             if key not in clients:
                 clients[key] = DeviceClient(
-                    sandbox, case.device, port=bound.ingress_port, password=case.password
+                    sandbox,
+                    case.device,
+                    port=bound.ports[DEVICE_LISTENER[case.device]],
+                    user=case.user,
+                    password=case.password,
                 )
             reply = await clients[key].submit(
                 case.channel, case.fields, case.files, idempotency_key=case.idempotency_key
@@ -157,13 +190,15 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
                 await sandbox.simulators[dest].wait_for(count, timeout=30)
             except TimeoutError:
                 print(f"\n{dest}: not everything accepted arrived within 30 s", file=out)
-        # The upstream has it; the gateway records the delivery (and erases on-delivery
-        # copies) a moment later. Wait for that, as a device polling its status would.
+        # The upstream has it; the gateway records the delivery and erases its copy a
+        # moment later. Wait for that, as a device polling its status would, so the
+        # summary counts what happened, not what had happened so far.
+        print("\nwaiting for the gateway to erase each delivered copy…", file=out)
         for channel, submission_id in accepted:
-            client = clients[(CHANNEL_DEVICE[channel], None)]
-            for _ in range(100):
+            client = clients[(CHANNEL_DEVICE[channel], "staff-001", None)]
+            for _ in range(200):
                 state = (await client.status(submission_id)).body.get("state")
-                if state in ("delivered", "erased", "held"):
+                if state in ("erased", "held"):
                     break
                 await asyncio.sleep(0.05)
         print("\ndelivered upstream (what each destination received):", file=out)
@@ -183,7 +218,7 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
                 )
         if accepted:
             channel, first = accepted[0]
-            status = await clients[(CHANNEL_DEVICE[channel], None)].status(first)
+            status = await clients[(CHANNEL_DEVICE[channel], "staff-001", None)].status(first)
             print(
                 f"\nstatus of {first[:12]}… as its tablet sees it: {status.body.get('state')}"
                 f", upstream receipt {status.body.get('upstream_receipt')}",
@@ -218,7 +253,7 @@ async def _scenario(sandbox: Sandbox, bound: Bound, metrics: Metrics, out: Any) 
         f"\nsummary: {len(accepted)} accepted, {delivered} delivered, "
         f"{int(retries)} upstream attempt(s) retried, fields dropped: "
         f"{', '.join(f'{k}×{int(v)}' for k, v in sorted(dropped.items())) or 'none'}; "
-        f"server copies erased on delivery (送信後に自動消去): "
+        f"server copies erased on delivery, on every channel (送信後に自動消去): "
         f"{', '.join(f'{k}×{int(v)}' for k, v in sorted(erased.items())) or 'none'}",
         file=out,
     )
@@ -239,9 +274,10 @@ async def _main(directory: Path, out: Any, *, kept: bool) -> int:
     running = await start_gateway(sandbox.config)
     try:
         bound = running.bound
+        where = ", ".join(f"{name} :{port}" for name, port in bound.ports.items())
         print(
-            f"  gateway listening on https://localhost:{bound.ingress_port} "
-            f"(metrics on http://127.0.0.1:{bound.admin_port}/metrics)",
+            f"  gateway listening on one port per network ({where}; metrics on "
+            f"http://127.0.0.1:{bound.admin_port}/metrics)",
             file=out,
         )
         code = await _scenario(sandbox, bound, running.metrics, out)

@@ -1,11 +1,14 @@
-"""The device-facing HTTPS API (DESIGN.md section 3).
+"""The device-facing HTTPS API (docs/http-api.md).
 
-Checks run cheapest first and all of them before the body is read: the device's
-certificate, the channel, the device's right to it, the source network, the active
-window, the staff credential, the media type, the size, and the spool's room. Then the
-body streams once through :mod:`gateway.intake` into an encrypted pending record, the
-photo is decode-checked from that record, and only when the record and its index row
-are on disk does the device get its 202.
+Each listener (one per network) serves its own copy of this app, which knows the
+listener's name. Checks run cheapest first and all of them before the body is read: the
+device's certificate, the channel (served on this listener, or it does not exist here),
+the device's right to it, the source network, the active window, the staff credential,
+the staff user's right to the channel, the media type, the size, and the spool's room.
+Then the body streams once through :mod:`gateway.intake` into an encrypted pending
+record, the photo is decode-checked from that record, the device and user are checked
+again against the registries as they are now (a revocation during the upload wins), and
+only when the record and its index row are on disk does the device get its 202.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.auth import StaffAuthenticator
+from gateway.auth import StaffAuthenticator, unauthorized
 from gateway.channels.policy import (
     ChannelPolicy,
     device_allowed,
@@ -123,6 +126,16 @@ class RuntimeRef:
 
 
 RUNTIME = web.AppKey("runtime", RuntimeRef)
+LISTENER = web.AppKey("listener", str)
+"""The name of the listener (network) this app serves."""
+
+
+def listener_of(request: web.Request) -> str:
+    return request.app[LISTENER]
+
+
+def _count_auth_failure(rt: Runtime, request: web.Request, reason: str) -> None:
+    rt.metrics.auth_failures.labels(listener=listener_of(request), reason=reason).inc()
 
 
 def receipt(record: Record) -> dict[str, Any]:
@@ -151,7 +164,7 @@ def identify_device(rt: Runtime, request: web.Request) -> Device:
     transport = request.transport
     der = peer_cert_der(transport.get_extra_info("ssl_object") if transport else None)
     if der is None:
-        rt.metrics.auth_failures.labels(reason="no_client_certificate").inc()
+        _count_auth_failure(rt, request, "no_client_certificate")
         raise ProblemError(
             403,
             "device-unknown",
@@ -161,7 +174,7 @@ def identify_device(rt: Runtime, request: web.Request) -> Device:
     rt.registries.refresh()
     device = rt.registries.devices.by_fingerprint(cert_fingerprint(der))
     if device is None:
-        rt.metrics.auth_failures.labels(reason="device_unknown").inc()
+        _count_auth_failure(rt, request, "device_unknown")
         raise ProblemError(
             403,
             "device-unknown",
@@ -169,20 +182,30 @@ def identify_device(rt: Runtime, request: web.Request) -> Device:
             "this device certificate is not registered",
         )
     if device.revoked:
-        rt.metrics.auth_failures.labels(reason="device_revoked").inc()
-        raise ProblemError(
-            403, "device-revoked", "Device revoked", "this device has been disabled (端末無効化)"
-        )
+        _count_auth_failure(rt, request, "device_revoked")
+        raise _revoked()
     return device
+
+
+def _revoked() -> ProblemError:
+    return ProblemError(
+        403, "device-revoked", "Device revoked", "this device has been disabled (端末無効化)"
+    )
+
+
+def _unknown_channel() -> ProblemError:
+    return ProblemError(404, "unknown-channel", "Unknown channel", "no channel by that name")
 
 
 def _admission(rt: Runtime, request: web.Request, channel: str, device: Device) -> ChannelPolicy:
     policy = rt.policies.get(channel)
     config = rt.config.channels.get(channel)
-    if policy is None or config is None:
-        raise ProblemError(404, "unknown-channel", "Unknown channel", "no channel by that name")
+    if policy is None or config is None or listener_of(request) not in config.listeners:
+        # A channel not served on this listener does not exist here: the same answer as
+        # for a name that is no channel at all, whatever the device's certificate.
+        raise _unknown_channel()
     if not device_allowed(config, device.id, device.group):
-        rt.metrics.auth_failures.labels(reason="device_not_allowed").inc()
+        _count_auth_failure(rt, request, "device_not_allowed")
         raise ProblemError(
             403,
             "device-not-allowed",
@@ -190,7 +213,7 @@ def _admission(rt: Runtime, request: web.Request, channel: str, device: Device) 
             "this device may not post on this channel",
         )
     if not source_allowed(config, request.remote):
-        rt.metrics.auth_failures.labels(reason="source_network").inc()
+        _count_auth_failure(rt, request, "source_network")
         raise ProblemError(
             403,
             "source-network-not-allowed",
@@ -277,6 +300,42 @@ async def _check_photo(
     return await rt.photos.check(file.rule.name, where, policy.photo)
 
 
+async def _authenticate(rt: Runtime, request: web.Request) -> str:
+    """The staff user behind HTTP Basic (401 first: a stranger learns nothing more)."""
+    return await rt.auth.authenticate(
+        request.headers.get("Authorization"),
+        on_failure=lambda reason: _count_auth_failure(rt, request, reason),
+    )
+
+
+def _check_staff_channel(rt: Runtime, request: web.Request, user_id: str, channel: str) -> None:
+    """403 unless the registry names this staff user for this channel (取扱者の指定)."""
+    user = rt.registries.users.get(user_id)
+    if user is None or channel not in rt.config.expand_staff_scope(user.channels or ()):
+        _count_auth_failure(rt, request, "user_not_allowed_on_channel")
+        raise ProblemError(
+            403,
+            "user-not-allowed-on-channel",
+            "Staff user not named for this channel",
+            "this staff user is not named to handle this channel",
+        )
+
+
+def _still_allowed(request: web.Request, device: Device, user_id: str) -> None:
+    """Device and user checked again against the registries as they are now, before the
+    record is committed: a revocation that lands while the body uploads wins."""
+    rt = request.app[RUNTIME].current  # the latest: a reload may have replaced ours
+    rt.registries.refresh()
+    now = rt.registries.devices.by_fingerprint(device.fingerprint)
+    if now is None or now.revoked:
+        _count_auth_failure(rt, request, "device_revoked")
+        raise _revoked()
+    user = rt.registries.users.get(user_id)
+    if user is None or not user.enabled:
+        _count_auth_failure(rt, request, "user_disabled")
+        raise unauthorized("unknown staff user ID or wrong password")
+
+
 @dataclass(frozen=True)
 class Admission:
     """Everything decided about a submission before a byte of its body is read."""
@@ -304,8 +363,9 @@ async def _admit(
     device = identify_device(rt, request)
     context["device_id"] = device.id
     policy = _admission(rt, request, channel, device)
-    user_id = await rt.auth.authenticate(request.headers.get("Authorization"))
+    user_id = await _authenticate(rt, request)
     context["user_id"] = user_id
+    _check_staff_channel(rt, request, user_id, channel)
     boundary = multipart_boundary(request.headers.get("Content-Type", ""))
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding != "identity":
@@ -386,6 +446,7 @@ async def _receive(
                 "one or more fields break the channel's rules",
                 violations=tuple(result.violations),
             )
+        _still_allowed(request, device, user_id)
         config = rt.config.channels[channel]
         meta = NewRecord(
             channel=channel,
@@ -422,6 +483,8 @@ async def _receive(
 
 
 def _channel_label(rt: Runtime, channel: str) -> str:
+    """The channel for logs and metrics: a configured name (also when this listener does
+    not serve it, which operators want to see), else ``unknown``: never a device's word."""
     return channel if channel in rt.config.channels else "unknown"
 
 
@@ -478,10 +541,14 @@ async def status(request: web.Request) -> web.StreamResponse:
     async def run(context: dict[str, Any]) -> web.Response:
         device = identify_device(rt, request)
         context["device_id"] = device.id
-        context["user_id"] = await rt.auth.authenticate(request.headers.get("Authorization"))
+        context["user_id"] = await _authenticate(rt, request)
         submission_id = request.match_info["submission_id"]
         record = await rt.spool.get(submission_id) if is_submission_id(submission_id) else None
-        if record is None or record.device_id != device.id:
+        if (
+            record is None
+            or record.device_id != device.id
+            or listener_of(request) not in rt.config.listeners_of(record.channel)
+        ):
             raise ProblemError(
                 404,
                 "unknown-submission",
@@ -515,7 +582,8 @@ async def _handle(
     run: Callable[[dict[str, Any]], Awaitable[web.Response]],
 ) -> web.StreamResponse:
     request_id = secrets.token_hex(8)
-    context: dict[str, Any] = {"request_id": request_id}
+    listener = listener_of(request)
+    context: dict[str, Any] = {"request_id": request_id, "listener": listener}
     if channel_label is not None:
         context["channel"] = channel_label
     started = time.perf_counter()
@@ -550,9 +618,13 @@ async def _handle(
         rt.gate.leave()
     duration = time.perf_counter() - started
     if channel_label is not None:
-        rt.metrics.submissions.labels(channel=channel_label, outcome=outcome).inc()
+        rt.metrics.submissions.labels(
+            listener=listener, channel=channel_label, outcome=outcome
+        ).inc()
         if outcome == "accepted":
-            rt.metrics.time_to_accept.labels(channel=channel_label).observe(duration)
+            rt.metrics.time_to_accept.labels(listener=listener, channel=channel_label).observe(
+                duration
+            )
     response.headers["X-Request-Id"] = request_id
     if isinstance(response, web.Response) and not request.content.at_eof():
         # A refusal before the whole body arrived: close rather than drain the rest.
@@ -599,9 +671,11 @@ def _unexpected(exc: Exception) -> web.Response:
     return problem_response(problem)
 
 
-def build_app(runtime: RuntimeRef) -> web.Application:
+def build_app(runtime: RuntimeRef, listener: str) -> web.Application:
+    """The device API as served on one listener (network)."""
     app = web.Application(middlewares=[last_resort], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
+    app[LISTENER] = listener
     app.router.add_post(
         "/v1/channels/{channel}/submissions", submit, expect_handler=expect_continue
     )

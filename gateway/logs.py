@@ -23,6 +23,8 @@ SAFE_KEYS = frozenset(
         "logger",
         "logger_name",
         "request_id",
+        "listener",
+        "ports",
         "method",
         "channel",
         "device_id",

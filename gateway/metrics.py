@@ -1,8 +1,8 @@
-"""Prometheus metrics with the names of DESIGN.md section 3.
+"""Prometheus metrics with the names of the contract (docs/metrics.md).
 
 One :class:`Metrics` per daemon, on its own registry (tests run several daemons in one
-process). Label values are channel, destination, state and reason names from the
-configuration or from fixed sets: never anything a device sent.
+process). Label values are listener, channel, destination, state and reason names from
+the configuration or from fixed sets: never anything a device sent.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class Metrics:
         r = self.registry
         self.submissions = Counter(
             "gateway_submissions",
-            "Submissions by channel and outcome",
-            ["channel", "outcome"],
+            "Submissions by listener, channel and outcome",
+            ["listener", "channel", "outcome"],
             registry=r,
         )
         self.fields_dropped = Counter(
@@ -81,8 +81,8 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "gateway_auth_failures",
-            "Refused device or staff authentication",
-            ["reason"],
+            "Refused device or staff authentication, by listener and reason",
+            ["listener", "reason"],
             registry=r,
         )
         self.certificate_expiry = Gauge(
@@ -99,7 +99,7 @@ class Metrics:
         self.time_to_accept = Histogram(
             "gateway_accept_duration_seconds",
             "Time from request to 202 receipt",
-            ["channel"],
+            ["listener", "channel"],
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )

@@ -1,14 +1,18 @@
 """Device and staff registries: who may connect, and with which password.
 
 A device is known by the SHA-256 fingerprint of its client certificate (端末の証明書);
-staff by user ID with an scrypt password hash. Both live in small JSON files that
-``gatewayctl`` rewrites atomically; the daemon re-reads them when they change, so a
-revoked device or a disabled user is refused on its next request without a restart.
+staff by user ID with an scrypt password hash and the channels they are named for
+(取扱者をあらかじめ指定: a user may post only on the channels, or ``group:NAME`` channel
+groups, listed for them). Both live in small JSON files that ``gatewayctl`` rewrites
+atomically; the daemon re-reads them when they change, and ``gatewayctl`` tells it at
+once, so a revoked device or a disabled user is refused on its next request without a
+restart.
 """
 
 from __future__ import annotations
 
 import base64
+import difflib
 import functools
 import json
 import re
@@ -25,6 +29,8 @@ from gateway.errors import GatewayError
 from gateway.fsutil import write_atomic
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+SCOPE_PATTERN = re.compile(r"^(group:)?[a-z0-9][a-z0-9._-]{0,62}$")
+"""A staff user's channel entry: a channel name, or ``group:NAME`` of a channel group."""
 FINGERPRINT_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 MIN_PASSWORD_LENGTH = 10
@@ -46,11 +52,17 @@ class Device:
 
 @dataclass(frozen=True)
 class User:
-    """A staff member who operates a device (職員ID)."""
+    """A staff member who operates a device (職員ID), named for the channels they handle.
+
+    ``channels`` lists channel names and ``group:NAME`` channel groups. ``None`` marks an
+    entry from before staff were named per channel: such a registry is refused at start
+    until every user is given their channels (``gatewayctl user allow``).
+    """
 
     id: str
     password_hash: str
     enabled: bool = True
+    channels: tuple[str, ...] | None = ()
 
 
 def hash_password(password: str, *, n: int = SCRYPT_N) -> str:
@@ -194,6 +206,7 @@ def load_users(path: Path) -> UserRegistry:
                 id=str(entry["id"]),
                 password_hash=str(entry["password_hash"]),
                 enabled=bool(entry.get("enabled", True)),
+                channels=_channels(entry, where),
             )
         except (KeyError, TypeError):
             raise RegistryError(f"{where}: needs id and password_hash") from None
@@ -205,6 +218,57 @@ def load_users(path: Path) -> UserRegistry:
         users.append(user)
     _unique(path, "users", [u.id for u in users], "id")
     return UserRegistry(tuple(users))
+
+
+def _channels(entry: dict[str, Any], where: str) -> tuple[str, ...] | None:
+    if "channels" not in entry:
+        return None  # written before staff were named per channel
+    value = entry["channels"]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RegistryError(f"{where}.channels: must be a list of channel names")
+    for index, scope in enumerate(value):
+        if not SCOPE_PATTERN.fullmatch(scope):
+            raise RegistryError(f"{where}.channels[{index}]: must be a channel name or group:NAME")
+    return tuple(dict.fromkeys(value))
+
+
+def staff_problems(users: UserRegistry, scopes: Iterable[str]) -> list[tuple[str, str]]:
+    """What keeps this staff registry from being used with a configuration whose channels
+    and channel groups are ``scopes`` (names, and ``group:NAME``), as (where, why) pairs;
+    empty when nothing does.
+
+    Users named for no channel at all (a registry from before staff were named per
+    channel) and entries naming an unknown channel or group are both refused, with the
+    users named and the command that fixes them.
+    """
+    known = sorted(scopes)
+    problems = []
+    legacy = [u.id for u in users.users if u.channels is None]
+    if legacy:
+        problems.append(
+            (
+                "users",
+                f"staff user(s) {', '.join(legacy)} are not named for any channel; each user "
+                "must list the channels they may post on (取扱者の指定). Fix with: "
+                + "; ".join(
+                    f"gatewayctl user allow --id {user} --channel CHANNEL" for user in legacy
+                ),
+            )
+        )
+    for index, user in enumerate(users.users):
+        for position, scope in enumerate(user.channels or ()):
+            if scope not in known:
+                close = difflib.get_close_matches(scope, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(
+                    (
+                        f"users[{index}].channels[{position}]",
+                        f"staff user {user.id} is allowed {scope!r}, which is no channel or "
+                        f"channel group{hint}; fix with: gatewayctl user deny --id {user.id} "
+                        f"--channel {scope}",
+                    )
+                )
+    return problems
 
 
 def _check_flag(entry: dict[str, Any], key: str, where: str) -> None:
@@ -232,8 +296,17 @@ def save_devices(path: Path, registry: DeviceRegistry) -> None:
     _write_json_atomic(path, {"version": 1, "devices": [asdict(d) for d in registry.devices]})
 
 
+def _user_entry(user: User) -> dict[str, Any]:
+    entry = asdict(user)
+    if user.channels is None:
+        del entry["channels"]  # left as it was: still refused until it is given channels
+    else:
+        entry["channels"] = list(dict.fromkeys(user.channels))
+    return entry
+
+
 def save_users(path: Path, registry: UserRegistry) -> None:
-    _write_json_atomic(path, {"version": 1, "users": [asdict(u) for u in registry.users]})
+    _write_json_atomic(path, {"version": 1, "users": [_user_entry(u) for u in registry.users]})
 
 
 def upsert_device(path: Path, device: Device) -> DeviceRegistry:
@@ -271,8 +344,10 @@ class RegistryWatcher:
         clock: Callable[[], float],
         interval: float = 0.5,
         on_error: Callable[[str], None] | None = None,
+        validate_users: Callable[[UserRegistry], list[str]] | None = None,
     ) -> None:
         self._files = (devices_file, users_file)
+        self._validate_users = validate_users
         self._clock = clock
         self._interval = interval
         self._on_error = on_error
@@ -293,20 +368,37 @@ class RegistryWatcher:
         # the file system's mtime granularity (or with its mtime restored) still counts.
         return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
-    def refresh(self, *, force: bool = False) -> None:
+    def refresh(self, *, force: bool = False) -> list[str]:
+        """Read a registry file again if it changed (or ``force``); returns why a file
+        could not be used (its last good snapshot is kept), empty when all went well.
+
+        Each file on its own: a users file that cannot be used never holds back a device
+        revocation."""
         now = self._clock()
         if not force and now - self._checked_at < self._interval:
-            return
+            return []
         self._checked_at = now
         stamps = tuple(self._stamp(p) for p in self._files)
         if stamps == self._stamps and not force:
-            return
+            return []
+        devices_stamp, users_stamp = self._stamps
+        problems: list[str] = []
         try:
-            devices = load_devices(self._files[0])
-            users = load_users(self._files[1])
+            self.devices = load_devices(self._files[0])
+            devices_stamp = stamps[0]
         except RegistryError as exc:
             # Keep the last good snapshot; a half-edited file must not open the door.
+            problems.append(str(exc))
+        try:
+            users = load_users(self._files[1])
+            invalid = self._validate_users(users) if self._validate_users else []
+            if invalid:
+                raise RegistryError("; ".join(invalid))
+            self.users, users_stamp = users, stamps[1]
+        except RegistryError as exc:
+            problems.append(str(exc))
+        self._stamps = (devices_stamp, users_stamp)
+        for problem in problems:
             if self._on_error:
-                self._on_error(str(exc))
-            return
-        self.devices, self.users, self._stamps = devices, users, stamps
+                self._on_error(problem)
+        return problems

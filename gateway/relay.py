@@ -1,8 +1,9 @@
 """Relay workers: deliver spooled records to their destination over mutual TLS.
 
 Each destination has a queue and ``concurrency`` workers sharing one aiohttp session
-whose connector verifies the upstream's CA and hostname (and SPKI pin when configured)
-and presents the gateway's client certificate. Every attempt carries
+whose connector verifies the upstream's CA and hostname (and SPKI pin when configured),
+presents the destination's own client certificate, and binds the destination's source
+address when it has one. Every attempt carries
 ``Idempotency-Key: <submission_id>``. tenacity retries 408, 429, 5xx and connection
 errors with exponential backoff and full jitter, waiting at least what ``Retry-After``
 asks; any other 4xx puts the record on ``held`` for an operator. The sleep and the
@@ -347,6 +348,8 @@ class Relay:
             ssl=context,
             limit=dest.concurrency,
             enable_cleanup_closed=False,
+            # Out by the network this upstream is on, when the host sits on several.
+            local_addr=(dest.source_address, 0) if dest.source_address else None,
         )
         timeout = aiohttp.ClientTimeout(
             total=dest.request_timeout, sock_connect=dest.connect_timeout

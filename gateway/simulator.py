@@ -78,6 +78,8 @@ class Received:
     """The request body as it arrived (the sealed payload when sealed, else ``body``)."""
     sealed: SealedHeader | None = None
     """The verified header of a sealed payload; ``body`` is then its opened plaintext."""
+    peer_address: str | None = None
+    """The address the gateway's connection came from (its ``source_address``)."""
 
 
 @dataclass(frozen=True)
@@ -366,6 +368,7 @@ class UpstreamSimulator:
             fields=MappingProxyType(fields),
             files=MappingProxyType(files),
             client_fingerprint=fingerprint,
+            peer_address=request.remote,
             authorization_user=user,
             receipt_id=f"{self.name}-{self._counter:08d}",
             wire=wire or body,

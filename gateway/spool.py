@@ -583,15 +583,22 @@ class Spool:
     # ---------------------------------------------------------------- erasure
 
     async def due(self, now: float, limit: int = 1000) -> list[Due]:
-        """Records whose retention ends at or before ``now``, earliest first."""
+        """Records to erase now: every delivered copy still present (no delivered copy is
+        kept), then those whose retention ends at or before ``now``, earliest first."""
 
         def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return conn.execute(
-                "SELECT id, channel, state, received_at, delivered_at, ciphertext_sha256 "
-                "FROM records WHERE erased_at IS NULL AND expires_at <= ? "
-                "ORDER BY expires_at LIMIT ?",
-                (now, limit),
+            columns = "id, channel, state, received_at, delivered_at, ciphertext_sha256"
+            delivered = conn.execute(
+                f"SELECT {columns} FROM records WHERE state='delivered' "  # noqa: S608
+                "AND erased_at IS NULL ORDER BY received_at LIMIT ?",
+                (limit,),
             ).fetchall()
+            expired = conn.execute(
+                f"SELECT {columns} FROM records WHERE erased_at IS NULL "  # noqa: S608
+                "AND expires_at <= ? AND state != 'delivered' ORDER BY expires_at LIMIT ?",
+                (now, limit - len(delivered)),
+            ).fetchall()
+            return delivered + expired
 
         return [Due(*row) for row in await self._index.run(fetch)]
 
@@ -652,16 +659,18 @@ class Spool:
         rows = await self._index.run(destroy, checkpoint=True)
         if not rows:
             return []
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._fsync_pool, self._unlink, [r[0] for r in rows])
         result = []
         for record_id, channel, state, received_at, delivered_at, size, digest in rows:
+            # Counted as the index says, before the unlink: a reader who sees "erased"
+            # in the index sees the counters agree.
             self.counts[state] -= 1
             self.bytes -= size
             self._undelivered.pop(record_id, None)
             result.append(
                 Erased(record_id, channel, received_at, delivered_at, at, reason, state, digest)
             )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._fsync_pool, self._unlink, [r[0] for r in rows])
         return result
 
     def _unlink(self, record_ids: list[str]) -> None:
@@ -674,6 +683,21 @@ class Spool:
     def free_bytes(self) -> int:
         st = os.statvfs(self.directory)
         return st.f_bavail * st.f_frsize
+
+
+def spool_in_use(directory: Path) -> bool:
+    """Whether a running gateway holds this spool (its lock), without disturbing it."""
+    try:
+        fd = os.open(directory / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False  # no spool there yet: nothing is running on it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor releases a lock we took
+    return False
 
 
 def read_records(

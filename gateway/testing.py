@@ -2,10 +2,11 @@
 
 :func:`build_sandbox` makes a PKI with the project's own code, starts one upstream
 simulator per destination, writes a master key, the device and staff registries and a
-configuration derived from the shipped ``conf/gateway.toml`` (the same six channels,
-with destinations pointed at the simulators and loopback added to every channel's
-source networks), and :class:`DeviceClient` posts as a real device would: HTTPS with a
-client certificate, staff credential in HTTP Basic, multipart body.
+configuration derived from the shipped ``conf/gateway.toml`` (the same six channels on
+the same four listeners, each listener on loopback with a port of its own, destinations
+pointed at the simulators with a client certificate each, and loopback added to every
+channel's source networks), and :class:`DeviceClient` posts as a real device would:
+HTTPS with a client certificate, staff credential in HTTP Basic, multipart body.
 """
 
 from __future__ import annotations
@@ -80,7 +81,32 @@ CHANNEL_DESTINATION: Mapping[str, str] = {
     "issuance-reservation": "ward-issuance",
     "window-reception": "ward-issuance",
 }
-STAFF: Mapping[str, str] = {"staff-001": "correct horse battery", "staff-002": "tr0ub4dor&3-xyz"}
+DEVICE_LISTENER: Mapping[str, str] = {
+    # the shipped listener (network) each sandbox device reaches the gateway on
+    "tablet-01": "tablets",
+    "tablet-lost": "tablets",
+    "pc-01": "lgwan",
+    "records-01": "jukinet",
+    "callcentre-01": "office-lan",
+    "counter-01": "office-lan",
+}
+STAFF: Mapping[str, str] = {
+    "staff-001": "correct horse battery",
+    "staff-002": "tr0ub4dor&3-xyz",
+    "staff-counter": "counter-staff-pass",
+}
+STAFF_CHANNELS: Mapping[str, tuple[str, ...]] = {
+    # staff-001 handles every flow; the others are named for some (取扱者の指定)
+    "staff-001": (
+        "group:assist-desk",
+        "group:overseas-desk",
+        "group:records-office",
+        "group:reservation-centre",
+        "group:issuance-counter",
+    ),
+    "staff-002": ("group:assist-desk",),
+    "staff-counter": ("window-reception",),
+}
 UPSTREAM_CREDENTIAL = ("ward-shinjuku", "lgwan-secret-pass")
 FAST_SCRYPT_N = 2**10  # sandboxes only: production hashes use registry.SCRYPT_N
 
@@ -141,17 +167,25 @@ def sample_submission(channel: str) -> tuple[dict[str, str], dict[str, bytes]]:
         "pin_resident_registry": "5678",
         "pin_card_info_input": "9012",
     }
-    office = {
+    window = {  # items of 交付窓口受付業務 (fictional person and address)
         "name": "新宿 花子",
         "birth_date": "1985-04-01",
-        "address": "東京都新宿区歌舞伎町1-4-1",
+        "address": "東京都新宿区架空町1-2-3",
+        "manufacture_control_number": "M-0000123456",
+        "shipment_number": "S-2026-004567",
         "reservation_number": "R-2026-000123",
-        "reception_number": "U-0042",
+        "recipient_type": "self",
+        "reservation_datetime": "2026-12-01T10:30:00+09:00",
         "issuance_window": "本庁舎1階 3番窓口",
-        "card_expiry_date": "2036-04-01",
+        "reception_number": "U-0042",
+    }
+    reservation = {  # items of 予約電話受付業務
+        **window,
         "application_id": APPLICATION_ID,
         "processing_status": "reserved",
-        "reservation_datetime": "2026-12-01T10:30:00+09:00",
+        "card_expiry_date": "2036-04-01",
+        "phone": "03-5555-0123",
+        "email": "hanako@example.jp",
     }
     if channel == "online-application":
         return common, {"face_photo": photo}
@@ -181,9 +215,9 @@ def sample_submission(channel: str) -> tuple[dict[str, str], dict[str, bytes]]:
             {"batch_file": batch},
         )
     if channel == "issuance-reservation":
-        return {**office, "phone": "03-3209-1111", "email": "hanako@example.jp"}, {}
+        return reservation, {}
     if channel == "window-reception":
-        return {**office, "individual_number": INDIVIDUAL_NUMBER}, {}
+        return {**window, "individual_number": INDIVIDUAL_NUMBER}, {}
     raise KeyError(channel)
 
 
@@ -308,6 +342,7 @@ async def build_sandbox(
     overrides: Mapping[str, Any] | None = None,
     start_simulators: bool = True,
     simulator_ports: Mapping[str, int] | None = None,
+    listener_ports: Mapping[str, int] | None = None,
 ) -> Sandbox:
     """Make the PKI, registries, secrets and config; start one simulator per destination."""
     data = shipped_config_data(base)
@@ -351,17 +386,23 @@ async def build_sandbox(
     )
     save_users(
         state / "users.json",
-        UserRegistry(tuple(User(u, hash_password(p, n=FAST_SCRYPT_N)) for u, p in STAFF.items())),
+        UserRegistry(
+            tuple(
+                User(u, hash_password(p, n=FAST_SCRYPT_N), channels=STAFF_CHANNELS[u])
+                for u, p in STAFF.items()
+            )
+        ),
     )
 
-    data["ingress"].update(
-        host="127.0.0.1",
-        port=0,
-        certificate=str(pki.gateway_server.cert),
-        private_key=str(pki.gateway_server.key),
-        client_ca=str(pki.device_ca.cert),
-        shutdown_timeout=5,
-    )
+    data["ingress"].update(shutdown_timeout=5)
+    for name, listener in data["listeners"].items():
+        listener.update(
+            host="127.0.0.1",
+            port=(listener_ports or {}).get(name, 0),
+            certificate=str(pki.gateway_server.cert),
+            private_key=str(pki.gateway_server.key),
+            client_ca=str(pki.device_ca.cert),
+        )
     data["admin"].update(host="127.0.0.1", port=0, control_socket=str(_control_socket(state)))
     data["audit"] = {"log": str(state / "audit.jsonl"), "anchor": str(state / "audit.anchor")}
     data["spool"].update(
@@ -386,9 +427,10 @@ async def build_sandbox(
             if start_simulators
             else f"https://localhost:{(simulator_ports or {}).get(name, 9)}/submissions",
             ca=str(pki.upstream_ca.cert),
-            client_certificate=str(pki.gateway_client.cert),
-            client_key=str(pki.gateway_client.key),
+            client_certificate=str(pki.clients[name].cert),
+            client_key=str(pki.clients[name].key),
         )
+        dest.pop("source_address", None)  # the shipped networks' addresses are not here
         dest.setdefault("retry", {}).update(initial_backoff=0.05, max_backoff=0.5)
         if "credential" in dest:
             dest["credential"] = str(credential_file)
@@ -419,6 +461,10 @@ class RunningGateway:
     async def shutdown(self) -> None:
         self.stop.set()
         await self.task
+
+    def port_of(self, device_id: str) -> int:
+        """The port of the listener a sandbox device reaches the gateway on."""
+        return self.bound.ports[DEVICE_LISTENER[device_id]]
 
 
 async def start_gateway(
@@ -466,18 +512,22 @@ class DeviceClient:
 
     def __init__(
         self,
-        sandbox: Sandbox,
+        sandbox: Sandbox | PkiLayout,
         device_id: str,
         *,
         port: int,
+        host: str = "localhost",
         user: str = "staff-001",
         password: str | None = None,
         limit: int = 100,
         trace_configs: list[aiohttp.TraceConfig] | None = None,
     ) -> None:
-        device = sandbox.pki.devices[device_id]
-        context = client_context(ca=sandbox.pki.gateway_ca.cert, cert=device.cert, key=device.key)
-        self.base = f"https://localhost:{port}"
+        pki = sandbox.pki if isinstance(sandbox, Sandbox) else sandbox
+        device = pki.devices[device_id]
+        context = client_context(ca=pki.gateway_ca.cert, cert=device.cert, key=device.key)
+        # A listener on another loopback address is still "localhost" to its certificate.
+        self.base = f"https://{host}:{port}"
+        self.server_hostname = None if host == "localhost" else "localhost"
         self.authorization = basic_authorization(
             user, STAFF.get(user, "") if password is None else password
         )
@@ -515,6 +565,7 @@ class DeviceClient:
             f"{self.base}/v1/channels/{channel}/submissions",
             data=body,
             headers=self._headers(extra),
+            server_hostname=self.server_hostname,
         ) as response:
             return Reply(response.status, await _json(response), dict(response.headers))
 
@@ -527,13 +578,16 @@ class DeviceClient:
             f"{self.base}/v1/channels/{channel}/submissions",
             data=body,
             headers=self._headers(extra),
+            server_hostname=self.server_hostname,
         ) as response:
             await response.read()
             return response.status
 
     async def status(self, submission_id: str) -> Reply:
         async with self.session.get(
-            f"{self.base}/v1/submissions/{submission_id}", headers=self._headers(None)
+            f"{self.base}/v1/submissions/{submission_id}",
+            headers=self._headers(None),
+            server_hostname=self.server_hostname,
         ) as response:
             return Reply(response.status, await _json(response), dict(response.headers))
 
@@ -561,7 +615,7 @@ class DaemonProcess:
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.process: asyncio.subprocess.Process | None = None
-        self.port = 0
+        self.ports: dict[str, int] = {}
         self._pump: asyncio.Task[None] | None = None
 
     async def start(self, *, ready_within: float = 30.0) -> DaemonProcess:
@@ -587,7 +641,7 @@ class DaemonProcess:
                 log.write(line)
                 event = _json_line(line)
                 if event.get("event") == "ready":
-                    self.port = int(event["port"])
+                    self.ports = {str(k): int(v) for k, v in event["ports"].items()}
                     break
         self._pump = asyncio.create_task(self._copy(self.process.stderr, log))
         return self
@@ -600,6 +654,10 @@ class DaemonProcess:
                 log.flush()  # readable by a test waiting for a line
         finally:
             log.close()
+
+    def port_of(self, device_id: str) -> int:
+        """The port of the listener a sandbox device reaches the gateway on."""
+        return self.ports[DEVICE_LISTENER[device_id]]
 
     @property
     def pid(self) -> int:

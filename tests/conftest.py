@@ -58,8 +58,12 @@ class Running:
     def task(self) -> asyncio.Task[None]:
         return self.gateway.task
 
+    def port_of(self, device_id: str = "tablet-01") -> int:
+        """The port of the listener (network) this sandbox device reaches the gateway on."""
+        return self.gateway.port_of(device_id)
+
     def client(self, device_id: str = "tablet-01", **kwargs: str) -> DeviceClient:
-        return DeviceClient(self.sandbox, device_id, port=self.bound.ingress_port, **kwargs)
+        return DeviceClient(self.sandbox, device_id, port=self.port_of(device_id), **kwargs)
 
     async def shutdown(self) -> None:
         await self.gateway.shutdown()

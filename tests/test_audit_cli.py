@@ -117,7 +117,15 @@ async def test_each_state_changing_command_appends_exactly_one_entry(
         ),
         (["device", "revoke", "--id", "tablet-01"], "device.revoke", "tablet-01", None),
         (
-            ["user", "add", "--id", "staff-900", "--password-stdin"],
+            [
+                "user",
+                "add",
+                "--id",
+                "staff-900",
+                "--channel",
+                "group:assist-desk",
+                "--password-stdin",
+            ],
             "user.add",
             "staff-900",
             PLANTED_PASSWORD,
@@ -148,6 +156,12 @@ async def test_each_state_changing_command_appends_exactly_one_entry(
         assert_recent(log[-1].at)
         if action == "device.add":
             assert body["detail"] == {"group": "assist-tablet", "fingerprint": fp}
+        elif action == "user.add":
+            assert body["detail"] == {"channels": ["group:assist-desk"]}
+        elif action in ("device.revoke", "user.disable"):  # no daemon runs on this spool
+            assert body["detail"] == {
+                "daemon": "gatewayd is not running; it reads the change when it starts"
+            }
         else:
             assert not body.get("detail"), body
 
@@ -242,7 +256,7 @@ async def test_passwords_never_reach_the_audit_log_or_the_output(
     short = "Zq9-short"  # refused by the rule: the failure's reason must not quote it
     outputs: list[str] = []
     for argv, password in (
-        (["user", "add", "--id", "staff-900"], PLANTED_PASSWORD),
+        (["user", "add", "--id", "staff-900", "--channel", "window-reception"], PLANTED_PASSWORD),
         (["user", "passwd", "--id", "staff-900"], PLANTED_PASSWORD_2),
         (["user", "passwd", "--id", "staff-900"], short),
     ):
@@ -405,8 +419,9 @@ async def test_a_broken_log_stops_changes_but_not_protective_ones(
 
     stdin(monkeypatch, PLANTED_PASSWORD + "\n")
     code, _out, err = ctl(
-        capsys, "user", "add", "--config", path, "--id", "staff-900", "--password-stdin"
-    )
+        capsys, "user", "add", "--config", path, "--id", "staff-900",
+        "--channel", "window-reception", "--password-stdin",
+    )  # fmt: skip
     assert code != 0
     assert "not made" in err
     assert config.auth.users_file.read_bytes() == users_before
@@ -562,8 +577,11 @@ async def test_gatewayctl_reload_goes_through_the_daemon_which_records_the_calle
 @pytest.mark.parametrize(
     ("key", "change"),
     [
-        ("ingress.port", lambda d: d["ingress"].update(port=1)),
-        ("ingress.private_key", lambda d: d["ingress"].update(private_key="/nonexistent/key")),
+        ("listeners.tablets.port", lambda d: d["listeners"]["tablets"].update(port=1)),
+        (
+            "listeners.lgwan.private_key",
+            lambda d: d["listeners"]["lgwan"].update(private_key="/nonexistent/key"),
+        ),
     ],
     ids=["restart-only-setting", "missing-secret"],
 )

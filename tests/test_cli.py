@@ -51,7 +51,10 @@ def test_check_config_structure_only_accepts_shipped_file(
     assert code == 0, err
     assert "OK (6 channels" in out
     for channel in CHANNELS:
-        assert f"  {channel}: → " in out
+        assert f"  {channel}: on " in out
+    for listener in ("tablets", "lgwan", "jukinet", "office-lan"):
+        assert f"  listener {listener}: " in out
+    assert "window-reception: on office-lan → ward-issuance, 13 fields" in out
 
 
 def test_check_config_names_missing_files_and_secrets_by_dotted_key(
@@ -63,9 +66,9 @@ def test_check_config_names_missing_files_and_secrets_by_dotted_key(
     assert out == ""
     for key in (
         "spool.master_key",
-        "ingress.private_key",
-        "ingress.certificate",
-        "ingress.client_ca",
+        "listeners.tablets.private_key",
+        "listeners.office-lan.certificate",
+        "listeners.jukinet.client_ca",
         "destinations.jlis-overseas.credential",
         "destinations.dnp-relay.client_key",
         "destinations.ward-issuance.ca",
@@ -124,7 +127,7 @@ def test_pki_init_writes_certificates_and_0600_keys(
     )
     assert code == 0, err
     names = ["device-ca", "gateway-ca", "upstream-ca", "gateway-server", "gateway-client"]
-    names += ["device-a", "device-b", "upstream-u"]
+    names += ["device-a", "device-b", "upstream-u", "client-u"]
     for name in names:
         cert, key = pki / f"{name}.pem", pki / f"{name}.key"
         assert cert.is_file() and key.is_file(), name
@@ -313,7 +316,7 @@ async def test_user_add_stores_an_scrypt_hash_of_the_stdin_password(
     stdin(monkeypatch, NEW_PASSWORD + "\n")
     code, out, err = ctl(
         capsys, "user", "add", "--config", sandbox.config_path, "--id", "staff-003",
-        "--password-stdin",
+        "--channel", "window-reception", "--password-stdin",
     )  # fmt: skip
     assert code == 0, err
     assert NEW_PASSWORD not in out + err
@@ -334,7 +337,7 @@ async def test_user_add_refuses_a_short_password_stating_the_rule(
     stdin(monkeypatch, "short\n")
     code, _out, err = ctl(
         capsys, "user", "add", "--config", sandbox.config_path, "--id", "staff-003",
-        "--password-stdin",
+        "--channel", "window-reception", "--password-stdin",
     )  # fmt: skip
     assert code == 1
     assert_clean_error(err)
@@ -353,7 +356,7 @@ async def test_user_add_of_existing_id_is_refused(
     stdin(monkeypatch, NEW_PASSWORD + "\n")
     code, _out, err = ctl(
         capsys, "user", "add", "--config", sandbox.config_path, "--id", "staff-001",
-        "--password-stdin",
+        "--channel", "window-reception", "--password-stdin",
     )  # fmt: skip
     assert code == 1
     assert_clean_error(err)
@@ -369,7 +372,7 @@ async def test_user_add_refuses_an_id_the_registry_could_not_load(
     stdin(monkeypatch, NEW_PASSWORD + "\n")
     code, _out, err = ctl(
         capsys, "user", "add", "--config", sandbox.config_path, "--id", "Staff 003",
-        "--password-stdin",
+        "--channel", "window-reception", "--password-stdin",
     )  # fmt: skip
     assert code == 1
     assert_clean_error(err)
@@ -516,6 +519,9 @@ CTL_COMMANDS = [
     ["device", "revoke"],
     ["user"],
     ["user", "add"],
+    ["user", "list"],
+    ["user", "allow"],
+    ["user", "deny"],
     ["user", "passwd"],
     ["user", "disable"],
     ["demo"],

@@ -1,4 +1,5 @@
-"""SIGKILL while accepting and relaying: nothing acknowledged is lost, nothing half-present.
+"""SIGKILL while accepting and relaying: nothing acknowledged is lost, nothing half-present,
+and every delivered copy is erased in the end.
 
 gatewayd runs as a real process; the upstream simulators run here and outlive it. Each
 round kills the daemon with SIGKILL once a few submissions have been acknowledged
@@ -8,7 +9,6 @@ while more are in flight, both on the ingress and on the relay, then restarts it
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.crypto.keys import load_master_key
+from gateway.retention.sweeper import erasure_ledger
 from gateway.spool import Spool
 from gateway.testing import DaemonProcess, DeviceClient, Sandbox, build_sandbox, make_jpeg
 
@@ -68,7 +69,7 @@ async def _round(box: Sandbox, log: Path, batch: list[Posted]) -> None:
         if count >= KILL_AFTER_ACKS:
             acked.set()
 
-    async with DeviceClient(box, "tablet-01", port=daemon.port) as client:
+    async with DeviceClient(box, "tablet-01", port=daemon.port_of("tablet-01")) as client:
         tasks = [asyncio.create_task(one(client, p)) for p in batch]
         async with asyncio.timeout(60):
             await acked.wait()
@@ -97,7 +98,7 @@ async def test_sigkill_during_accept_and_relay_loses_nothing_acknowledged(
 
         daemon = await DaemonProcess(box.config_path, log).start()
         try:
-            async with DeviceClient(box, "tablet-01", port=daemon.port) as client:
+            async with DeviceClient(box, "tablet-01", port=daemon.port_of("tablet-01")) as client:
                 # Every device retries what it has no receipt for, and some of what it has.
                 for p in posted:
                     status, submission_id, replayed = await _send(client, p)
@@ -121,7 +122,8 @@ async def test_sigkill_during_accept_and_relay_loses_nothing_acknowledged(
         assert dict(received.fields) == expected
         assert received.files["face_photo"] == p.photo
 
-    # No record in the spool is half-present: every row's file decrypts in full, no orphans.
+    # Nothing is half-present and no delivered copy is kept: every accepted record was
+    # delivered exactly as accepted (above), then erased, each erasure in the ledger.
     assert box.config is not None
     master = load_master_key(Path(box.config.spool.master_key))
     spool = Spool(box.config.spool.directory, master)
@@ -129,16 +131,15 @@ async def test_sigkill_during_accept_and_relay_loses_nothing_acknowledged(
     try:
         assert report.missing_files == 0
         assert report.orphans_removed == 0
-        assert report.records == len(posted)
+        assert report.records == 0  # no live copy left: all delivered and erased
         for p in posted:
             assert p.submission_id is not None
             record = await spool.get(p.submission_id)
-            assert record is not None and record.state == "delivered"
-            data = b"".join(await spool.open_plaintext(record))
-            assert len(data) == record.plaintext_size
-            assert p.photo in data
-        files = [f for f in (box.config.spool.directory / "records").iterdir()]
-        assert len(files) == len(posted)
-        assert all(os.stat(f).st_size > 0 for f in files)
+            assert record is not None and record.state == "erased"
+            assert record.delivered_at is not None and record.erased_at is not None
+        assert list((box.config.spool.directory / "records").iterdir()) == []
     finally:
         await spool.close()
+    ledger = erasure_ledger(box.config.spool.directory)
+    erased = {e.body["submission_id"]: e.body["reason"] for e in ledger.entries()}
+    assert erased == dict.fromkeys(by_id, "delivered")

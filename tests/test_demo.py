@@ -113,6 +113,15 @@ def test_demo_accepts_and_delivers_every_channel(demo: DemoRun) -> None:
     assert re.search(r"summary: 7 accepted, 7 delivered, [1-9]\d* upstream attempt", output)
 
 
+def test_demo_summary_counts_every_erasure_after_waiting_for_them(demo: DemoRun) -> None:
+    """Every delivered copy, on every channel, is erased, and the summary (read after
+    the demo waited for the erasures) counts all seven: it is never read too early."""
+    assert "waiting for the gateway to erase each delivered copy" in demo.output
+    erased = demo.output.split("(送信後に自動消去): ", 1)[1].split(";")[0].split("\n")[0]
+    counts = {name: int(n) for name, n in (item.split("×") for item in erased.split(", "))}
+    assert counts == {channel: 2 if channel == "online-application" else 1 for channel in CHANNELS}
+
+
 def test_demo_drops_name_and_address(demo: DemoRun) -> None:
     """The post carrying name and address is accepted, and both are dropped and counted."""
     output = demo.output
@@ -124,7 +133,8 @@ def test_demo_drops_name_and_address(demo: DemoRun) -> None:
 
 
 def test_demo_reports_every_mistake_with_its_rule(demo: DemoRun) -> None:
-    """Retry, revoked tablet, wrong password, small photo and bad check digit each show."""
+    """Retry, revoked tablet, wrong password, small photo, bad check digit, a channel of
+    another network, a device and a staff user on a channel not theirs each show."""
     output = demo.output
     answers = outcomes(output)
     retry = answers["the same post again with its Idempotency-Key (device retry)"]
@@ -137,7 +147,12 @@ def test_demo_reports_every_mistake_with_its_rule(demo: DemoRun) -> None:
     assert photo.startswith("422 ") and "face_photo: dimensions" in photo
     number = answers["個人番号 with a wrong check digit"]
     assert number.startswith("422 ") and "individual_number: check_digit" in number
-    assert answers["tablet posting on the counter's channel"].startswith("403 device-not-allowed")
+    elsewhere = "tablet asking for the counter's channel (not served on the tablets' network)"
+    assert answers[elsewhere].startswith("404 unknown-channel")
+    same_network = "counter terminal on the call centre's channel (same network, not its channel)"
+    assert answers[same_network].startswith("403 device-not-allowed")
+    staff = answers["staff user not named for the overseas channel (取扱者の指定)"]
+    assert staff.startswith("403 user-not-allowed-on-channel")
 
 
 def test_demo_log_is_json_lines(demo: DemoRun) -> None:

@@ -454,10 +454,11 @@ async def test_revoked_device_is_403(gateway: Running) -> None:
 
 
 async def test_device_not_allowed_on_channel_is_403(gateway: Running) -> None:
-    """tablet-01 may not post on window-reception: 403."""
-    body = body_of([*sample_parts("window-reception"), text("name_kana", PLANTED_NAME)])
-    async with gateway.client("tablet-01") as client:
-        doc = problem(await post(client, "window-reception", body), 403)
+    """The counter terminal may not post on the call centre's channel, though both are
+    served on the office LAN: 403."""
+    body = body_of([*sample_parts("issuance-reservation"), text("name_kana", PLANTED_NAME)])
+    async with gateway.client("counter-01") as client:
+        doc = problem(await post(client, "issuance-reservation", body), 403)
     assert doc["type"].endswith("/device-not-allowed")
 
 
@@ -907,7 +908,7 @@ async def test_a_stalled_body_is_408_and_nothing_is_stored(tmp_path: Path) -> No
         device = box.pki.devices["tablet-01"]
         context = client_context(ca=box.pki.gateway_ca.cert, cert=device.cert, key=device.key)
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", running.bound.ingress_port, ssl=context, server_hostname="localhost"
+            "127.0.0.1", running.port_of("tablet-01"), ssl=context, server_hostname="localhost"
         )
         head = (
             "POST /v1/channels/online-application/submissions HTTP/1.1\r\n"
@@ -981,7 +982,8 @@ async def test_expect_100_continue_refuses_before_the_body_is_sent(gateway: Runn
         )
     assert ok.status == 202
     refused = gateway.metrics.registry.get_sample_value(
-        "gateway_submissions_total", {"channel": "online-application", "outcome": "unauthorized"}
+        "gateway_submissions_total",
+        {"listener": "tablets", "channel": "online-application", "outcome": "unauthorized"},
     )
     assert refused == 1
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeSleep, Running, hold, start_gateway
+from conftest import FakeSleep, Running, hold, start_gateway, until
 
 from gateway.crypto.pki import load_cert_der, spki_sha256_b64
 from gateway.testing import (
@@ -265,18 +265,23 @@ async def test_duplicate_delivery_is_answered_by_idempotency_key(gateway: Runnin
 # --------------------------------------------------------------- identity on the wire
 
 
-async def test_every_destination_sees_gateway_certificate_and_headers(gateway: Running) -> None:
-    """All six channels: the upstream sees the gateway client cert and the egress headers."""
+async def test_every_destination_sees_its_own_client_certificate_and_headers(
+    gateway: Running,
+) -> None:
+    """All six channels: each upstream sees the client certificate of its own destination
+    (one per destination, none shared) and the egress headers."""
     ids: dict[str, str] = {}
     for channel, device in DEVICE_OF.items():
         async with gateway.client(device) as client:
             ids[channel] = await submit(client, channel)
-    expected = gateway.sandbox.pki.gateway_client.fingerprint
+    clients = gateway.sandbox.pki.clients
+    assert len({c.fingerprint for c in clients.values()}) == len(gateway.sandbox.simulators)
     for channel, submission_id in ids.items():
-        sim = gateway.sandbox.simulators[DESTINATION_OF[channel]]
-        await sim.wait_for(2 if DESTINATION_OF[channel] == "ward-issuance" else 1, timeout=10)
+        destination = DESTINATION_OF[channel]
+        sim = gateway.sandbox.simulators[destination]
+        await sim.wait_for(2 if destination == "ward-issuance" else 1, timeout=10)
         got = sim.deliveries[submission_id]
-        assert got.client_fingerprint == expected
+        assert got.client_fingerprint == clients[destination].fingerprint
         assert got.channel == channel
         assert got.idempotency_key == submission_id
 
@@ -315,10 +320,10 @@ async def test_per_destination_concurrency_is_never_exceeded(gateway: Running) -
         gate.opened.set()
         await sim.wait_for(len(ids), timeout=10)
         for submission_id in ids:
-            await wait_state(client, submission_id, "delivered")
+            await wait_state(client, submission_id, "erased")  # delivered, then erased
     assert gate.peak == limit
     assert sim.attempts == len(ids)
-    assert in_flight(gateway, "ward-issuance") == 0
+    await until(lambda: in_flight(gateway, "ward-issuance") == 0)  # its erasure done too
 
 
 async def test_stalled_destination_does_not_block_others(gateway: Running) -> None:

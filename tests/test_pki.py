@@ -55,6 +55,7 @@ def _all(layout: PkiLayout) -> list[Issued]:
         layout.upstream_ca,
         layout.gateway_server,
         layout.gateway_client,
+        *layout.clients.values(),
         *layout.upstreams.values(),
         *layout.devices.values(),
     ]
@@ -88,6 +89,8 @@ def test_files_have_expected_names_and_modes(layout: PkiLayout) -> None:
         "gateway-client",
         "upstream-jlis",
         "upstream-contractor",
+        "client-jlis",
+        "client-contractor",
         "device-tablet-01",
         "device-pc-02",
     }

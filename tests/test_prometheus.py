@@ -23,7 +23,13 @@ import pytest
 import pytest_asyncio
 from conftest import Running, start_gateway
 
-from gateway.testing import CHANNEL_DEVICE, DeviceClient, build_sandbox, sample_submission
+from gateway.testing import (
+    CHANNEL_DEVICE,
+    DEVICE_LISTENER,
+    DeviceClient,
+    build_sandbox,
+    sample_submission,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONF = ROOT / "conf" / "prometheus"
@@ -174,12 +180,13 @@ async def exercise(gateway: Running) -> None:
     """Accepted posts on several channels (delivered, retried, held), a dropped field,
     refusals of every kind; returns once the relay has dealt with every accepted one."""
     sandbox = gateway.sandbox
-    port = gateway.bound.ingress_port
+    port = gateway.port_of("tablet-01")
     for channel in ("online-application", *DELIVERED_CHANNELS):
         fields, files = sample_submission(channel)
         if channel == "express-issuance":  # a drop channel: an unlisted field is dropped
             fields = {**fields, "favourite_food": "natto"}
-        async with DeviceClient(sandbox, CHANNEL_DEVICE[channel], port=port) as device:
+        device_id = CHANNEL_DEVICE[channel]
+        async with DeviceClient(sandbox, device_id, port=gateway.port_of(device_id)) as device:
             reply = await device.submit(channel, fields, files)
             assert reply.status == 202, (channel, reply.body)
             final = {"held"} if channel == "online-application" else {"delivered", "erased"}
@@ -255,10 +262,15 @@ def test_live_metrics_have_the_labelled_series(live_metrics: str) -> None:
     """The scenario is not vacuous: promtool saw labelled series of each kind."""
     s = parse_samples(live_metrics)
     for channel in ("online-application", *DELIVERED_CHANNELS):
-        assert sample(s, "gateway_submissions_total", channel=channel, outcome="accepted") == 1
-    assert sample(s, "gateway_submissions_total", channel="unknown", outcome="unknown-channel")
+        listener = DEVICE_LISTENER[CHANNEL_DEVICE[channel]]
+        accepted = {"listener": listener, "channel": channel, "outcome": "accepted"}
+        assert sample(s, "gateway_submissions_total", **accepted) == 1
+    unknown = {"listener": "tablets", "channel": "unknown", "outcome": "unknown-channel"}
+    assert sample(s, "gateway_submissions_total", **unknown)
     for reason in ("bad_credential", "device_not_allowed", "device_revoked"):
-        assert sample(s, "gateway_auth_failures_total", reason=reason) == 1, reason
+        assert sample(s, "gateway_auth_failures_total", listener="tablets", reason=reason) == 1
+    assert sample(s, "gateway_certificate_expiry_timestamp_seconds", certificate="listener:lgwan")
+    assert sample(s, "gateway_certificate_expiry_timestamp_seconds", certificate="device-ca:lgwan")
     assert sample(s, "gateway_relay_attempts_total", destination="jlis-express", outcome="503")
     assert sample(s, "gateway_relay_attempts_total", destination="dnp-relay", outcome="400")
     assert sample(s, "gateway_relay_retries_total", destination="jlis-express") == 1

@@ -427,16 +427,20 @@ def test_watcher_recovers_when_broken_file_is_fixed(watched: Watched) -> None:
     assert len(watched.errors) == 1
 
 
-def test_broken_users_file_keeps_both_snapshots(watched: Watched) -> None:
-    """A broken users file with a good devices change keeps both old snapshots together."""
+def test_broken_users_file_never_holds_back_a_revocation(watched: Watched) -> None:
+    """A broken users file keeps the old users, but a device revoked at the same time is
+    revoked: each file is read on its own, so a typo cannot keep a lost tablet in."""
     watcher = watched.watcher()
-    old_devices, old_users = watcher.devices, watcher.users
+    old_users = watcher.users
     revoke_tablet(watched.devices)
     watched.users.write_text("[]", encoding="utf-8")
     watched.clock.advance(1)
-    watcher.refresh()
-    assert (watcher.devices, watcher.users) == (old_devices, old_users)
-    assert watched.errors and str(watched.users) in watched.errors[0]
+    problems = watcher.refresh()
+    device = watcher.devices.by_id("tablet-01")
+    assert device is not None and device.revoked
+    assert watcher.users == old_users
+    assert problems and str(watched.users) in problems[0]
+    assert watched.errors == problems
 
 
 def test_watcher_without_error_callback_keeps_snapshot(watched: Watched) -> None:

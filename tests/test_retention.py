@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -11,15 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import FakeSleep, start_gateway
+from conftest import FakeSleep, Running, actl, start_gateway
 
 from gateway.chain import HashChainLog
 from gateway.cli import gatewayctl
 from gateway.metrics import Metrics
 from gateway.retention.report import JST, as_csv, certificate
-from gateway.retention.sweeper import Sweeper
+from gateway.retention.sweeper import Sweeper, erasure_ledger
 from gateway.spool import NewRecord, Spool, new_submission_id
-from gateway.testing import Sandbox, build_sandbox, sample_submission
+from gateway.testing import CHANNEL_DEVICE, Sandbox, build_sandbox, sample_submission
 
 WEEK = 7 * 86400
 T0 = 1_800_000_000.0
@@ -101,15 +102,18 @@ async def test_an_undelivered_copy_is_erased_at_seven_days_to_the_second(rig: Ri
     assert len(entry.body["ciphertext_sha256"]) == 64 and "crypto-erase" in entry.body["method"]
 
 
-async def test_a_delivered_copy_is_erased_at_its_deadline_for_reason_retention(rig: Rig) -> None:
-    """A delivered copy still goes at its deadline, recorded with reason retention."""
+async def test_a_delivered_copy_left_behind_is_erased_by_the_next_sweep(rig: Rig) -> None:
+    """A delivered copy still present (the daemon died between delivery and erasure) is
+    erased by the next sweep, long before its deadline, with reason delivered."""
     submission_id = await put(rig)
     await rig.spool.mark_delivered(submission_id, at=T0 + 60, receipt="r-1")
-    rig.clock.now = T0 + WEEK + 5
+    rig.clock.now = T0 + 120  # six days and more before the retention deadline
     assert await rig.sweeper.sweep() == 1
     (entry,) = list(rig.ledger.entries())
-    assert entry.body["reason"] == "retention" and entry.body["delivered_at"] == T0 + 60
-    assert erasures(rig, "online-application", "retention") == 1
+    assert entry.body["reason"] == "delivered" and entry.body["delivered_at"] == T0 + 60
+    assert erasures(rig, "online-application", "delivered") == 1
+    record = await rig.spool.get(submission_id)
+    assert record is not None and record.state == "erased"
 
 
 async def test_erase_on_delivery_erases_at_once_and_records_it(rig: Rig) -> None:
@@ -278,3 +282,38 @@ async def test_a_tampered_ledger_is_an_error_that_says_where(
     assert gatewayctl.main(argv) == 1
     err = capsys.readouterr().err
     assert "line 2" in err and "edited" in err
+
+
+# ------------------------------------------------- no delivered copy, on any channel
+
+
+async def test_every_channel_erases_its_copy_at_delivery(
+    gateway: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One submission on each of the six channels: each copy is erased as soon as it is
+    delivered, the ledger says ``delivered`` for each, and so does the certificate."""
+    ids: dict[str, str] = {}
+    for channel, device in CHANNEL_DEVICE.items():
+        fields, files = sample_submission(channel)
+        async with gateway.client(device) as client:
+            reply = await client.submit(channel, fields, files)
+            assert reply.status == 202, reply.body
+            ids[channel] = reply.body["submission_id"]
+            async with asyncio.timeout(15):
+                while (state := (await client.status(ids[channel])).body)["state"] != "erased":
+                    assert state["state"] in ("queued", "delivering", "delivered"), state
+            assert state["delivered_at"] is not None
+    config = gateway.sandbox.config
+    assert config is not None
+    assert list((config.spool.directory / "records").iterdir()) == []
+    ledger = erasure_ledger(config.spool.directory)
+    reasons = {e.body["submission_id"]: e.body["reason"] for e in ledger.entries()}
+    assert reasons == dict.fromkeys(ids.values(), "delivered")
+    today = datetime.fromtimestamp(gateway.sleep.now, JST).date().isoformat()
+    code, out, err = await actl(
+        capsys, "erasure-report", "--config", gateway.sandbox.config_path,
+        "--from", today, "--to", today,
+    )  # fmt: skip
+    assert code == 0, err
+    cert = json.loads(out[out.index("{") :])
+    assert cert["counts"] == {channel: {"delivered": 1} for channel in ids}

@@ -14,15 +14,15 @@ import stat
 from typing import Any
 
 import pytest
-from conftest import Running, actl
+from conftest import Running, actl, until
 
 from gateway.chain import ChainEntry, HashChainLog
 from gateway.config import GatewayConfig
 from gateway.testing import DeviceClient, Sandbox, sample_submission
 
 OPERATOR = "operator-tanaka"
-HELD_CHANNEL = "issuance-reservation"  # callcentre-01 → ward-issuance, kept after delivery
-DELIVERED_CHANNEL = "online-application"  # tablet-01 → dnp-relay, kept after delivery
+HELD_CHANNEL = "issuance-reservation"  # callcentre-01 → ward-issuance
+DELIVERED_CHANNEL = "online-application"  # tablet-01 → dnp-relay (erased once delivered)
 PLANTED = {
     "name": "秘匿 蘭丸",
     "address": "東京都千代田区秘密町9-8-7",
@@ -77,7 +77,8 @@ async def wait_state(client: DeviceClient, submission_id: str, state: str) -> di
 
 
 async def held_and_delivered(gateway: Running) -> tuple[str, str]:
-    """Post one submission its upstream refuses (422: held) and one it takes."""
+    """Post one submission its upstream refuses (422: held) and one it takes (delivered,
+    then erased: no delivered copy is kept)."""
     gateway.sandbox.simulators["ward-issuance"].fail_next(1, 422)
     fields, files = sample_submission(HELD_CHANNEL)
     async with gateway.client("callcentre-01") as client:
@@ -92,9 +93,22 @@ async def held_and_delivered(gateway: Running) -> tuple[str, str]:
         )
         assert reply.status == 202, reply.body
         delivered = reply.body["submission_id"]
-        await wait_state(client, delivered, "delivered")
+        await wait_state(client, delivered, "erased")
     assert isinstance(held, str) and isinstance(delivered, str)
     return held, delivered
+
+
+async def held_online(gateway: Running) -> str:
+    """A second held record, on the online channel (its upstream answers 422)."""
+    gateway.sandbox.simulators["dnp-relay"].fail_next(1, 422)
+    fields, files = sample_submission(DELIVERED_CHANNEL)
+    async with gateway.client("tablet-01") as client:
+        reply = await client.submit(DELIVERED_CHANNEL, fields, files)
+        assert reply.status == 202, reply.body
+        submission_id = reply.body["submission_id"]
+        await wait_state(client, submission_id, "held")
+    assert isinstance(submission_id, str)
+    return submission_id
 
 
 def gauge(gateway: Running, name: str, **labels: str) -> float | None:
@@ -147,9 +161,10 @@ async def test_spool_list_shows_held_by_default_and_filters(
     assert "422" in rows[held]["last_error"]
     assert set(PLANTED) <= set(rows[held]["fields"])
     assert rows[held]["size"] > 0
-    assert rows[delivered]["state"] == "delivered"
+    assert rows[delivered]["state"] == "erased"  # no delivered copy is kept
     assert rows[delivered]["channel"] == DELIVERED_CHANNEL
     assert rows[delivered]["delivered_at"] is not None
+    assert rows[delivered]["erased_at"] is not None
     assert rows[delivered]["upstream_receipt"]
     assert "application_id" in rows[delivered]["fields"]
 
@@ -170,10 +185,15 @@ async def test_spool_list_shows_held_by_default_and_filters(
     assert [row["submission_id"] for row in json_out(out)] == [delivered]
 
     code, out, err = await actl(
-        capsys, "spool", "list", "--config", config, "--state", "delivered", "--format", "json"
+        capsys, "spool", "list", "--config", config, "--state", "erased", "--format", "json"
     )
     assert code == 0, err
     assert [row["submission_id"] for row in json_out(out)] == [delivered]
+    code, out, err = await actl(
+        capsys, "spool", "list", "--config", config, "--state", "delivered", "--format", "json"
+    )
+    assert code == 0, err
+    assert json_out(out) == []
 
 
 async def test_spool_show_prints_field_names_never_values(
@@ -183,7 +203,7 @@ async def test_spool_show_prints_field_names_never_values(
     config = gateway.sandbox.config_path
     for submission_id, state, names in (
         (held, "held", set(PLANTED)),
-        (delivered, "delivered", {"application_id", "face_photo"}),
+        (delivered, "erased", {"application_id", "face_photo"}),
     ):
         code, out, err = await actl(capsys, "spool", "show", "--config", config, submission_id)
         assert code == 0, err
@@ -215,7 +235,7 @@ async def test_spool_requeue_delivers_a_held_record_and_is_audited(
     config = gateway.sandbox.config_path
     ward = gateway.sandbox.simulators["ward-issuance"]
     assert ward.received == []  # the 422 answer is not a delivery
-    assert spool_states(gateway) == {"queued": 0, "held": 1, "delivered": 1}
+    assert spool_states(gateway) == {"queued": 0, "held": 1, "delivered": 0}
     socket = config_of(gateway.sandbox).admin.control_socket
     assert socket is not None
     assert stat.S_IMODE(socket.stat().st_mode) == 0o600
@@ -241,8 +261,8 @@ async def test_spool_requeue_delivers_a_held_record_and_is_audited(
     for name, value in PLANTED.items():  # the values the other tests search for were sent
         assert ward.received[0].fields[name] == value
     async with gateway.client("callcentre-01") as client:
-        await wait_state(client, held, "delivered")
-    assert spool_states(gateway) == {"queued": 0, "held": 0, "delivered": 2}
+        await wait_state(client, held, "erased")  # delivered, then erased
+    await until(lambda: spool_states(gateway) == {"queued": 0, "held": 0, "delivered": 0})
     assert gauge(gateway, "gateway_spool_oldest_undelivered_age_seconds") == 0
     last = audit_entries(gateway.sandbox)[-1]
     assert last.body["action"] == "spool.requeue"
@@ -251,7 +271,7 @@ async def test_spool_requeue_delivers_a_held_record_and_is_audited(
     assert last.body["via"] == "gatewayctl"
     assert last.body["actor"] == OPERATOR
 
-    # A record that is not held (delivered) is refused, and the refusal recorded.
+    # A record that is not held (delivered and erased) is refused, and the refusal recorded.
     code, out, err = await actl(capsys, "spool", "requeue", "--config", config, delivered)
     assert code == 1
     assert "queued again" not in out
@@ -277,17 +297,20 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     gateway: Running, capsys: pytest.CaptureFixture[str]
 ) -> None:
     held, delivered = await held_and_delivered(gateway)
+    other = await held_online(gateway)
     sandbox = gateway.sandbox
     config = sandbox.config_path
     records = config_of(sandbox).spool.directory / "records"
     assert (records / held).is_file()
+    assert not (records / delivered).exists()
+    assert [e.body["reason"] for e in ledger(sandbox)] == ["delivered"]
 
     code, out, err = await actl(capsys, "spool", "erase", "--config", config, held)
     assert code == 0, err
     assert f"{held} erased" in out
     assert not (records / held).exists()
-    assert (records / delivered).is_file()
-    assert spool_states(gateway) == {"queued": 0, "held": 0, "delivered": 1}
+    assert (records / other).is_file()
+    assert spool_states(gateway) == {"queued": 0, "held": 1, "delivered": 0}
     assert gauge(gateway, "gateway_spool_oldest_undelivered_age_seconds") == 0
 
     code, out, err = await actl(capsys, "spool", "show", "--config", config, held)
@@ -300,7 +323,7 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     assert status.status == 200, status.body
     assert status.body["state"] == "erased"
 
-    [entry] = ledger(sandbox)
+    [_delivery, entry] = ledger(sandbox)
     assert entry.body["submission_id"] == held
     assert entry.body["reason"] == "operator"
     assert entry.body["channel"] == HELD_CHANNEL
@@ -315,22 +338,23 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     assert last.body["actor"] == OPERATOR
 
     # Again, together with a live one: the erased one fails, the live one is erased.
-    code, out, err = await actl(capsys, "spool", "erase", "--config", config, held, delivered)
+    code, out, err = await actl(capsys, "spool", "erase", "--config", config, held, other)
     assert code == 1
     assert f"{held}: " in err
     assert "already erased" in err
-    assert f"{delivered} erased" in out
-    assert not (records / delivered).exists()
+    assert f"{other} erased" in out
+    assert not (records / other).exists()
     assert spool_states(gateway) == {"queued": 0, "held": 0, "delivered": 0}
     assert gauge(gateway, "gateway_spool_bytes") == 0
     log = audit_entries(sandbox)
     assert [(e.body["action"], e.body["target"], e.body["outcome"]) for e in log[-2:]] == [
         ("spool.erase", held, "failed"),
-        ("spool.erase", delivered, "ok"),
+        ("spool.erase", other, "ok"),
     ]
     assert [(e.body["submission_id"], e.body["reason"]) for e in ledger(sandbox)] == [
+        (delivered, "delivered"),
         (held, "operator"),
-        (delivered, "operator"),
+        (other, "operator"),
     ]
     erasures = gateway.metrics.registry.get_sample_value(
         "gateway_erasures_total", {"channel": HELD_CHANNEL, "reason": "operator"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import getpass
 import json
 import sys
@@ -21,7 +22,7 @@ from gateway.chain import ChainBroken
 from gateway.config import GatewayConfig, load_config
 from gateway.control import control_request
 from gateway.crypto.pki import PkiExistsError, cert_fingerprint, init_pki, load_cert_der
-from gateway.daemon import secret_problems
+from gateway.daemon import registry_problems, secret_problems
 from gateway.errors import ConfigError, GatewayError
 from gateway.registry import (
     FINGERPRINT_PATTERN,
@@ -41,7 +42,7 @@ from gateway.registry import (
 )
 from gateway.retention.report import as_csv, certificate
 from gateway.retention.sweeper import erasure_ledger
-from gateway.spool import Record, is_submission_id, read_records
+from gateway.spool import Record, is_submission_id, read_records, spool_in_use
 
 DEFAULT_CONFIG = Path("/etc/gateway/gateway.toml")
 PROTECTIVE = frozenset({"device.revoke", "user.disable"})
@@ -67,7 +68,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s) in {args.config}", file=sys.stderr)
         return 1
-    problems = [] if args.structure_only else secret_problems(config, str(args.config))
+    problems = []
+    if not args.structure_only:
+        problems = secret_problems(config, str(args.config))
+        problems += registry_problems(config, str(args.config))
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -77,15 +81,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({len(config.channels)} channels, "
         f"{len(config.destinations)} destinations)"
     )
+    for name, listener in config.listeners.items():
+        print(f"  listener {name}: {listener.address}, {listener.tls_profile}")
     for name, channel in sorted(config.channels.items()):
         window = ""
         if channel.active_from or channel.active_until:
             window = f", active {channel.active_from or '…'} to {channel.active_until or '…'}"
-        erase = "on delivery" if channel.erase_on_delivery else "after retention"
         print(
-            f"  {name}: → {channel.destination}, {len(channel.fields)} fields, "
-            f"unlisted={channel.on_unlisted}, retention {channel.retention_days} d, "
-            f"erase {erase}{window}"
+            f"  {name}: on {', '.join(channel.listeners)} → {channel.destination}, "
+            f"{len(channel.fields)} fields, unlisted={channel.on_unlisted}, erased on "
+            f"delivery, undelivered erased after {channel.retention_days} d{window}"
         )
     return 0
 
@@ -112,6 +117,7 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
         layout.upstream_ca,
         layout.gateway_server,
         layout.gateway_client,
+        *layout.clients.values(),
         *layout.upstreams.values(),
         *layout.devices.values(),
     ]
@@ -163,8 +169,9 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
         raise UsageError(f"no device {args.id!r} in {config.auth.devices_file}")
     devices = tuple(replace(d, revoked=True) if d.id == args.id else d for d in registry.devices)
     save_devices(config.auth.devices_file, DeviceRegistry(devices))
-    print(f"device {args.id} revoked: the gateway refuses it from its next request on")
-    return 0
+    return _applied(
+        args, f"device {args.id} revoked", _tell_daemon(config, "device", args.id, "revoked", True)
+    )
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -180,14 +187,96 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
+def _scopes(config: GatewayConfig, wanted: Sequence[str]) -> tuple[str, ...]:
+    """The ``--channel`` values, each a channel or ``group:NAME`` of this configuration."""
+    known = sorted(config.staff_scopes())
+    for scope in wanted:
+        if scope not in known:
+            close = difflib.get_close_matches(scope, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(
+                f"--channel {scope!r}: no channel or channel group by that name{hint}; "
+                f"known: {', '.join(known)}"
+            )
+    return tuple(dict.fromkeys(wanted))
+
+
 def cmd_user_add(args: argparse.Namespace) -> int:
     config = _config(args)
     _check_id("staff user", args.id)
+    channels = _scopes(config, args.channel)
     if load_users(config.auth.users_file).get(args.id) is not None:
         raise UsageError(f"user {args.id!r} exists; use 'gatewayctl user passwd'")
-    upsert_user(config.auth.users_file, User(args.id, hash_password(_read_password(args))))
-    print(f"staff user {args.id} added")
+    user = User(args.id, hash_password(_read_password(args)), channels=channels)
+    upsert_user(config.auth.users_file, user)
+    args.audit_detail.update(channels=list(channels))
+    print(f"staff user {args.id} added, named for: {', '.join(channels)}")
     return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    users = sorted(load_users(config.auth.users_file).users, key=lambda u: u.id)
+    rows = [
+        {
+            "id": u.id,
+            "enabled": u.enabled,
+            "channels": None if u.channels is None else list(u.channels),
+            "allowed": sorted(config.expand_staff_scope(u.channels or ())),
+        }
+        for u in users
+    ]
+    if args.format == "json":
+        json.dump(rows, sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for row in rows:
+        state = "active" if row["enabled"] else "DISABLED"
+        named = (
+            "(not named for any channel)"
+            if row["channels"] is None
+            else ", ".join(
+                row["channels"]  # type: ignore[arg-type]
+            )
+            or "(none)"
+        )
+        print(f"{row['id']:<24} {state:<9} {named}")
+    return 0
+
+
+def _change_channels(args: argparse.Namespace, allow: bool) -> int:
+    config = _config(args)
+    registry = load_users(config.auth.users_file)
+    user = registry.get(args.id)
+    if user is None:
+        raise UsageError(f"no staff user {args.id!r}")
+    current = list(user.channels or ())
+    if allow:
+        wanted = _scopes(config, args.channel)  # denying needs no check: it fixes typos too
+        changed = [c for c in wanted if c not in current]
+        after = (*current, *changed)
+    else:
+        changed = [c for c in dict.fromkeys(args.channel) if c in current]
+        after = tuple(c for c in current if c not in changed)
+    if after != user.channels:
+        upsert_user(config.auth.users_file, replace(user, channels=after))
+    verb = "allowed" if allow else "denied"
+    args.audit_detail.update({verb: changed, "channels": list(after)})
+    note = "" if changed else f" (nothing to change: already {verb})"
+    done = f"staff user {args.id} now named for: {', '.join(after) or '(none)'}{note}"
+    if allow or not changed:
+        print(done)  # a wider right may wait for the file watch (within a second)
+        return 0
+    # Taking a channel away is a refusal like a disable: applied before this returns.
+    return _applied(args, done, _tell_daemon(config, "user", args.id, "channels", list(after)))
+
+
+def cmd_user_allow(args: argparse.Namespace) -> int:
+    return _change_channels(args, allow=True)
+
+
+def cmd_user_deny(args: argparse.Namespace) -> int:
+    return _change_channels(args, allow=False)
 
 
 def cmd_user_passwd(args: argparse.Namespace) -> int:
@@ -210,8 +299,64 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
         raise UsageError(f"no staff user {args.id!r}")
     users = tuple(replace(u, enabled=False) if u.id == args.id else u for u in registry.users)
     save_users(config.auth.users_file, UserRegistry(users))
-    print(f"staff user {args.id} disabled")
-    return 0
+    return _applied(
+        args,
+        f"staff user {args.id} disabled",
+        _tell_daemon(config, "user", args.id, "enabled", False),
+    )
+
+
+def _applied(args: argparse.Namespace, done: str, told: tuple[bool, str]) -> int:
+    """Report a registry change and what the running daemon made of it: exit 0 once the
+    daemon has applied it (or none runs), 1 when a running daemon did not confirm."""
+    confirmed, how = told
+    if isinstance(getattr(args, "audit_detail", None), dict):
+        args.audit_detail.update(daemon=how)
+    if confirmed:
+        print(f"{done}: {how}")
+        return 0
+    args.audit_outcome = "ok"  # the registry file did change; the daemon's part is detail
+    print(f"gatewayctl: {done} in the registry file, but {how}", file=sys.stderr)
+    return 1
+
+
+def _tell_daemon(
+    config: GatewayConfig, kind: str, ident: str, key: str, expected: object
+) -> tuple[bool, str]:
+    """Make the running daemon apply a registry change now: (confirmed, how it went).
+
+    Confirmed once the daemon answers that it holds ``key == expected`` for the entry.
+    Without a running daemon (its spool is not locked) the change waits in the file for
+    the next start, which counts as confirmed. A running daemon that cannot be asked or
+    does not confirm is not: it still reads the file within a second, but this command
+    cannot say it has.
+    """
+    if not spool_in_use(config.spool.directory):
+        return True, "gatewayd is not running; it reads the change when it starts"
+    if config.admin.control_socket is None:
+        return False, (
+            "admin.control_socket is not configured, so the running gatewayd cannot confirm "
+            "it; it reads the file within a second"
+        )
+    try:
+        answer = asyncio.run(
+            control_request(
+                config.admin.control_socket,
+                "POST",
+                "/v1/registries/apply",
+                actor=current_actor(),
+                query={kind: ident},
+            )
+        )
+    except GatewayError as exc:
+        return False, f"the running gatewayd did not confirm it ({exc})"
+    held = answer.get(kind)
+    if not isinstance(held, dict) or held.get(key) != expected:
+        return False, (
+            "the running gatewayd still holds the old entry; check its log "
+            "(registry_unreadable) and run 'gatewayctl reload'"
+        )
+    return True, "the running gatewayd has applied it; it is refused from now on"
 
 
 def cmd_erasure_report(args: argparse.Namespace) -> int:
@@ -485,7 +630,8 @@ def _parser() -> argparse.ArgumentParser:
     revoke = command(
         "revoke",
         cmd_device_revoke,
-        "disable a lost or stolen device at once (端末無効化)",
+        "disable a lost or stolen device at once (端末無効化): applied by the running daemon "
+        "before this returns",
         parent=device,
         audited="device.revoke",
     )
@@ -494,19 +640,45 @@ def _parser() -> argparse.ArgumentParser:
     user = commands.add_parser("user", help="staff users").add_subparsers(
         dest="user_command", required=True, metavar="ACTION"
     )
+    channel_help = (
+        "a channel, or group:NAME of [channel_groups], the user may post on (repeat); staff "
+        "are named per channel (取扱者の指定)"
+    )
     for name, handler, text in (
-        ("add", cmd_user_add, "add a staff user (password asked, or read from stdin)"),
+        (
+            "add",
+            cmd_user_add,
+            "add a staff user, named for the channels they handle (password asked, or read "
+            "from stdin)",
+        ),
         ("passwd", cmd_user_passwd, "set a staff user's password"),
     ):
         sub = command(name, handler, text, parent=user, audited=f"user.{name}")
         sub.add_argument("--id", required=True)
+        if name == "add":
+            sub.add_argument("--channel", action="append", required=True, help=channel_help)
         sub.add_argument(
             "--password-stdin",
             action="store_true",
             help="read the password from the first line of standard input",
         )
+    users_list = command(
+        "list", cmd_user_list, "list staff users and the channels they are named for", parent=user
+    )
+    users_list.add_argument("--format", choices=["text", "json"], default="text")
+    for name, handler, text in (
+        ("allow", cmd_user_allow, "name a staff user for more channels or channel groups"),
+        ("deny", cmd_user_deny, "take channels or channel groups away from a staff user"),
+    ):
+        sub = command(name, handler, text, parent=user, audited=f"user.{name}")
+        sub.add_argument("--id", required=True)
+        sub.add_argument("--channel", action="append", required=True, help=channel_help)
     disable = command(
-        "disable", cmd_user_disable, "disable a staff user", parent=user, audited="user.disable"
+        "disable",
+        cmd_user_disable,
+        "disable a staff user at once (applied by the running daemon before this returns)",
+        parent=user,
+        audited="user.disable",
     )
     disable.add_argument("--id", required=True)
 
@@ -628,6 +800,7 @@ def _run(args: argparse.Namespace) -> int:
                 "(see 'gatewayctl audit verify')"
             ) from None
         # Disabling a lost tablet or a user must never wait for a repaired log.
+        args.audit_detail = {}
         args.handler(args)
         print(
             f"gatewayctl: {action} done, but NOT recorded in the audit log: {exc}",
@@ -644,9 +817,8 @@ def _run(args: argparse.Namespace) -> int:
     except (GatewayError, OSError) as exc:
         audit.record(action, target=target, outcome="failed", detail={"reason": str(exc)})
         raise
-    audit.record(
-        action, target=target, outcome="ok" if status == 0 else "failed", detail=args.audit_detail
-    )
+    ok = status == 0 or getattr(args, "audit_outcome", None) == "ok"
+    audit.record(action, target=target, outcome="ok" if ok else "failed", detail=args.audit_detail)
     return status
 
 

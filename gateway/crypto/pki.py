@@ -160,6 +160,8 @@ class PkiLayout:
     gateway_client: Issued
     upstreams: Mapping[str, Issued]
     devices: Mapping[str, Issued]
+    clients: Mapping[str, Issued]
+    """The gateway's own client certificate for each upstream (one per destination)."""
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,18 @@ def _issue_device(directory: Path, device_ca: _Ca, device_id: str, now: datetime
     )
 
 
+def _issue_client(directory: Path, gateway_ca: _Ca, upstream: str, now: datetime) -> Issued:
+    return _make_leaf(
+        directory,
+        f"client-{upstream}",
+        gateway_ca,
+        common_name=f"gateway-{upstream}",
+        sans=[x509.DNSName("gateway")],
+        server=False,
+        now=now,
+    )
+
+
 def _unique(kind: str, names: Sequence[str]) -> list[str]:
     if isinstance(names, str):
         raise TypeError(f"{kind} must be a sequence of names, not a string")
@@ -411,6 +425,7 @@ def init_pki(
             old_devices, old_upstreams = _read_manifest(directory)
             stale = [f"device-{d}" for d in old_devices if d not in device_ids]
             stale += [f"upstream-{u}" for u in old_upstreams if u not in upstream_names]
+            stale += [f"client-{u}" for u in old_upstreams if u not in upstream_names]
         manifest.unlink()  # the directory is incomplete until the new manifest is written
 
     device_ca, device_ca_k = _make_ca(directory, "device-ca", "Gateway Dev Device CA", at)
@@ -446,6 +461,7 @@ def init_pki(
         )
         for u in upstream_names
     }
+    client_certs = {u: _issue_client(directory, gateway_ca_k, u, at) for u in upstream_names}
     device_certs = {d: _issue_device(directory, device_ca_k, d, at) for d in device_ids}
     for name in stale:
         for suffix in (".pem", ".key"):
@@ -461,6 +477,7 @@ def init_pki(
         gateway_client=gateway_client,
         upstreams=upstream_certs,
         devices=device_certs,
+        clients=client_certs,
     )
 
 
@@ -507,4 +524,5 @@ def load_layout(directory: Path) -> PkiLayout:
         gateway_client=_issued_from_disk(directory, "gateway-client"),
         upstreams={u: _issued_from_disk(directory, f"upstream-{u}") for u in upstreams},
         devices={d: _issued_from_disk(directory, f"device-{d}") for d in devices},
+        clients={u: _issued_from_disk(directory, f"client-{u}") for u in upstreams},
     )

@@ -1,9 +1,11 @@
 """The retention sweeper: every server copy is erased on time, and every erasure recorded.
 
-Copies are erased at ``received_at + retention`` whatever their state (資料36:
-受信後1週間で消去), and at delivery on channels that erase on delivery (資料40:
-送信後に自動消去; 資料30: 使用後に速やかに消去). Undelivered copies that reach their
-deadline are erased too, under the reason ``expired_undelivered``.
+The gateway is a relay: once the destination has a record its copy has no purpose, so
+every copy is erased as soon as it is delivered (資料40: 送信後に自動消去; 資料36:
+送信完了後に自動消去; 資料30: 使用後に速やかに消去), under the reason ``delivered``.
+A copy that is not delivered by ``received_at + retention`` (資料36: 受信後1週間で消去)
+is erased then, under the reason ``expired_undelivered``. A sweep also erases any
+delivered copy still present (a crash between delivery and its erasure), at once.
 
 Order matters for the record-keeping promise (特記事項 11–12): the ledger entry is
 written and fsynced *before* the copy is destroyed. A crash in between leaves a ledger
@@ -26,8 +28,10 @@ from gateway.metrics import Metrics
 from gateway.spool import Due, Spool
 
 METHOD = "crypto-erase (AES-256-GCM data key destroyed, SQLite secure_delete) + unlink"
-ERASURE_REASONS = ("retention", "expired_undelivered", "delivered", "operator")
-"""Why a copy was erased: the ledger's ``reason`` and the metric's label."""
+ERASURE_REASONS = ("delivered", "expired_undelivered", "operator")
+"""Why a copy is erased: the ledger's ``reason`` and the metric's label. Ledgers written
+before every channel erased on delivery may also hold ``retention`` (a delivered copy
+kept until its deadline); reports still count it."""
 BATCH = 1000
 WARNING_WINDOW = 86400.0
 
@@ -45,11 +49,9 @@ def erasure_ledger(
     )
 
 
-def reason_for(due: Due, *, delivered_now: bool = False) -> str:
+def reason_for(due: Due) -> str:
     """Why a record is erased: the ledger's and the metric's reason label."""
-    if delivered_now:
-        return "delivered"
-    return "retention" if due.state == "delivered" else "expired_undelivered"
+    return "delivered" if due.state == "delivered" else "expired_undelivered"
 
 
 def ledger_body(due: Due, reason: str, erased_at: float) -> dict[str, Any]:
@@ -113,7 +115,7 @@ class Sweeper:
             self._metrics.expiring_undelivered.labels(channel=channel).set(counts.get(channel, 0))
 
     async def erase_delivered(self, record_id: str) -> None:
-        """Erase-on-delivery for one record that was just delivered."""
+        """Erase one record that was just delivered (every channel erases on delivery)."""
         due = await self._spool.describe(record_id)
         if due is not None:
             await self._erase([due], ["delivered"], self._clock())
