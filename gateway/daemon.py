@@ -529,6 +529,7 @@ async def serve(
             sweeping.cancel()
             await asyncio.gather(sweeping, return_exceptions=True)
         await relay.stop(drain_timeout=daemon.config.ingress.shutdown_timeout)
+        await sweeper.close()
         if control is not None:
             await control.cleanup()
         await admin.cleanup()

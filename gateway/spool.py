@@ -615,18 +615,27 @@ class Spool:
         return dict(await self._index.run(fetch))
 
     async def describe(self, record_id: str) -> Due | None:
-        """The erasure facts of one live record (for erase-on-delivery)."""
+        """The erasure facts of one live record (an operator's erasure)."""
+        found = await self.describe_many([record_id])
+        return found[0] if found else None
 
-        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
-            row: tuple[Any, ...] | None = conn.execute(
-                "SELECT id, channel, state, received_at, delivered_at, ciphertext_sha256 "
-                "FROM records WHERE id=? AND erased_at IS NULL",
-                (record_id,),
-            ).fetchone()
-            return row
+    async def describe_many(self, record_ids: Sequence[str]) -> list[Due]:
+        """The erasure facts of those of these records that are still live, in order."""
+        wanted = list(dict.fromkeys(record_ids))
 
-        row = await self._index.run(fetch)
-        return Due(*row) if row else None
+        def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            rows = []
+            for record_id in wanted:
+                row = conn.execute(
+                    "SELECT id, channel, state, received_at, delivered_at, ciphertext_sha256 "
+                    "FROM records WHERE id=? AND erased_at IS NULL",
+                    (record_id,),
+                ).fetchone()
+                if row is not None:
+                    rows.append(row)
+            return rows
+
+        return [Due(*row) for row in await self._index.run(fetch)]
 
     async def erase(self, record_ids: Sequence[str], *, reason: str, at: float) -> list[Erased]:
         """Crypto-erase and unlink records; returns what was erased, for the ledger.

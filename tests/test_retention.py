@@ -129,6 +129,56 @@ async def test_erase_on_delivery_erases_at_once_and_records_it(rig: Rig) -> None
     assert rig.ledger.verify() == 1
 
 
+async def test_erasures_at_delivery_are_written_in_groups(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty deliveries finishing together cost one ledger write, not twenty; each
+    caller returns only once its own record is erased."""
+    ids = [await put(rig) for _ in range(20)]
+    for submission_id in ids:
+        await rig.spool.mark_delivered(submission_id, at=T0 + 1, receipt=None)
+    groups: list[int] = []
+    append_many = rig.ledger.append_many
+
+    def counted(bodies: list[dict[str, object]]) -> object:
+        groups.append(len(bodies))
+        return append_many(bodies)
+
+    monkeypatch.setattr(rig.ledger, "append_many", counted)
+    await asyncio.gather(*(rig.sweeper.erase_delivered(i) for i in ids))
+    assert groups == [20]
+    for submission_id in ids:
+        record = await rig.spool.get(submission_id)
+        assert record is not None and record.state == "erased"
+    assert rig.ledger.verify() == 20
+    assert erasures(rig, "online-application", "delivered") == 20
+
+
+async def test_an_erasure_at_delivery_that_fails_is_reported_to_its_caller(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger that cannot be written fails the callers of that group (nothing is
+    erased unrecorded), and the next group is tried afresh."""
+    first, second = await put(rig), await put(rig)
+    for submission_id in (first, second):
+        await rig.spool.mark_delivered(submission_id, at=T0 + 1, receipt=None)
+    append_many = rig.ledger.append_many
+
+    def full(_bodies: list[dict[str, object]]) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rig.ledger, "append_many", full)
+    with pytest.raises(OSError, match="No space"):
+        await rig.sweeper.erase_delivered(first)
+    record = await rig.spool.get(first)
+    assert record is not None and record.state == "delivered"
+    monkeypatch.setattr(rig.ledger, "append_many", append_many)
+    await rig.sweeper.erase_delivered(second)
+    record = await rig.spool.get(second)
+    assert record is not None and record.state == "erased"
+    await rig.sweeper.close()
+
+
 async def test_a_large_backlog_is_swept_in_batches_with_one_ledger_entry_each(rig: Rig) -> None:
     """More due records than one batch are all erased, each recorded exactly once."""
     ids = [await put(rig) for _ in range(1203)]

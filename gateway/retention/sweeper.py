@@ -88,6 +88,8 @@ class Sweeper:
         self._sleep = sleep
         self._interval = interval
         self._lock = asyncio.Lock()
+        self._delivered: list[tuple[str, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.channels = tuple(channels)
         """Channels whose early-warning gauge is exported (0 when none expire)."""
 
@@ -115,10 +117,42 @@ class Sweeper:
             self._metrics.expiring_undelivered.labels(channel=channel).set(counts.get(channel, 0))
 
     async def erase_delivered(self, record_id: str) -> None:
-        """Erase one record that was just delivered (every channel erases on delivery)."""
-        due = await self._spool.describe(record_id)
-        if due is not None:
-            await self._erase([due], ["delivered"], self._clock())
+        """Erase a record that was just delivered (every channel erases on delivery);
+        returns once it is erased.
+
+        Erasures at delivery are committed in groups, as the index commits records: the
+        first caller starts a flush, and those who arrive while it runs go together in
+        the next one, so a busy relay pays one ledger fsync, one index transaction with
+        its WAL checkpoint and one directory fsync per group rather than per record.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Retrieved here too, so a caller cancelled meanwhile leaves no unread error.
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._delivered.append((record_id, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_delivered(), name="erase-delivered")
+        await asyncio.shield(done)  # a cancelled caller does not cancel the others' group
+
+    async def _flush_delivered(self) -> None:
+        while self._delivered:
+            group, self._delivered = self._delivered, []
+            try:
+                due = await self._spool.describe_many([record_id for record_id, _ in group])
+                if due:
+                    await self._erase(due, ["delivered"] * len(due), self._clock())
+            except Exception as exc:
+                for _record_id, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for _record_id, done in group:
+                if not done.done():
+                    done.set_result(None)
+
+    async def close(self) -> None:
+        """Wait for erasures at delivery under way (at shutdown, after the relay stopped)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
     async def erase_by_operator(self, record_id: str) -> bool:
         """An operator's erasure of one live record (``gatewayctl spool erase``)."""
