@@ -1,4 +1,4 @@
-"""End to end over real mutual TLS: the relay leg (DESIGN.md section 3 "Egress", section 4).
+"""End to end over real mutual TLS: the relay leg (docs/contract.md, "Egress" and "Promises").
 
 The daemon's relay sleep is injected (``gateway.sleep`` records every backoff and returns
 at once), and the upstream simulators inject failures, so retries run without waiting.
@@ -139,23 +139,32 @@ async def test_backoff_never_exceeds_max_backoff(tmp_path: Path) -> None:
 
 
 async def test_circuit_breaker_holds_requests_back_from_a_failing_upstream(
-    gateway: Running,
+    tmp_path: Path,
 ) -> None:
-    """After 5 failures no request goes upstream until the cool-down; then one probe."""
-    sim = gateway.sandbox.simulators["jlis-express"]
-    sim.fail_next(8, 503)
-    async with gateway.client() as client:
-        ids = [await submit(client, "express-issuance") for _ in range(3)]
-        for submission_id in ids:
-            await wait_state(client, submission_id, "delivered")
-    # 8 refused attempts (5 to open, then one failed probe per cool-down) + 3 deliveries:
-    # nothing was sent while the circuit was open, however often workers woke.
-    assert sim.attempts == 8 + 3
-    cooldowns = [d for d in gateway.sleep.calls if d > MAX_BACKOFF]
-    assert cooldowns, gateway.sleep.calls
-    assert max(cooldowns) >= 4 * 30 - 1  # 30 s, then doubled after each failed probe
-    labels = {"destination": "jlis-express"}
-    assert gateway.metrics.registry.get_sample_value("gateway_relay_circuit_open", labels) == 0
+    """After 5 failures no request goes upstream until the cool-down; then one probe, and
+    each failed probe doubles the cool-down. One worker, so that which attempt fails is
+    decided by the test, not by the scheduler (with several, attempts sent before the
+    circuit opened may also fail, which is legitimate but leaves fewer probes)."""
+    box = await build_sandbox(tmp_path, overrides={"destinations.jlis-express.concurrency": 1})
+    running = await start_gateway(box)
+    try:
+        sim = box.simulators["jlis-express"]
+        sim.fail_next(8, 503)
+        async with running.client() as client:
+            ids = [await submit(client, "express-issuance") for _ in range(3)]
+            for submission_id in ids:
+                await wait_state(client, submission_id, "delivered")
+        # 8 refused attempts (5 to open, then one failed probe per cool-down) + 3
+        # deliveries: nothing was sent while the circuit was open.
+        assert sim.attempts == 8 + 3
+        cooldowns = [d for d in running.sleep.calls if d > MAX_BACKOFF]
+        assert cooldowns, running.sleep.calls
+        assert max(cooldowns) >= 4 * 30 - 1  # 30 s, then doubled after each failed probe
+        labels = {"destination": "jlis-express"}
+        assert running.metrics.registry.get_sample_value("gateway_relay_circuit_open", labels) == 0
+    finally:
+        await running.shutdown()
+        await box.stop_simulators()
 
 
 async def test_retry_after_is_honoured(gateway: Running) -> None:
