@@ -1,4 +1,4 @@
-"""``make bench``: the gateway's performance targets (DESIGN.md section 6), measured.
+"""``make bench``: the gateway's performance targets (the README's "Performance"), measured.
 
 The real daemon (``gatewayd``) runs as its own process with a throw-away PKI and
 simulated upstreams in this process, both legs over mutual TLS on loopback. Reported:

@@ -1,4 +1,4 @@
-"""The device-facing HTTPS API (docs/http-api.md).
+"""The device-facing HTTPS API (docs/contract.md, "Ingress").
 
 Each listener (one per network) serves its own copy of this app, which knows the
 listener's name. Checks run cheapest first and all of them before the body is read: the

@@ -1,4 +1,4 @@
-"""Prometheus metrics with the names of the contract (docs/metrics.md).
+"""Prometheus metrics with the names of the contract (docs/contract.md, "Metrics").
 
 One :class:`Metrics` per daemon, on its own registry (tests run several daemons in one
 process). Label values are listener, channel, destination, state and reason names from

@@ -1,7 +1,7 @@
 """An mutual-TLS HTTP server that plays an upstream (J-LIS or a contractor).
 
 Used by the tests and by ``gatewayctl demo``. It accepts the gateway's egress requests
-(DESIGN.md §3 "Egress"): ``POST`` with ``Idempotency-Key`` and ``Gateway-Channel``
+(docs/contract.md, "Egress"): ``POST`` with ``Idempotency-Key`` and ``Gateway-Channel``
 headers and a ``multipart/form-data`` body (or an opaque ``application/*`` body when
 payload encryption is on), and answers ``201`` with a receipt. A repeat of an accepted
 ``Idempotency-Key`` is answered ``200`` with the original receipt and not recorded

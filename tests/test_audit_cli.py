@@ -1,5 +1,5 @@
 """The operations audit log: what ``gatewayctl`` and ``gatewayd`` write to it, and what
-``gatewayctl audit verify|list`` make of it (DESIGN.md section 4, "append-only and
+``gatewayctl audit verify|list`` make of it (docs/contract.md, "Promises": "append-only and
 hash-chained"). Commands are driven in-process; a daemon runs in the test's event loop,
 so commands that talk to it run in a thread.
 """
@@ -389,7 +389,8 @@ async def test_a_broken_log_stops_changes_but_not_protective_ones(
     monkeypatch: pytest.MonkeyPatch,
     breakage: Callable[[Path, Path], None],
 ) -> None:
-    """device/user add are refused unrecorded; revoke and disable happen, exit 3, warned."""
+    """device/user add and user allow are refused unrecorded; revoke, disable and deny
+    happen, exit 3, warned."""
     config = config_of(sandbox)
     path = sandbox.config_path
     add_device(capsys, sandbox, "tablet-new", 1)
@@ -438,6 +439,21 @@ async def test_a_broken_log_stops_changes_but_not_protective_ones(
     assert "user.disable done, but NOT recorded" in err
     disabled = load_users(config.auth.users_file).get("staff-002")
     assert disabled is not None and not disabled.enabled
+
+    code, _out, err = ctl(
+        capsys, "user", "deny", "--config", path, "--id", "staff-001",
+        "--channel", "group:assist-desk",
+    )  # fmt: skip
+    assert code == 3, err
+    assert "user.deny done, but NOT recorded" in err
+    denied = load_users(config.auth.users_file).get("staff-001")
+    assert denied is not None and "group:assist-desk" not in (denied.channels or ())
+
+    code, _out, err = ctl(
+        capsys, "user", "allow", "--config", path, "--id", "staff-002",
+        "--channel", "window-reception",
+    )  # fmt: skip
+    assert code != 0 and "not made" in err  # widening a right waits for a repaired log
 
     assert log.read_bytes() == broken  # nothing appended to a broken log
     code, _out, _err = ctl(capsys, "audit", "verify", "--config", path)

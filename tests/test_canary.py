@@ -1,4 +1,4 @@
-"""The personal-data canary (DESIGN.md section 4, "Logs").
+"""The personal-data canary (docs/contract.md, "Promises").
 
 Distinctive values are planted in every field of every channel, plus fields the channels
 do not list (one of them with a personal-looking *name*), and posted through every path

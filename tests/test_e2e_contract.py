@@ -1,4 +1,4 @@
-"""End to end over real mutual TLS: the device-facing contract of DESIGN.md section 3.
+"""End to end over real mutual TLS: the device-facing contract of docs/contract.md.
 
 Each test runs the daemon in-process with a throw-away PKI and one upstream simulator
 per destination, and talks to it as a ward device would. Request bodies are built here

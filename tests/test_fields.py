@@ -1,4 +1,4 @@
-"""Field formats of DESIGN.md section 2: decoding, NFC, every format, and no value leaks."""
+"""Field formats of docs/contract.md: decoding, NFC, every format, and no value leaks."""
 
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def test_text_rule_refuses_non_text_formats(fmt: str) -> None:
 
 
 def test_check_digit_of_design_example() -> None:
-    """The DESIGN example 983205673214 has check digit 4 and validates."""
+    """The contract's example 983205673214 has check digit 4 and validates."""
     assert individual_number_check_digit("98320567321") == 4
     assert check("individual_number", "983205673214") == ("983205673214", None)
 

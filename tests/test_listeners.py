@@ -42,7 +42,7 @@ from gateway.testing import (
 SHIPPED = Path(__file__).resolve().parent.parent / "conf" / "gateway.toml"
 TABLETS, LGWAN = "127.0.0.2", "127.0.0.3"
 
-# DESIGN of the networks (資料36: tablets never on the ward LAN; 資料14: LGWAN; 資料30:
+# The networks (資料36: tablets never on the ward LAN; 資料14: LGWAN; 資料30:
 # the Jukinet line; 資料60: the office LAN), written out here, not read from the file.
 SHIPPED_BINDING = {
     "online-application": ("tablets",),

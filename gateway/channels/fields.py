@@ -1,4 +1,4 @@
-"""Field formats: decode, NFC-normalise and validate one text field (DESIGN.md section 2).
+"""Field formats: decode, NFC-normalise and validate one text field (docs/contract.md, "Channels").
 
 Pure code, no I/O. A bad value never raises: :func:`validate_text` answers a
 :class:`~gateway.errors.Violation` whose message names the rule only. No message,

@@ -52,7 +52,7 @@ _BAD_DATA: tuple[type[BaseException], ...] = (
 
 @dataclass(frozen=True)
 class PhotoRules:
-    """Bounds for the face photo (DESIGN.md section 2)."""
+    """Bounds for the face photo (docs/contract.md, "Channels")."""
 
     min_bytes: int = 20_000
     max_bytes: int = 7_000_000

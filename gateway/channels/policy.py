@@ -23,8 +23,8 @@ JST = timezone(timedelta(hours=9), "JST")
 KNOWN_FIELD_NAMES = frozenset(
     {
         # Everything a ward device is known to hold, allowed on some channel or not
-        # (DESIGN.md section 2). A dropped field outside this set is counted as "other", so a
-        # metric label or log line can never carry a name a device made up.
+        # (docs/contract.md, "Channels"). A dropped field outside this set is counted as
+        # "other", so a metric label or log line can never carry a name a device made up.
         "application_id",
         "face_photo",
         "wants_e_certificate",

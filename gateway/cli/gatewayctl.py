@@ -45,7 +45,7 @@ from gateway.retention.sweeper import erasure_ledger
 from gateway.spool import Record, is_submission_id, read_records, spool_in_use
 
 DEFAULT_CONFIG = Path("/etc/gateway/gateway.toml")
-PROTECTIVE = frozenset({"device.revoke", "user.disable"})
+PROTECTIVE = frozenset({"device.revoke", "user.disable", "user.deny"})
 """Actions done even when the audit log cannot take their entry (exit status 3)."""
 
 
