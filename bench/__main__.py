@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import retention, seal
-from gateway.testing import (
+from gateway.testing.sandbox import (
     DaemonProcess,
     DeviceClient,
     build_sandbox,

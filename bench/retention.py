@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import logs
-from gateway.chain import HashChainLog
-from gateway.metrics import Metrics
+from gateway.ops import logs
+from gateway.ops.chain import HashChainLog
+from gateway.ops.metrics import Metrics
 from gateway.retention.sweeper import Sweeper
-from gateway.spool import NewRecord, Spool, new_submission_id
+from gateway.spool.store import NewRecord, Spool, new_submission_id
 
 WEEK = 7 * 86400
 PAYLOAD = os.urandom(2048)

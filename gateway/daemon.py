@@ -30,12 +30,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import __version__, logs
-from gateway.audit import AuditLog
-from gateway.auth import StaffAuthenticator
+from gateway import __version__
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, ListenerConfig, load_config
-from gateway.control import build_control_app, start_control_site
 from gateway.crypto.keys import (
     load_master_key,
     load_upstream_credential,
@@ -44,16 +41,20 @@ from gateway.crypto.keys import (
 )
 from gateway.crypto.tls import cert_not_after, server_context
 from gateway.errors import ConfigError, ConfigProblem, GatewayError
-from gateway.ingress import Gate, Runtime, RuntimeRef, build_app
-from gateway.logs import get_logger
-from gateway.metrics import Metrics
-from gateway.photo_check import PhotoChecker
-from gateway.registry import RegistryError, RegistryWatcher, load_users, staff_problems
-from gateway.relay import Relay, Sleep, payload_recipient, payload_signing_key
+from gateway.identity.auth import StaffAuthenticator
+from gateway.identity.registry import RegistryError, RegistryWatcher, load_users, staff_problems
+from gateway.ingress.app import Gate, Runtime, RuntimeRef, build_app
+from gateway.ingress.listener import TlsSite
+from gateway.ingress.photos import PhotoChecker
+from gateway.ops import logs
+from gateway.ops.audit import AuditLog
+from gateway.ops.control import build_control_app, start_control_site
+from gateway.ops.logs import get_logger
+from gateway.ops.metrics import Metrics
+from gateway.ops.sdnotify import Notifier, watchdog_loop
+from gateway.relay.workers import Relay, Sleep, payload_recipient, payload_signing_key
 from gateway.retention.sweeper import ERASURE_REASONS, Sweeper, erasure_ledger
-from gateway.sdnotify import Notifier, watchdog_loop
-from gateway.spool import Record, Spool
-from gateway.tls_listener import TlsSite
+from gateway.spool.store import Record, Spool
 
 ROOT = Path("/")
 log = get_logger("gateway.daemon")

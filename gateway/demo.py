@@ -23,11 +23,11 @@ from typing import Any
 
 import structlog
 
-from gateway import logs
 from gateway.crypto.seal import KEM_IDS
 from gateway.daemon import Bound
-from gateway.metrics import Metrics
-from gateway.testing import (
+from gateway.ops import logs
+from gateway.ops.metrics import Metrics
+from gateway.testing.sandbox import (
     CHANNEL_DEVICE,
     DEVICE_LISTENER,
     DeviceClient,

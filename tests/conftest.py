@@ -12,10 +12,10 @@ import pytest
 import structlog
 
 from gateway.daemon import Bound
-from gateway.metrics import Metrics
-from gateway.simulator import UpstreamSimulator
-from gateway.testing import DeviceClient, RunningGateway, Sandbox, build_sandbox
-from gateway.testing import start_gateway as start_in_loop
+from gateway.ops.metrics import Metrics
+from gateway.testing.sandbox import DeviceClient, RunningGateway, Sandbox, build_sandbox
+from gateway.testing.sandbox import start_gateway as start_in_loop
+from gateway.testing.upstream import UpstreamSimulator
 
 
 @dataclass

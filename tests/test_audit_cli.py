@@ -22,13 +22,13 @@ import pytest
 from conftest import Running, actl, ctl, start_gateway
 
 from gateway import __version__
-from gateway.chain import ChainEntry, HashChainLog
 from gateway.cli import gatewayctl
 from gateway.config import GatewayConfig
 from gateway.crypto.keys import load_master_key, resolve_secret_path
-from gateway.registry import load_devices, load_users
-from gateway.spool import Spool
-from gateway.testing import Sandbox
+from gateway.identity.registry import load_devices, load_users
+from gateway.ops.chain import ChainEntry, HashChainLog
+from gateway.spool.store import Spool
+from gateway.testing.sandbox import Sandbox
 
 OPERATOR = "operator-yamada"
 PLANTED_PASSWORD = "Planted-Pw-q7Zx-41c9-horse"
@@ -641,7 +641,7 @@ async def test_gatewayctl_reload_of_a_misspelt_key_fails_naming_the_key(
 
 WRITER = """
 import pathlib, sys
-from gateway.audit import AuditLog
+from gateway.ops.audit import AuditLog
 from gateway.config import AuditConfig
 log, anchor, stop = map(pathlib.Path, sys.argv[1:])
 audit = AuditLog(AuditConfig(log=log, anchor=anchor), via="test-writer", actor="writer")

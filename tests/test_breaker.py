@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.breaker import CircuitBreaker
+from gateway.relay.breaker import CircuitBreaker
 
 
 def test_closed_until_threshold_consecutive_failures() -> None:

@@ -32,11 +32,11 @@ import pytest
 import structlog
 from conftest import Running, start_gateway
 
-from gateway import logs
 from gateway.channels.fields import individual_number_check_digit
 from gateway.cli import gatewayctl
 from gateway.crypto.tls import client_context
-from gateway.testing import CHANNEL_DEVICE, DeviceClient, Sandbox, make_jpeg
+from gateway.ops import logs
+from gateway.testing.sandbox import CHANNEL_DEVICE, DeviceClient, Sandbox, make_jpeg
 
 # ------------------------------------------------------------------ planted values
 

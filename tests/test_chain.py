@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.chain import GENESIS, ChainBroken, ChainEntry, HashChainLog
 from gateway.errors import GatewayError
+from gateway.ops.chain import GENESIS, ChainBroken, ChainEntry, HashChainLog
 
 T0 = 1_738_281_600.0  # 2025-01-31T00:00:00Z
 

@@ -13,8 +13,8 @@ from conftest import ctl
 
 from gateway.cli import gatewayctl, gatewayd
 from gateway.crypto.pki import cert_fingerprint, init_pki, issue_device, load_cert_der
-from gateway.registry import load_devices, load_users, verify_password
-from gateway.testing import SHIPPED_CONFIG, Sandbox
+from gateway.identity.registry import load_devices, load_users, verify_password
+from gateway.testing.sandbox import SHIPPED_CONFIG, Sandbox
 
 CHANNELS = (
     "online-application",

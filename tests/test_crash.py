@@ -17,8 +17,8 @@ import pytest
 
 from gateway.crypto.keys import load_master_key
 from gateway.retention.sweeper import erasure_ledger
-from gateway.spool import Spool
-from gateway.testing import DaemonProcess, DeviceClient, Sandbox, build_sandbox, make_jpeg
+from gateway.spool.store import Spool
+from gateway.testing.sandbox import DaemonProcess, DeviceClient, Sandbox, build_sandbox, make_jpeg
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import structlog
 
 from gateway.channels.policy import KNOWN_FIELD_NAMES
 from gateway.demo import run_demo
-from gateway.testing import CHANNEL_DEVICE, make_jpeg, sample_submission
+from gateway.testing.sandbox import CHANNEL_DEVICE, make_jpeg, sample_submission
 
 CHANNELS = tuple(CHANNEL_DEVICE)
 DEMO_EXTRA = ("新宿 花子", "東京都新宿区")  # the name and address the demo adds to be dropped

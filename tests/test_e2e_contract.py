@@ -29,8 +29,8 @@ from PIL import Image
 from gateway.crypto.pki import issue_device
 from gateway.crypto.tls import client_context
 from gateway.errors import ProblemError
-from gateway.ingress import _check_room
-from gateway.testing import (
+from gateway.ingress.app import _check_room
+from gateway.testing.sandbox import (
     CHANNEL_DESTINATION,
     CHANNEL_DEVICE,
     DeviceClient,

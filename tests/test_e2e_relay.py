@@ -20,7 +20,7 @@ import pytest
 from conftest import FakeSleep, Running, hold, start_gateway, until
 
 from gateway.crypto.pki import load_cert_der, spki_sha256_b64
-from gateway.testing import (
+from gateway.testing.sandbox import (
     CHANNEL_DESTINATION,
     CHANNEL_DEVICE,
     UPSTREAM_CREDENTIAL,

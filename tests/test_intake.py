@@ -21,8 +21,8 @@ from gateway.channels.photo import PhotoRules
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ProblemError
-from gateway.intake import IntakeResult, MultipartIntake, multipart_boundary
-from gateway.spool import NewRecord, PendingRecord, Spool, new_submission_id
+from gateway.ingress.intake import IntakeResult, MultipartIntake, multipart_boundary
+from gateway.spool.store import NewRecord, PendingRecord, Spool, new_submission_id
 
 SHIPPED = Path(__file__).resolve().parent.parent / "conf" / "gateway.toml"
 BOUNDARY = b"----DeviceBoundary7MA4YWxkTrZu0gW"

@@ -28,8 +28,8 @@ from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import client_context
 from gateway.daemon import ListenerError
 from gateway.errors import ConfigError
-from gateway.registry import Device, upsert_device
-from gateway.testing import (
+from gateway.identity.registry import Device, upsert_device
+from gateway.testing.sandbox import (
     DeviceClient,
     Reply,
     RunningGateway,

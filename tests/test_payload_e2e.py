@@ -21,8 +21,8 @@ from conftest import Running, start_gateway, until
 from gateway.cli import gatewayctl
 from gateway.crypto import seal
 from gateway.crypto.tls import client_context
-from gateway.simulator import Opener, Received
-from gateway.testing import CHANNEL_DEVICE, Sandbox, build_sandbox, sample_submission
+from gateway.testing.sandbox import CHANNEL_DEVICE, Sandbox, build_sandbox, sample_submission
+from gateway.testing.upstream import Opener, Received
 
 SEALED = {
     "online-application": ("dnp-relay", "hpke", seal.KEM_IDS["x25519"]),

@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 
 from gateway.channels.photo import PhotoRules, check_jpeg
 from gateway.errors import ProblemError
-from gateway.photo_check import PhotoChecker, PhotoLocation
+from gateway.ingress.photos import PhotoChecker, PhotoLocation
 
 _BANDS = {"RGB": 3, "L": 1, "CMYK": 4}
 

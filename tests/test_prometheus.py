@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 from conftest import Running, start_gateway
 
-from gateway.testing import (
+from gateway.testing.sandbox import (
     CHANNEL_DEVICE,
     DEVICE_LISTENER,
     DeviceClient,

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-import gateway.auth
-from gateway.auth import StaffAuthenticator, basic_authorization, parse_basic
+import gateway.identity.auth
 from gateway.errors import ProblemError
-from gateway.registry import (
+from gateway.identity.auth import StaffAuthenticator, basic_authorization, parse_basic
+from gateway.identity.registry import (
     Device,
     DeviceRegistry,
     RegistryError,
@@ -519,13 +519,13 @@ def rig(staff_hash: str, monkeypatch: pytest.MonkeyPatch) -> AuthRig:
     ]
     reasons: list[str] = []
     verifies: list[str] = []
-    real = gateway.auth.verify_password
+    real = gateway.identity.auth.verify_password
 
     def counting(password: str, encoded: str) -> bool:
         verifies.append(encoded)
         return real(password, encoded)
 
-    monkeypatch.setattr(gateway.auth, "verify_password", counting)
+    monkeypatch.setattr(gateway.identity.auth, "verify_password", counting)
     auth = StaffAuthenticator(
         lambda: registry[0],
         max_failures=3,
@@ -659,7 +659,7 @@ async def test_spraying_user_ids_does_not_unlock_a_locked_user(
     rig: AuthRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Filling the failure table with made-up IDs does not evict a locked-out user."""
-    monkeypatch.setattr(gateway.auth, "MAX_TRACKED", 3)
+    monkeypatch.setattr(gateway.identity.auth, "MAX_TRACKED", 3)
     for _ in range(3):
         await rig.refused(password="wrong password!")
     for i in range(6):
@@ -720,14 +720,14 @@ async def test_zero_cache_seconds_always_verifies(staff_hash: str) -> None:
     auth = StaffAuthenticator(
         lambda: registry, max_failures=5, lockout_seconds=60, cache_seconds=0, clock=FakeClock()
     )
-    real = gateway.auth.verify_password
+    real = gateway.identity.auth.verify_password
 
     def counting(password: str, encoded: str) -> bool:
         calls.append(1)
         return real(password, encoded)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gateway.auth, "verify_password", counting)
+        mp.setattr(gateway.identity.auth, "verify_password", counting)
         for _ in range(2):
             await auth.authenticate(basic_authorization("staff-001", PASSWORD))
     assert len(calls) == 2

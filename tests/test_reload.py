@@ -21,12 +21,12 @@ import aiohttp
 import pytest
 from conftest import Running, start_gateway, until
 
-from gateway.chain import HashChainLog
 from gateway.cli import gatewayctl
 from gateway.crypto.pki import cert_fingerprint, init_pki, reissue_gateway_server
 from gateway.crypto.tls import client_context
-from gateway.registry import DeviceRegistry, load_devices, save_devices
-from gateway.testing import (
+from gateway.identity.registry import DeviceRegistry, load_devices, save_devices
+from gateway.ops.chain import HashChainLog
+from gateway.testing.sandbox import (
     DaemonProcess,
     DeviceClient,
     Sandbox,

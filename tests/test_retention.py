@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import FakeSleep, Running, actl, start_gateway
 
-from gateway.chain import HashChainLog
 from gateway.cli import gatewayctl
-from gateway.metrics import Metrics
+from gateway.ops.chain import HashChainLog
+from gateway.ops.metrics import Metrics
 from gateway.retention.report import JST, as_csv, certificate
 from gateway.retention.sweeper import Sweeper, erasure_ledger
-from gateway.spool import NewRecord, Spool, new_submission_id
-from gateway.testing import CHANNEL_DEVICE, Sandbox, build_sandbox, sample_submission
+from gateway.spool.store import NewRecord, Spool, new_submission_id
+from gateway.testing.sandbox import CHANNEL_DEVICE, Sandbox, build_sandbox, sample_submission
 
 WEEK = 7 * 86400
 T0 = 1_800_000_000.0

@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 from conftest import until
 
-from gateway.chain import HashChainLog
 from gateway.cli import gatewayctl
-from gateway.registry import load_devices
-from gateway.testing import (
+from gateway.identity.registry import load_devices
+from gateway.ops.chain import HashChainLog
+from gateway.testing.sandbox import (
     DeviceClient,
     RunningGateway,
     Sandbox,

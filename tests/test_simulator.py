@@ -19,7 +19,7 @@ import pytest
 from gateway.crypto import seal
 from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import client_context
-from gateway.simulator import UpstreamSimulator, main
+from gateway.testing.upstream import UpstreamSimulator, main
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9"
@@ -283,14 +283,14 @@ async def test_log_names_fields_never_values(
 async def test_command_line_serves_until_sigterm(
     pki: PkiLayout, session: aiohttp.ClientSession
 ) -> None:
-    """python -m gateway.simulator serves, logs one JSON line per submission, exits on SIGTERM."""
+    """python -m gateway.testing.upstream serves, logs each submission, ends on SIGTERM."""
     jlis = pki.upstreams["jlis"]
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateway.simulator",
+        "gateway.testing.upstream",
         "--name",
         "jlis",
         "--cert",
@@ -359,7 +359,7 @@ async def test_command_line_opens_sealed_payloads_and_refuses_plain_ones(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateway.simulator",
+        "gateway.testing.upstream",
         *("--name", "jlis", "--cert", str(jlis.cert), "--key", str(jlis.key)),
         *("--client-ca", str(pki.gateway_ca.cert), "--port", "0"),
         *("--recipient-key", str(recipient_key), "--trusted-signer", str(signer_pub)),

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import RecordCorrupt, SpoolError
-from gateway.spool import (
+from gateway.spool.store import (
     DuplicateIdempotencyKey,
     NewRecord,
     PendingRecord,

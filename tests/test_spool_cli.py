@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from conftest import Running, actl, until
 
-from gateway.chain import ChainEntry, HashChainLog
 from gateway.config import GatewayConfig
-from gateway.testing import DeviceClient, Sandbox, sample_submission
+from gateway.ops.chain import ChainEntry, HashChainLog
+from gateway.testing.sandbox import DeviceClient, Sandbox, sample_submission
 
 OPERATOR = "operator-tanaka"
 HELD_CHANNEL = "issuance-reservation"  # callcentre-01 → ward-issuance

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import Running, ctl
 
-from gateway.chain import HashChainLog
 from gateway.cli import gatewayd
 from gateway.daemon import registry_problems
 from gateway.errors import ConfigError
-from gateway.registry import (
+from gateway.identity.registry import (
     RegistryError,
     User,
     UserRegistry,
@@ -24,7 +23,8 @@ from gateway.registry import (
     save_users,
     staff_problems,
 )
-from gateway.testing import Sandbox, build_sandbox, sample_submission, start_gateway
+from gateway.ops.chain import HashChainLog
+from gateway.testing.sandbox import Sandbox, build_sandbox, sample_submission, start_gateway
 
 pytestmark = pytest.mark.usefixtures("hermetic_cli")
 FAST = 2**10

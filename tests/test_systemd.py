@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sdnotify import Notifier, watchdog_loop
+from gateway.ops.sdnotify import Notifier, watchdog_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gatewayd.service"

@@ -17,14 +17,11 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from gateway import __version__
-from gateway.audit import AuditLog, audit_chain, current_actor
-from gateway.chain import ChainBroken
 from gateway.config import GatewayConfig, load_config
-from gateway.control import control_request
 from gateway.crypto.pki import PkiExistsError, cert_fingerprint, init_pki, load_cert_der
 from gateway.daemon import registry_problems, secret_problems
 from gateway.errors import ConfigError, GatewayError
-from gateway.registry import (
+from gateway.identity.registry import (
     FINGERPRINT_PATTERN,
     ID_PATTERN,
     Device,
@@ -40,9 +37,12 @@ from gateway.registry import (
     upsert_device,
     upsert_user,
 )
+from gateway.ops.audit import AuditLog, audit_chain, current_actor
+from gateway.ops.chain import ChainBroken
+from gateway.ops.control import control_request
 from gateway.retention.report import as_csv, certificate
 from gateway.retention.sweeper import erasure_ledger
-from gateway.spool import Record, is_submission_id, read_records, spool_in_use
+from gateway.spool.store import Record, is_submission_id, read_records, spool_in_use
 
 DEFAULT_CONFIG = Path("/etc/gateway/gateway.toml")
 PROTECTIVE = frozenset({"device.revoke", "user.disable", "user.deny"})

@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
 from gateway import __version__
-from gateway.chain import GENESIS, ChainEntry, HashChainLog
+from gateway.ops.chain import GENESIS, ChainEntry, HashChainLog
 
 JST = timezone(timedelta(hours=9), "JST")
 RECORD_FIELDS = (

@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.chain import HashChainLog
-from gateway.logs import get_logger
-from gateway.metrics import Metrics
-from gateway.spool import Due, Spool
+from gateway.ops.chain import HashChainLog
+from gateway.ops.logs import get_logger
+from gateway.ops.metrics import Metrics
+from gateway.spool.store import Due, Spool
 
 METHOD = "crypto-erase (AES-256-GCM data key destroyed, SQLite secure_delete) + unlink"
 ERASURE_REASONS = ("delivered", "expired_undelivered", "operator")

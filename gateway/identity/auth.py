@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.errors import ProblemError
-from gateway.registry import ID_PATTERN, UserRegistry, dummy_hash, verify_password
+from gateway.identity.registry import ID_PATTERN, UserRegistry, dummy_hash, verify_password
 
 MAX_TRACKED = 10_000
 

@@ -495,9 +495,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gateway.simulator``: serve as a simulated upstream until SIGTERM/SIGINT."""
+    """``python -m gateway.testing.upstream``: a simulated upstream until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.simulator",
+        prog="python -m gateway.testing.upstream",
         description="Simulated upstream (J-LIS / contractor) behind mutual TLS.",
     )
     parser.add_argument("--name", required=True, help="name used in receipt ids and logs")

@@ -96,7 +96,7 @@ class PhotoChecker:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["gateway.photo_check"])
+            context.set_forkserver_preload(["gateway.ingress.photos"])
             self._pool = ProcessPoolExecutor(
                 self._workers,
                 mp_context=context,

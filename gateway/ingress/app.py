@@ -24,7 +24,6 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.auth import StaffAuthenticator, unauthorized
 from gateway.channels.policy import (
     ChannelPolicy,
     device_allowed,
@@ -37,12 +36,13 @@ from gateway.config import GatewayConfig
 from gateway.crypto.pki import cert_fingerprint
 from gateway.crypto.tls import peer_cert_der
 from gateway.errors import ProblemError, SpoolError, Violation
-from gateway.intake import MultipartIntake, multipart_boundary
-from gateway.logs import get_logger
-from gateway.metrics import Metrics
-from gateway.photo_check import PhotoChecker
-from gateway.registry import Device, RegistryWatcher
-from gateway.spool import (
+from gateway.identity.auth import StaffAuthenticator, unauthorized
+from gateway.identity.registry import Device, RegistryWatcher
+from gateway.ingress.intake import MultipartIntake, multipart_boundary
+from gateway.ingress.photos import PhotoChecker
+from gateway.ops.logs import get_logger
+from gateway.ops.metrics import Metrics
+from gateway.spool.store import (
     DuplicateIdempotencyKey,
     NewRecord,
     PendingRecord,

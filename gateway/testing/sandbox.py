@@ -32,7 +32,6 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric import rsa
 from PIL import Image
 
-from gateway.auth import basic_authorization
 from gateway.config import MAX_UNIX_SOCKET_PATH, GatewayConfig, load_config
 from gateway.crypto import seal
 from gateway.crypto.keys import write_new_master_key
@@ -40,8 +39,8 @@ from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import client_context
 from gateway.daemon import Bound, serve
 from gateway.fsutil import write_atomic
-from gateway.metrics import Metrics
-from gateway.registry import (
+from gateway.identity.auth import basic_authorization
+from gateway.identity.registry import (
     Device,
     DeviceRegistry,
     User,
@@ -50,10 +49,11 @@ from gateway.registry import (
     save_devices,
     save_users,
 )
-from gateway.relay import Sleep
-from gateway.simulator import Opener, UpstreamSimulator
+from gateway.ops.metrics import Metrics
+from gateway.relay.workers import Sleep
+from gateway.testing.upstream import Opener, UpstreamSimulator
 
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "gateway.toml"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "gateway.toml"
 
 DEVICES: Mapping[str, str] = {
     "tablet-01": "assist-tablet",

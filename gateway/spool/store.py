@@ -39,8 +39,8 @@ from gateway.crypto.envelope import (
 )
 from gateway.errors import SpoolError
 from gateway.fsutil import fsync_dir
-from gateway.photo_check import PhotoLocation, open_window
-from gateway.spool_db import IndexThread
+from gateway.ingress.photos import PhotoLocation, open_window
+from gateway.spool.index import IndexThread
 
 _COLUMNS = (
     "id, channel, destination, device_id, user_id, state, received_at, expires_at, "

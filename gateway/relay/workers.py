@@ -30,8 +30,6 @@ from aiohttp.payload import Payload
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never
 from tenacity.wait import wait_random_exponential
 
-from gateway.auth import basic_authorization
-from gateway.breaker import CircuitBreaker
 from gateway.config import DestinationConfig, GatewayConfig
 from gateway.crypto.keys import load_upstream_credential, resolve_secret_path
 from gateway.crypto.pki import spki_sha256_b64
@@ -45,9 +43,11 @@ from gateway.crypto.seal import (
 )
 from gateway.crypto.tls import client_context, peer_cert_der
 from gateway.errors import RecordCorrupt, RelayError, SpoolError
-from gateway.logs import get_logger
-from gateway.metrics import Metrics
-from gateway.spool import Record, Spool
+from gateway.identity.auth import basic_authorization
+from gateway.ops.logs import get_logger
+from gateway.ops.metrics import Metrics
+from gateway.relay.breaker import CircuitBreaker
+from gateway.spool.store import Record, Spool
 
 Sleep = Callable[[float], Awaitable[None]]
 RETRYABLE_STATUS = frozenset({408, 429})

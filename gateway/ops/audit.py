@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from gateway.chain import ChainEntry, HashChainLog
 from gateway.config import AuditConfig
+from gateway.ops.chain import ChainEntry, HashChainLog
 
 Outcome = Literal["ok", "failed", "refused"]
 

@@ -23,10 +23,10 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import GatewayError, SpoolError
-from gateway.logs import get_logger
-from gateway.registry import RegistryWatcher
+from gateway.identity.registry import RegistryWatcher
+from gateway.ops.logs import get_logger
 from gateway.retention.sweeper import Sweeper
-from gateway.spool import Record, Spool, is_submission_id
+from gateway.spool.store import Record, Spool, is_submission_id
 
 log = get_logger("gateway.control")
 

@@ -1,0 +1,1 @@
+"""Who may connect and post: the device and staff registries, staff logins."""

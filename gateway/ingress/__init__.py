@@ -1,0 +1,1 @@
+"""The device-facing edge: listeners, the HTTP app, admission, intake, problems."""

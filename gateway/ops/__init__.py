@@ -1,0 +1,1 @@
+"""What operators see and use: metrics, logs, audit log, control socket, systemd."""

@@ -1,0 +1,1 @@
+"""Delivery to destinations: policy, circuit breaker, sender, workers."""

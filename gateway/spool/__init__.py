@@ -1,0 +1,1 @@
+"""The durable encrypted spool: records and their states, the index, the files."""
