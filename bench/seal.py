@@ -21,17 +21,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.crypto.seal import (
-    Sealer,
-    SigningKey,
+from gateway.crypto.sealed.generate import (
     generate_cms_recipient,
     generate_recipient_key,
     generate_signing_key,
-    load_recipient,
-    load_recipient_private_key,
-    load_signing_key,
-    open_sealed,
 )
+from gateway.crypto.sealed.keys import SigningKey, load_recipient, load_signing_key
+from gateway.crypto.sealed.open import open_sealed
+from gateway.crypto.sealed.seal import Sealer
+from gateway.crypto.sealed.upstream_keys import load_recipient_private_key
 
 SUITES = ("hpke-x25519", "hpke-mlkem768-x25519", "cms")
 SIGNERS = ("ed25519", "ecdsa-p256-sha256")

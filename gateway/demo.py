@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from gateway.crypto.seal import KEM_IDS
+from gateway.crypto.sealed.format import KEM_IDS
 from gateway.daemon import Bound
 from gateway.ops import logs
 from gateway.ops.metrics import Metrics

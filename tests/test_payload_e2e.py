@@ -19,14 +19,20 @@ import pytest
 from conftest import Running, start_gateway, until
 
 from gateway.cli import gatewayctl
-from gateway.crypto import seal
+from gateway.crypto.sealed.format import KEM_IDS, MEDIA_TYPE
+from gateway.crypto.sealed.generate import generate_recipient_key, generate_signing_key
+from gateway.crypto.sealed.keys import load_recipient, load_signing_key
+from gateway.crypto.sealed.upstream_keys import (
+    recipient_private_key_from_pem,
+    verify_key_from_pem,
+)
 from gateway.crypto.tls import client_context
 from gateway.testing.sandbox import CHANNEL_DEVICE, Sandbox, build_sandbox, sample_submission
 from gateway.testing.upstream import Opener, Received
 
 SEALED = {
-    "online-application": ("dnp-relay", "hpke", seal.KEM_IDS["x25519"]),
-    "express-issuance": ("jlis-express", "hpke", seal.KEM_IDS["mlkem768-x25519"]),
+    "online-application": ("dnp-relay", "hpke", KEM_IDS["x25519"]),
+    "express-issuance": ("jlis-express", "hpke", KEM_IDS["mlkem768-x25519"]),
     "overseas-application": ("jlis-overseas", "cms", None),
 }
 JST = timedelta(hours=9)
@@ -88,7 +94,7 @@ async def _post_to(
     )
     sim = sandbox.simulators[destination]
     headers = {
-        "Content-Type": seal.MEDIA_TYPE,
+        "Content-Type": MEDIA_TYPE,
         "Idempotency-Key": key,
         "Gateway-Channel": channel,
     }
@@ -152,8 +158,8 @@ async def test_a_recipient_with_another_key_refuses_and_the_record_is_held(
     so the gateway holds the record for an operator rather than retrying for ever."""
     sim = gateway.sandbox.simulators["dnp-relay"]
     assert sim.opener is not None
-    private, _public = seal.generate_recipient_key("x25519")
-    sim.opener = Opener(seal.recipient_private_key_from_pem(private), sim.opener.trusted_signers)
+    private, _public = generate_recipient_key("x25519")
+    sim.opener = Opener(recipient_private_key_from_pem(private), sim.opener.trusted_signers)
     fields, files = sample_submission("online-application")
     async with gateway.client() as client:
         reply = await client.submit("online-application", fields, files)
@@ -169,8 +175,8 @@ async def test_an_untrusted_signer_is_refused(gateway: Running) -> None:
     """A recipient that does not trust the gateway's signing key refuses what it signed."""
     sim = gateway.sandbox.simulators["jlis-overseas"]
     assert sim.opener is not None
-    other = seal.verify_key_from_pem(
-        seal.load_signing_key(_write_key(gateway.sandbox.dir / "other.key")).public_pem()
+    other = verify_key_from_pem(
+        load_signing_key(_write_key(gateway.sandbox.dir / "other.key")).public_pem()
     )
     sim.opener = Opener(sim.opener.recipient_key, (other,))
     fields, files = sample_submission("overseas-application")
@@ -196,7 +202,7 @@ async def until_held(gateway: Running, submission_id: str) -> str:
 
 
 def _write_key(path: Path) -> Path:
-    path.write_bytes(seal.generate_signing_key("ecdsa-p256-sha256"))
+    path.write_bytes(generate_signing_key("ecdsa-p256-sha256"))
     os.chmod(path, 0o600)
     return path
 
@@ -293,18 +299,16 @@ async def test_a_rotated_recipient_key_is_picked_up_on_reload(tmp_path: Path) ->
         await deliver(running, "online-application")
         sim = box.simulators["dnp-relay"]
         assert sim.opener is not None
-        private, public = seal.generate_recipient_key("x25519")
+        private, public = generate_recipient_key("x25519")
         (box.dir / "recipients" / "dnp-relay.pub").write_bytes(public)
-        sim.opener = Opener(
-            seal.recipient_private_key_from_pem(private), sim.opener.trusted_signers
-        )
+        sim.opener = Opener(recipient_private_key_from_pem(private), sim.opener.trusted_signers)
         applied, reason = await running.bound.reload()
         assert applied, reason
         received, _ = await deliver(running, "online-application")
         assert received.sealed is not None
         assert (
             received.sealed.recipient_kid
-            == seal.load_recipient(
+            == load_recipient(
                 box.dir / "recipients" / "dnp-relay.pub",
                 suite="hpke",
                 not_after=date.today() + timedelta(days=1),

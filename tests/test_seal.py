@@ -25,29 +25,31 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mlkem, rsa, x
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from gateway.crypto import seal
-from gateway.crypto.seal import (
-    MEDIA_TYPE,
-    Opened,
-    Recipient,
-    RecipientPrivateKey,
-    Sealed,
-    Sealer,
-    SealKeyError,
-    SealOpenError,
-    SigningKey,
-    VectorMismatch,
-    check_vector_file,
+from gateway.crypto.sealed import keygen
+from gateway.crypto.sealed.errors import SealKeyError, SealOpenError
+from gateway.crypto.sealed.format import MEDIA_TYPE
+from gateway.crypto.sealed.generate import (
     generate_cms_recipient,
     generate_recipient_key,
     generate_signing_key,
-    generate_vectors,
-    load_recipient,
-    load_recipient_private_key,
-    load_signing_key,
-    load_verify_key,
-    open_sealed,
 )
+from gateway.crypto.sealed.keyformat import HYBRID_PRIVATE_LABEL, _hybrid_from_seed, _pem
+from gateway.crypto.sealed.keys import (
+    Recipient,
+    SigningKey,
+    VerifyKey,
+    load_recipient,
+    load_signing_key,
+)
+from gateway.crypto.sealed.open import Opened, open_sealed
+from gateway.crypto.sealed.seal import Sealed, Sealer
+from gateway.crypto.sealed.upstream_keys import (
+    RecipientPrivateKey,
+    load_recipient_private_key,
+    load_verify_key,
+    recipient_private_key_from_pem,
+)
+from gateway.crypto.sealed.vectors import VectorMismatch, check_vector_file, generate_vectors
 from gateway.errors import GatewayError
 
 VECTORS = Path(__file__).resolve().parent.parent / "docs" / "test-vectors"
@@ -155,7 +157,7 @@ class Keys:
     signers: dict[str, SigningKey]
     signer_files: dict[str, Path]
 
-    def trusted(self) -> list[seal.VerifyKey]:
+    def trusted(self) -> list[VerifyKey]:
         return [s.verify_key for s in self.signers.values()]
 
 
@@ -473,7 +475,7 @@ def test_wrong_recipient_key(keys: Keys, suite: str) -> None:
     """Another recipient's key (same or other suite) does not open the payload."""
     data = seal_with(keys, suite).data
     others = [generate_recipient_key("x25519"), generate_recipient_key("mlkem768-x25519")]
-    keys_to_try = [seal.recipient_private_key_from_pem(p) for p, _ in others]
+    keys_to_try = [recipient_private_key_from_pem(p) for p, _ in others]
     keys_to_try += [p.private for n, p in keys.parties.items() if n != suite]
     for key in keys_to_try:
         with pytest.raises(SealOpenError) as info:
@@ -801,9 +803,9 @@ def test_seal_arguments_are_checked(keys: Keys, change: dict[str, Any], message:
 def test_xwing_private_key_format_matches_the_published_test_vector() -> None:
     """The MLKEM768-X25519 key files use the X-Wing seed (draft-connolly-cfrg-xwing-kem)."""
     seed = bytes.fromhex("7f9c2ba4e88f827d616045507605853ed73b8093f6efbc88eb1a6eacfa66ef26")
-    pem = seal._pem(seal.HYBRID_PRIVATE_LABEL, seed)
-    key = seal.recipient_private_key_from_pem(pem)
-    _, public = seal._hybrid_from_seed(seed)
+    pem = _pem(HYBRID_PRIVATE_LABEL, seed)
+    key = recipient_private_key_from_pem(pem)
+    _, public = _hybrid_from_seed(seed)
     assert public.hex().startswith("e2236b35a8c24b39b10aa1323a96a919a2ced88400633a7b07131713")
     assert public.hex().endswith("2d9abac8cd049040ef6534")
     assert key.key_id == hashlib.sha256(public).hexdigest()
@@ -812,7 +814,7 @@ def test_xwing_private_key_format_matches_the_published_test_vector() -> None:
 def test_genkey_command_writes_usable_files(tmp_path: Path) -> None:
     for kind in ("x25519", "mlkem768-x25519", "ed25519", "ecdsa-p256", "cms-rsa"):
         prefix = tmp_path / kind
-        assert seal.main(["--genkey", kind, "--out", str(prefix)]) == 0
+        assert keygen.main(["--genkey", kind, "--out", str(prefix)]) == 0
         private = prefix.with_name(kind + ".key")
         public = prefix.with_name(kind + (".pem" if kind == "cms-rsa" else ".pub"))
         assert private.stat().st_mode & 0o777 == 0o600
@@ -824,7 +826,7 @@ def test_genkey_command_writes_usable_files(tmp_path: Path) -> None:
         else:
             r = load_recipient(public, suite="hpke", kem=kind, not_after=FAR)  # type: ignore[arg-type]
             assert r.key_id == load_recipient_private_key(private).key_id
-        assert seal.main(["--genkey", kind, "--out", str(prefix)]) == 1  # never overwrites
+        assert keygen.main(["--genkey", kind, "--out", str(prefix)]) == 1  # never overwrites
 
 
 # ---------------------------------------------------------------------------- vectors
@@ -887,5 +889,5 @@ def test_a_drifted_vector_is_detected(tmp_path: Path, rsa_key: rsa.RSAPrivateKey
     path.write_text(json.dumps(doc))
     with pytest.raises(VectorMismatch, match="expected 'decrypt'"):
         check_vector_file(path)
-    assert seal.main(["--check-vectors", str(tmp_path)]) == 1
-    assert seal.main(["--check-vectors", str(tmp_path / "empty")]) == 1
+    assert keygen.main(["--check-vectors", str(tmp_path)]) == 1
+    assert keygen.main(["--check-vectors", str(tmp_path / "empty")]) == 1

@@ -16,8 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.crypto import seal
 from gateway.crypto.pki import PkiLayout, init_pki
+from gateway.crypto.sealed.generate import generate_recipient_key, generate_signing_key
+from gateway.crypto.sealed.keys import load_recipient, load_signing_key
+from gateway.crypto.sealed.seal import Sealer
 from gateway.crypto.tls import client_context
 from gateway.testing.upstream import UpstreamSimulator, main
 
@@ -329,20 +331,20 @@ async def test_command_line_opens_sealed_payloads_and_refuses_plain_ones(
     """--recipient-key/--trusted-signer: a sealed payload for it is opened and accepted;
     a plain multipart body is refused with 415."""
     jlis = pki.upstreams["jlis"]
-    private, public = seal.generate_recipient_key("x25519")
+    private, public = generate_recipient_key("x25519")
     recipient_key = tmp_path / "recipient.key"
     recipient_key.write_bytes(private)
     recipient_key.chmod(0o600)
     signing_key = tmp_path / "signing.key"
-    signing_key.write_bytes(seal.generate_signing_key("ed25519"))
+    signing_key.write_bytes(generate_signing_key("ed25519"))
     signing_key.chmod(0o600)
-    signer = seal.load_signing_key(signing_key)
+    signer = load_signing_key(signing_key)
     signer_pub = tmp_path / "signer.pub"
     signer_pub.write_bytes(signer.public_pem())
     recipient_pub = tmp_path / "recipient.pub"
     recipient_pub.write_bytes(public)
-    sealer = seal.Sealer(
-        seal.load_recipient(
+    sealer = Sealer(
+        load_recipient(
             recipient_pub, suite="hpke", not_after=datetime.now(UTC) + timedelta(days=1)
         ),
         signer,

@@ -40,15 +40,15 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.crypto.pki import cert_fingerprint
-from gateway.crypto.seal import MEDIA_TYPE as SEALED_MEDIA_TYPE
-from gateway.crypto.seal import (
+from gateway.crypto.sealed.errors import SealOpenError
+from gateway.crypto.sealed.format import MEDIA_TYPE as SEALED_MEDIA_TYPE
+from gateway.crypto.sealed.format import SealedHeader
+from gateway.crypto.sealed.keys import VerifyKey
+from gateway.crypto.sealed.open import open_sealed
+from gateway.crypto.sealed.upstream_keys import (
     RecipientPrivateKey,
-    SealedHeader,
-    SealOpenError,
-    VerifyKey,
     load_recipient_private_key,
     load_verify_key,
-    open_sealed,
 )
 from gateway.crypto.tls import peer_cert_der, server_context
 from gateway.errors import GatewayError

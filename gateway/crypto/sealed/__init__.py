@@ -1,0 +1,1 @@
+"""Sealed payloads: the submission encrypted to its final recipient and signed (issue 5)."""
