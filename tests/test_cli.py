@@ -13,7 +13,8 @@ from conftest import ctl
 
 from gateway.cli import gatewayctl, gatewayd
 from gateway.crypto.pki import cert_fingerprint, init_pki, issue_device, load_cert_der
-from gateway.identity.registry import load_devices, load_users, verify_password
+from gateway.identity.passwords import verify_password
+from gateway.identity.registry import load_devices, load_users
 from gateway.testing.sandbox import SHIPPED_CONFIG, Sandbox
 
 CHANNELS = (

@@ -15,23 +15,21 @@ import pytest
 import gateway.identity.auth
 from gateway.errors import ProblemError
 from gateway.identity.auth import StaffAuthenticator, basic_authorization, parse_basic
+from gateway.identity.passwords import check_password_rule, hash_password, verify_password
 from gateway.identity.registry import (
     Device,
     DeviceRegistry,
     RegistryError,
-    RegistryWatcher,
     User,
     UserRegistry,
-    check_password_rule,
-    hash_password,
     load_devices,
     load_users,
     save_devices,
     save_users,
     upsert_device,
     upsert_user,
-    verify_password,
 )
+from gateway.identity.watcher import RegistryWatcher
 
 FAST_N = 2**10
 PASSWORD = "correct horse battery"

@@ -12,18 +12,18 @@ import pytest
 from conftest import Running, ctl
 
 from gateway.cli import gatewayd
-from gateway.daemon import registry_problems
 from gateway.errors import ConfigError
+from gateway.identity.passwords import hash_password
 from gateway.identity.registry import (
     RegistryError,
     User,
     UserRegistry,
-    hash_password,
     load_users,
     save_users,
     staff_problems,
 )
 from gateway.ops.chain import HashChainLog
+from gateway.preflight import registry_problems
 from gateway.testing.sandbox import Sandbox, build_sandbox, sample_submission, start_gateway
 
 pytestmark = pytest.mark.usefixtures("hermetic_cli")

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from gateway.daemon import run_until_signalled
+    from gateway.signals import run_until_signalled
 
     return run_until_signalled(args.config, args.log_level)
 

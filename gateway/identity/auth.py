@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.errors import ProblemError
-from gateway.identity.registry import ID_PATTERN, UserRegistry, dummy_hash, verify_password
+from gateway.identity.passwords import dummy_hash, verify_password
+from gateway.identity.registry import ID_PATTERN, UserRegistry
 
 MAX_TRACKED = 10_000
 

@@ -1,4 +1,4 @@
-"""Device and staff registries: who may connect, and with which password.
+"""Device and staff registries: who may connect, and who may post on which channel.
 
 A device is known by the SHA-256 fingerprint of its client certificate (端末の証明書);
 staff by user ID with an scrypt password hash and the channels they are named for
@@ -11,19 +11,13 @@ restart.
 
 from __future__ import annotations
 
-import base64
 import difflib
-import functools
 import json
 import re
-import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-from cryptography.exceptions import InvalidKey
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from gateway.errors import GatewayError
 from gateway.fsutil import write_atomic
@@ -32,8 +26,6 @@ ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 SCOPE_PATTERN = re.compile(r"^(group:)?[a-z0-9][a-z0-9._-]{0,62}$")
 """A staff user's channel entry: a channel name, or ``group:NAME`` of a channel group."""
 FINGERPRINT_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
-MIN_PASSWORD_LENGTH = 10
 
 
 class RegistryError(GatewayError):
@@ -63,65 +55,6 @@ class User:
     password_hash: str
     enabled: bool = True
     channels: tuple[str, ...] | None = ()
-
-
-def hash_password(password: str, *, n: int = SCRYPT_N) -> str:
-    """An scrypt hash as ``scrypt$N$r$p$salt$hash`` (base64, no padding)."""
-    salt = secrets.token_bytes(16)
-    digest = Scrypt(salt=salt, length=32, n=n, r=SCRYPT_R, p=SCRYPT_P).derive(password.encode())
-    return "$".join(["scrypt", str(n), str(SCRYPT_R), str(SCRYPT_P), _b64(salt), _b64(digest)])
-
-
-MAX_SCRYPT_N, MAX_SCRYPT_R, MAX_SCRYPT_P = 2**20, 32, 16
-"""Cost bounds a stored hash may ask for: beyond them it is malformed, not verified."""
-
-
-def _cost(text: str, limit: int) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= limit:
-        raise ValueError("scrypt parameter out of range")
-    return int(text)
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """Constant-time check of ``password`` against an scrypt hash; False for any bad hash."""
-    try:
-        scheme, n, r, p, salt, digest = encoded.split("$")
-        if scheme != "scrypt":
-            return False
-        # Bounded first: a malformed hash must answer False, not raise OverflowError or
-        # MemoryError, nor make one login cost gigabytes.
-        kdf = Scrypt(
-            salt=_unb64(salt),
-            length=32,
-            n=_cost(n, MAX_SCRYPT_N),
-            r=_cost(r, MAX_SCRYPT_R),
-            p=_cost(p, MAX_SCRYPT_P),
-        )
-        kdf.verify(password.encode(), _unb64(digest))
-    except (ValueError, InvalidKey):
-        return False
-    return True
-
-
-@functools.cache
-def dummy_hash() -> str:
-    """Verified against when the user ID is unknown, so timing does not tell which IDs exist."""
-    return hash_password(secrets.token_urlsafe(16))
-
-
-def check_password_rule(password: str) -> str | None:
-    """Why ``password`` is too weak to set, or None."""
-    if len(password) < MIN_PASSWORD_LENGTH:
-        return f"a staff password needs at least {MIN_PASSWORD_LENGTH} characters"
-    return None
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
 @dataclass(frozen=True)
@@ -327,78 +260,3 @@ def upsert_user(path: Path, user: User) -> UserRegistry:
     registry = UserRegistry((*users, user))
     save_users(path, registry)
     return registry
-
-
-class RegistryWatcher:
-    """Holds the current snapshots and re-reads a file when it is replaced or changed.
-
-    ``refresh`` costs two ``stat`` calls and runs at most once per ``interval`` seconds
-    of the injected clock, so revocation takes effect within that interval.
-    """
-
-    def __init__(
-        self,
-        devices_file: Path,
-        users_file: Path,
-        *,
-        clock: Callable[[], float],
-        interval: float = 0.5,
-        on_error: Callable[[str], None] | None = None,
-        validate_users: Callable[[UserRegistry], list[str]] | None = None,
-    ) -> None:
-        self._files = (devices_file, users_file)
-        self._validate_users = validate_users
-        self._clock = clock
-        self._interval = interval
-        self._on_error = on_error
-        self._checked_at = float("-inf")
-        # Stamped before reading, as refresh does: a file replaced in between is read
-        # again at the next refresh rather than missed until its next change.
-        self._stamps = tuple(self._stamp(p) for p in self._files)
-        self.devices = load_devices(devices_file)
-        self.users = load_users(users_file)
-
-    @staticmethod
-    def _stamp(path: Path) -> tuple[int, ...] | None:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        # The inode and ctime too: an atomic replace by a file of the same size within
-        # the file system's mtime granularity (or with its mtime restored) still counts.
-        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-
-    def refresh(self, *, force: bool = False) -> list[str]:
-        """Read a registry file again if it changed (or ``force``); returns why a file
-        could not be used (its last good snapshot is kept), empty when all went well.
-
-        Each file on its own: a users file that cannot be used never holds back a device
-        revocation."""
-        now = self._clock()
-        if not force and now - self._checked_at < self._interval:
-            return []
-        self._checked_at = now
-        stamps = tuple(self._stamp(p) for p in self._files)
-        if stamps == self._stamps and not force:
-            return []
-        devices_stamp, users_stamp = self._stamps
-        problems: list[str] = []
-        try:
-            self.devices = load_devices(self._files[0])
-            devices_stamp = stamps[0]
-        except RegistryError as exc:
-            # Keep the last good snapshot; a half-edited file must not open the door.
-            problems.append(str(exc))
-        try:
-            users = load_users(self._files[1])
-            invalid = self._validate_users(users) if self._validate_users else []
-            if invalid:
-                raise RegistryError("; ".join(invalid))
-            self.users, users_stamp = users, stamps[1]
-        except RegistryError as exc:
-            problems.append(str(exc))
-        self._stamps = (devices_stamp, users_stamp)
-        for problem in problems:
-            if self._on_error:
-                self._on_error(problem)
-        return problems

@@ -1,0 +1,342 @@
+"""gatewayctl's device and staff commands: the registries, and telling the running
+daemon of a refusal (revoke, disable, deny) before the command returns."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import getpass
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from gateway.cli.common import Commands, SubParsers, UsageError, config_of
+from gateway.config import GatewayConfig
+from gateway.crypto.pki import cert_fingerprint, load_cert_der
+from gateway.errors import GatewayError
+from gateway.identity.passwords import check_password_rule, hash_password
+from gateway.identity.registry import (
+    FINGERPRINT_PATTERN,
+    ID_PATTERN,
+    Device,
+    DeviceRegistry,
+    User,
+    UserRegistry,
+    load_devices,
+    load_users,
+    save_devices,
+    save_users,
+    upsert_device,
+    upsert_user,
+)
+from gateway.ops.audit import current_actor
+from gateway.ops.control import control_request
+from gateway.spool.reader import spool_in_use
+
+
+def _check_id(kind: str, value: str) -> None:
+    # The registries refuse such entries on load: never write one.
+    if not ID_PATTERN.fullmatch(value):
+        raise UsageError(f"{kind} id {value!r} must match {ID_PATTERN.pattern}")
+
+
+def cmd_device_add(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    _check_id("device", args.id)
+    if args.fingerprint is not None:
+        fingerprint = args.fingerprint.strip().lower()
+        if not FINGERPRINT_PATTERN.fullmatch(fingerprint):
+            raise UsageError("--fingerprint must be sha256:<64 hex digits>")
+    else:
+        fingerprint = cert_fingerprint(load_cert_der(args.cert))
+    if load_devices(config.auth.devices_file).by_id(args.id) is not None:
+        # Re-adding must never quietly un-revoke a lost tablet: a new id is a new device.
+        raise UsageError(f"device {args.id!r} exists; a replacement device needs a new id")
+    device = Device(args.id, fingerprint, args.group, revoked=False)
+    upsert_device(config.auth.devices_file, device)
+    args.audit_detail.update(group=args.group, fingerprint=fingerprint)
+    print(f"device {device.id} ({device.group}) registered: {fingerprint}")
+    return 0
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    registry = load_devices(config.auth.devices_file)
+    for device in sorted(registry.devices, key=lambda d: d.id):
+        state = "REVOKED" if device.revoked else "active"
+        print(f"{device.id:<24} {device.group:<20} {state:<8} {device.fingerprint}")
+    return 0
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    registry = load_devices(config.auth.devices_file)
+    device = registry.by_id(args.id)
+    if device is None:
+        raise UsageError(f"no device {args.id!r} in {config.auth.devices_file}")
+    devices = tuple(replace(d, revoked=True) if d.id == args.id else d for d in registry.devices)
+    save_devices(config.auth.devices_file, DeviceRegistry(devices))
+    return _applied(
+        args, f"device {args.id} revoked", _tell_daemon(config, "device", args.id, "revoked", True)
+    )
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("new password: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("the two passwords differ")
+    problem = check_password_rule(password)
+    if problem:
+        raise UsageError(problem)
+    return password
+
+
+def _scopes(config: GatewayConfig, wanted: Sequence[str]) -> tuple[str, ...]:
+    """The ``--channel`` values, each a channel or ``group:NAME`` of this configuration."""
+    known = sorted(config.staff_scopes())
+    for scope in wanted:
+        if scope not in known:
+            close = difflib.get_close_matches(scope, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(
+                f"--channel {scope!r}: no channel or channel group by that name{hint}; "
+                f"known: {', '.join(known)}"
+            )
+    return tuple(dict.fromkeys(wanted))
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    _check_id("staff user", args.id)
+    channels = _scopes(config, args.channel)
+    if load_users(config.auth.users_file).get(args.id) is not None:
+        raise UsageError(f"user {args.id!r} exists; use 'gatewayctl user passwd'")
+    user = User(args.id, hash_password(_read_password(args)), channels=channels)
+    upsert_user(config.auth.users_file, user)
+    args.audit_detail.update(channels=list(channels))
+    print(f"staff user {args.id} added, named for: {', '.join(channels)}")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    users = sorted(load_users(config.auth.users_file).users, key=lambda u: u.id)
+    rows = [
+        {
+            "id": u.id,
+            "enabled": u.enabled,
+            "channels": None if u.channels is None else list(u.channels),
+            "allowed": sorted(config.expand_staff_scope(u.channels or ())),
+        }
+        for u in users
+    ]
+    if args.format == "json":
+        json.dump(rows, sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for row in rows:
+        state = "active" if row["enabled"] else "DISABLED"
+        named = (
+            "(not named for any channel)"
+            if row["channels"] is None
+            else ", ".join(
+                row["channels"]  # type: ignore[arg-type]
+            )
+            or "(none)"
+        )
+        print(f"{row['id']:<24} {state:<9} {named}")
+    return 0
+
+
+def _change_channels(args: argparse.Namespace, allow: bool) -> int:
+    config = config_of(args)
+    registry = load_users(config.auth.users_file)
+    user = registry.get(args.id)
+    if user is None:
+        raise UsageError(f"no staff user {args.id!r}")
+    current = list(user.channels or ())
+    if allow:
+        wanted = _scopes(config, args.channel)  # denying needs no check: it fixes typos too
+        changed = [c for c in wanted if c not in current]
+        after = (*current, *changed)
+    else:
+        changed = [c for c in dict.fromkeys(args.channel) if c in current]
+        after = tuple(c for c in current if c not in changed)
+    if after != user.channels:
+        upsert_user(config.auth.users_file, replace(user, channels=after))
+    verb = "allowed" if allow else "denied"
+    args.audit_detail.update({verb: changed, "channels": list(after)})
+    note = "" if changed else f" (nothing to change: already {verb})"
+    done = f"staff user {args.id} now named for: {', '.join(after) or '(none)'}{note}"
+    if allow or not changed:
+        print(done)  # a wider right may wait for the file watch (within a second)
+        return 0
+    # Taking a channel away is a refusal like a disable: applied before this returns.
+    return _applied(args, done, _tell_daemon(config, "user", args.id, "channels", list(after)))
+
+
+def cmd_user_allow(args: argparse.Namespace) -> int:
+    return _change_channels(args, allow=True)
+
+
+def cmd_user_deny(args: argparse.Namespace) -> int:
+    return _change_channels(args, allow=False)
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    user = load_users(config.auth.users_file).get(args.id)
+    if user is None:
+        raise UsageError(f"no staff user {args.id!r}")
+    upsert_user(
+        config.auth.users_file, replace(user, password_hash=hash_password(_read_password(args)))
+    )
+    print(f"password of staff user {args.id} changed")
+    return 0
+
+
+def cmd_user_disable(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    registry = load_users(config.auth.users_file)
+    user = registry.get(args.id)
+    if user is None:
+        raise UsageError(f"no staff user {args.id!r}")
+    users = tuple(replace(u, enabled=False) if u.id == args.id else u for u in registry.users)
+    save_users(config.auth.users_file, UserRegistry(users))
+    return _applied(
+        args,
+        f"staff user {args.id} disabled",
+        _tell_daemon(config, "user", args.id, "enabled", False),
+    )
+
+
+def _applied(args: argparse.Namespace, done: str, told: tuple[bool, str]) -> int:
+    """Report a registry change and what the running daemon made of it: exit 0 once the
+    daemon has applied it (or none runs), 1 when a running daemon did not confirm."""
+    confirmed, how = told
+    if isinstance(getattr(args, "audit_detail", None), dict):
+        args.audit_detail.update(daemon=how)
+    if confirmed:
+        print(f"{done}: {how}")
+        return 0
+    args.audit_outcome = "ok"  # the registry file did change; the daemon's part is detail
+    print(f"gatewayctl: {done} in the registry file, but {how}", file=sys.stderr)
+    return 1
+
+
+def _tell_daemon(
+    config: GatewayConfig, kind: str, ident: str, key: str, expected: object
+) -> tuple[bool, str]:
+    """Make the running daemon apply a registry change now: (confirmed, how it went).
+
+    Confirmed once the daemon answers that it holds ``key == expected`` for the entry.
+    Without a running daemon (its spool is not locked) the change waits in the file for
+    the next start, which counts as confirmed. A running daemon that cannot be asked or
+    does not confirm is not: it still reads the file within a second, but this command
+    cannot say it has.
+    """
+    if not spool_in_use(config.spool.directory):
+        return True, "gatewayd is not running; it reads the change when it starts"
+    if config.admin.control_socket is None:
+        return False, (
+            "admin.control_socket is not configured, so the running gatewayd cannot confirm "
+            "it; it reads the file within a second"
+        )
+    try:
+        answer = asyncio.run(
+            control_request(
+                config.admin.control_socket,
+                "POST",
+                "/v1/registries/apply",
+                actor=current_actor(),
+                query={kind: ident},
+            )
+        )
+    except GatewayError as exc:
+        return False, f"the running gatewayd did not confirm it ({exc})"
+    held = answer.get(kind)
+    if not isinstance(held, dict) or held.get(key) != expected:
+        return False, (
+            "the running gatewayd still holds the old entry; check its log "
+            "(registry_unreadable) and run 'gatewayctl reload'"
+        )
+    return True, "the running gatewayd has applied it; it is refused from now on"
+
+
+def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -> None:
+    device = commands.add_parser("device", help="device registry").add_subparsers(
+        dest="device_command", required=True, metavar="ACTION"
+    )
+    add = command(
+        "add",
+        cmd_device_add,
+        "register a device by its client certificate",
+        parent=device,
+        audited="device.add",
+    )
+    add.add_argument("--id", required=True)
+    add.add_argument("--group", required=True, help="device group, e.g. assist-tablet")
+    source = add.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cert", type=Path, help="the device's certificate (PEM)")
+    source.add_argument("--fingerprint", help="sha256:<hex> of the certificate")
+    command("list", cmd_device_list, "list registered devices", parent=device)
+    revoke = command(
+        "revoke",
+        cmd_device_revoke,
+        "disable a lost or stolen device at once (端末無効化): applied by the running daemon "
+        "before this returns",
+        parent=device,
+        audited="device.revoke",
+    )
+    revoke.add_argument("--id", required=True)
+
+    user = commands.add_parser("user", help="staff users").add_subparsers(
+        dest="user_command", required=True, metavar="ACTION"
+    )
+    channel_help = (
+        "a channel, or group:NAME of [channel_groups], the user may post on (repeat); staff "
+        "are named per channel (取扱者の指定)"
+    )
+    for name, handler, text in (
+        (
+            "add",
+            cmd_user_add,
+            "add a staff user, named for the channels they handle (password asked, or read "
+            "from stdin)",
+        ),
+        ("passwd", cmd_user_passwd, "set a staff user's password"),
+    ):
+        sub = command(name, handler, text, parent=user, audited=f"user.{name}")
+        sub.add_argument("--id", required=True)
+        if name == "add":
+            sub.add_argument("--channel", action="append", required=True, help=channel_help)
+        sub.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of standard input",
+        )
+    users_list = command(
+        "list", cmd_user_list, "list staff users and the channels they are named for", parent=user
+    )
+    users_list.add_argument("--format", choices=["text", "json"], default="text")
+    for name, handler, text in (
+        ("allow", cmd_user_allow, "name a staff user for more channels or channel groups"),
+        ("deny", cmd_user_deny, "take channels or channel groups away from a staff user"),
+    ):
+        sub = command(name, handler, text, parent=user, audited=f"user.{name}")
+        sub.add_argument("--id", required=True)
+        sub.add_argument("--channel", action="append", required=True, help=channel_help)
+    disable = command(
+        "disable",
+        cmd_user_disable,
+        "disable a staff user at once (applied by the running daemon before this returns)",
+        parent=user,
+        audited="user.disable",
+    )
+    disable.add_argument("--id", required=True)
