@@ -21,7 +21,8 @@ from gateway.ops import logs
 from gateway.ops.chain import HashChainLog
 from gateway.ops.metrics import Metrics
 from gateway.retention.sweeper import Sweeper
-from gateway.spool.store import NewRecord, Spool, new_submission_id
+from gateway.spool.records import NewRecord, new_submission_id
+from gateway.spool.store import Spool
 
 WEEK = 7 * 86400
 PAYLOAD = os.urandom(2048)

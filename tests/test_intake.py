@@ -22,7 +22,9 @@ from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ProblemError
 from gateway.ingress.intake import IntakeResult, MultipartIntake, multipart_boundary
-from gateway.spool.store import NewRecord, PendingRecord, Spool, new_submission_id
+from gateway.spool.pending import PendingRecord
+from gateway.spool.records import NewRecord, new_submission_id
+from gateway.spool.store import Spool
 
 SHIPPED = Path(__file__).resolve().parent.parent / "conf" / "gateway.toml"
 BOUNDARY = b"----DeviceBoundary7MA4YWxkTrZu0gW"

@@ -17,7 +17,8 @@ from PIL import Image, ImageFile
 
 from gateway.channels.photo import PhotoRules, check_jpeg
 from gateway.errors import ProblemError
-from gateway.ingress.photos import PhotoChecker, PhotoLocation
+from gateway.ingress.photos import PhotoChecker
+from gateway.spool.pending import RecordWindow
 
 _BANDS = {"RGB": 3, "L": 1, "CMYK": 4}
 
@@ -308,7 +309,7 @@ async def test_a_dead_photo_worker_is_503_not_a_bad_photo(tmp_path: Path) -> Non
     os.mkfifo(fifo)  # the worker waits in open() until we kill it
     checker = PhotoChecker(workers=1)
     try:
-        where = PhotoLocation(fifo, b"k" * 32, b"", 0, 0, 0)
+        where = RecordWindow(fifo, b"k" * 32, b"", 0, 0, 0)
         check = asyncio.create_task(checker.check("face_photo", where, PhotoRules()))
         await asyncio.sleep(0)  # let the check reach the pool
         pool = checker._executor()

@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 
 from gateway.errors import RecordCorrupt, SpoolError
-from gateway.spool.store import (
+from gateway.spool.pending import PendingRecord
+from gateway.spool.records import (
     DuplicateIdempotencyKey,
     NewRecord,
-    PendingRecord,
     Record,
-    Spool,
     is_submission_id,
     new_submission_id,
 )
+from gateway.spool.store import Spool
 
 MARKER = b"PLANTED-983205673214-\xe6\x96\xb0\xe5\xae\xbf"  # a 個人番号 and 新宿
 

@@ -37,20 +37,21 @@ from gateway.crypto.pki import cert_fingerprint
 from gateway.crypto.tls import peer_cert_der
 from gateway.errors import ProblemError, SpoolError, Violation
 from gateway.identity.auth import StaffAuthenticator, unauthorized
-from gateway.identity.registry import Device, RegistryWatcher
+from gateway.identity.registry import Device
+from gateway.identity.watcher import RegistryWatcher
 from gateway.ingress.intake import MultipartIntake, multipart_boundary
 from gateway.ingress.photos import PhotoChecker
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
-from gateway.spool.store import (
+from gateway.spool.pending import PendingRecord
+from gateway.spool.records import (
     DuplicateIdempotencyKey,
     NewRecord,
-    PendingRecord,
     Record,
-    Spool,
     is_submission_id,
     new_submission_id,
 )
+from gateway.spool.store import Spool
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 PROBLEM_JSON = "application/problem+json"

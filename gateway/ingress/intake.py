@@ -21,7 +21,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from gateway.channels.fields import SAFE_FIELD_NAME, validate_text
 from gateway.channels.policy import ChannelPolicy, FieldRule, check_batch, field_label
 from gateway.errors import ProblemError, Violation
-from gateway.spool.store import PendingRecord
+from gateway.spool.pending import PendingRecord
 
 MANIFEST_VALUES = frozenset({"batch_id", "record_count", "sha256"})
 FILE_PART_HEADERS = {

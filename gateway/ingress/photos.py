@@ -11,53 +11,19 @@ memory as well as CPU.
 from __future__ import annotations
 
 import asyncio
-import io
 import multiprocessing
 import os
 import select
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO
 
 from gateway.channels.photo import PhotoRules, check_jpeg
-from gateway.crypto.envelope import SEGMENT_SIZE, DecryptingReader
 from gateway.errors import ProblemError, Violation
+from gateway.spool.pending import RecordWindow, open_window
 
 
-@dataclass(frozen=True)
-class PhotoLocation:
-    """Where a photo sits inside an encrypted record (picklable, no photo bytes)."""
-
-    path: Path
-    data_key: bytes = field(repr=False)
-    aad: bytes
-    plaintext_size: int
-    start: int
-    length: int
-
-
-@contextmanager
-def open_window(where: PhotoLocation) -> Iterator[BinaryIO]:
-    """A seekable plaintext view of the byte range ``where`` names."""
-    with where.path.open("rb") as fileobj:
-        reader = DecryptingReader(
-            fileobj,
-            where.data_key,
-            where.aad,
-            where.plaintext_size,
-            start=where.start,
-            length=where.length,
-        )
-        with io.BufferedReader(reader, buffer_size=SEGMENT_SIZE) as buffered:
-            yield buffered
-
-
-def check_located_photo(field: str, where: PhotoLocation, rules: PhotoRules) -> Violation | None:
+def check_located_photo(field: str, where: RecordWindow, rules: PhotoRules) -> Violation | None:
     """Decrypt the photo's window and decode-check it (runs in a worker process)."""
     with open_window(where) as photo:
         return check_jpeg(field, photo, where.length, rules)
@@ -110,7 +76,7 @@ class PhotoChecker:
         if not self._inline:
             self._executor()
 
-    async def check(self, field: str, where: PhotoLocation, rules: PhotoRules) -> Violation | None:
+    async def check(self, field: str, where: RecordWindow, rules: PhotoRules) -> Violation | None:
         if self._inline:
             return await asyncio.to_thread(check_located_photo, field, where, rules)
         loop = asyncio.get_running_loop()

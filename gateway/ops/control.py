@@ -23,10 +23,11 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import GatewayError, SpoolError
-from gateway.identity.registry import RegistryWatcher
+from gateway.identity.watcher import RegistryWatcher
 from gateway.ops.logs import get_logger
 from gateway.retention.sweeper import Sweeper
-from gateway.spool.store import Record, Spool, is_submission_id
+from gateway.spool.records import Record, is_submission_id
+from gateway.spool.store import Spool
 
 log = get_logger("gateway.control")
 

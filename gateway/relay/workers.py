@@ -33,21 +33,16 @@ from tenacity.wait import wait_random_exponential
 from gateway.config import DestinationConfig, GatewayConfig
 from gateway.crypto.keys import load_upstream_credential, resolve_secret_path
 from gateway.crypto.pki import spki_sha256_b64
-from gateway.crypto.seal import (
-    Recipient,
-    Sealed,
-    Sealer,
-    SigningKey,
-    load_recipient,
-    load_signing_key,
-)
+from gateway.crypto.sealed.keys import Recipient, SigningKey, load_recipient, load_signing_key
+from gateway.crypto.sealed.seal import Sealed, Sealer
 from gateway.crypto.tls import client_context, peer_cert_der
 from gateway.errors import RecordCorrupt, RelayError, SpoolError
 from gateway.identity.auth import basic_authorization
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
 from gateway.relay.breaker import CircuitBreaker
-from gateway.spool.store import Record, Spool
+from gateway.spool.records import Record
+from gateway.spool.store import Spool
 
 Sleep = Callable[[float], Awaitable[None]]
 RETRYABLE_STATUS = frozenset({408, 429})

@@ -1,4 +1,5 @@
-"""The spool's SQLite index, owned by one thread that commits in groups.
+"""The spool's SQLite index, owned by one thread that commits in groups (the SQL
+itself is in :mod:`gateway.spool.queries`).
 
 Every operation is a function of a connection; the thread takes every operation that
 is waiting, runs each inside its own savepoint, fsyncs the directories that the batch
@@ -21,45 +22,11 @@ from typing import Any, TypeVar
 
 from gateway.errors import SpoolError
 from gateway.fsutil import fsync_dir
+from gateway.spool.queries import SCHEMA, SCHEMA_VERSION
 
 T = TypeVar("T")
 
 MAX_BATCH = 512
-SCHEMA_VERSION = 1
-"""Bumped whenever SCHEMA changes; an index of another version is refused, not guessed at."""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    id TEXT PRIMARY KEY,
-    channel TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    user_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    delivered_at REAL,
-    held_at REAL,
-    erased_at REAL,
-    erase_reason TEXT,
-    content_type TEXT NOT NULL,
-    plaintext_size INTEGER NOT NULL,
-    ciphertext_size INTEGER NOT NULL,
-    ciphertext_sha256 TEXT NOT NULL,
-    body_sha256 TEXT NOT NULL,
-    content_sha256 TEXT NOT NULL,
-    field_names TEXT NOT NULL,
-    wrapped_key BLOB,
-    idempotency_key TEXT,
-    upstream_receipt TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS records_idempotency
-    ON records (device_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS records_queue ON records (state, destination, received_at);
-CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_at) WHERE erased_at IS NULL;
-"""
 
 
 @dataclass

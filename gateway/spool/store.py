@@ -6,9 +6,9 @@ the data key wrapped by the master key, committed with the file's directory fsyn
 A crash at any moment leaves either a committed record or an orphan file that
 :meth:`Spool.open` removes: never a half-present record (cf. Postfix's queue).
 
-States: ``queued`` → (``delivering``, held only in memory) → ``delivered`` | ``held``;
-``erased`` once the data key is destroyed. A restart forgets ``delivering``, so records
-that were in flight go back to the queue.
+Every change of a record's state goes through :meth:`Spool._move` (or, for erasure,
+:meth:`Spool.erase`), checked against the state table of :mod:`gateway.spool.records`.
+A restart forgets which records were being delivered, so they go back to the queue.
 """
 
 from __future__ import annotations
@@ -17,192 +17,30 @@ import asyncio
 import fcntl
 import hashlib
 import hmac
-import json
 import os
-import secrets
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from gateway.crypto.envelope import (
-    EncryptingWriter,
-    iter_plaintext,
-    new_data_key,
-    unwrap_key,
-    wrap_key,
-)
+from gateway.crypto.envelope import iter_plaintext, new_data_key, unwrap_key, wrap_key
 from gateway.errors import SpoolError
 from gateway.fsutil import fsync_dir
-from gateway.ingress.photos import PhotoLocation, open_window
+from gateway.spool import queries
 from gateway.spool.index import IndexThread
-
-_COLUMNS = (
-    "id, channel, destination, device_id, user_id, state, received_at, expires_at, "
-    "delivered_at, held_at, erased_at, content_type, plaintext_size, ciphertext_size, "
-    "ciphertext_sha256, body_sha256, content_sha256, field_names, idempotency_key, "
-    "upstream_receipt, attempts, last_error"
+from gateway.spool.pending import PendingRecord, abandon_unclaimed
+from gateway.spool.records import (
+    DELIVERING,
+    Due,
+    Erased,
+    NewRecord,
+    Record,
+    RecoveryReport,
+    State,
+    sources_of,
 )
-
-
-def new_submission_id(clock: Callable[[], float] = time.time) -> str:
-    """32 hex digits: milliseconds since the epoch, then 80 random bits (sortable, unguessable)."""
-    return f"{int(clock() * 1000):012x}{secrets.token_hex(10)}"
-
-
-def is_submission_id(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
-
-
-@dataclass(frozen=True)
-class Record:
-    """A spooled submission's metadata: no field values, no key."""
-
-    id: str
-    channel: str
-    destination: str
-    device_id: str
-    user_id: str
-    state: str
-    received_at: float
-    expires_at: float
-    delivered_at: float | None
-    held_at: float | None
-    erased_at: float | None
-    content_type: str
-    plaintext_size: int
-    ciphertext_size: int
-    ciphertext_sha256: str
-    body_sha256: str
-    content_sha256: str
-    field_names: tuple[str, ...]
-    idempotency_key: str | None  # the keyed hash of Spool.idempotency_token, never the key
-    upstream_receipt: str | None
-    attempts: int
-    last_error: str | None
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> Record:
-        values = list(row)
-        values[17] = tuple(json.loads(values[17]))
-        return cls(*values)
-
-
-@dataclass(frozen=True)
-class NewRecord:
-    """What ingress knows about a submission when it commits it."""
-
-    channel: str
-    destination: str
-    device_id: str
-    user_id: str
-    received_at: float
-    expires_at: float
-    content_type: str
-    body_sha256: str
-    content_sha256: str
-    field_names: tuple[str, ...]
-    idempotency_key: str | None
-
-
-class DuplicateIdempotencyKey(SpoolError):
-    """Another record of this device already holds the Idempotency-Key."""
-
-
-class PendingRecord:
-    """A record being written: its encrypted file is open, it is not in the index yet."""
-
-    def __init__(self, record_id: str, path: Path, dek: bytes) -> None:
-        self.id = record_id
-        self.path = path
-        self._dek = dek
-        self._file: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - owned here
-        self.writer = EncryptingWriter(self._file, dek, record_id.encode())
-        self.finished = False
-        self.committed = False
-        """True once the index row is committed: from then on the file is the record's."""
-        self.sync: asyncio.Future[None] | None = None
-        """The fsync of the finished file, once started (see :meth:`Spool.start_sync`)."""
-
-    @property
-    def aad(self) -> bytes:
-        return self.id.encode()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writer.write(data)
-
-    def finish(self) -> None:
-        """Seal the last segment; the file is complete but not yet durable."""
-        if not self.finished:
-            self.writer.close()
-            self.finished = True
-
-    def window(self, start: int, length: int) -> AbstractContextManager[BinaryIO]:
-        """A seekable plaintext view of ``[start, start+length)`` of the finished file."""
-        return open_window(self.location(start, length))
-
-    def location(self, start: int, length: int) -> PhotoLocation:
-        """Where a byte range of the finished file is, for a check in another process."""
-        return PhotoLocation(
-            self.path, self._dek, self.aad, self.writer.plaintext_size, start, length
-        )
-
-    def sync_and_close(self) -> None:
-        try:
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-
-    def abandon(self) -> None:
-        """Close and delete the file, unless its row committed (then the file is kept)."""
-        if self.sync is None and not self._file.closed:
-            self._file.close()  # else the fsync under way closes it
-        if not self.committed:
-            self.path.unlink(missing_ok=True)
-
-
-def _abandon_unclaimed(future: asyncio.Future[PendingRecord]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().abandon()
-
-
-@dataclass(frozen=True)
-class Due:
-    """A live record's facts for the erasure ledger: no personal data."""
-
-    submission_id: str
-    channel: str
-    state: str
-    received_at: float
-    delivered_at: float | None
-    ciphertext_sha256: str
-
-
-@dataclass(frozen=True)
-class Erased:
-    """What the erasure ledger records of one erased record: no personal data."""
-
-    submission_id: str
-    channel: str
-    received_at: float
-    delivered_at: float | None
-    erased_at: float
-    reason: str
-    state_before: str
-    ciphertext_sha256: str
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    records: int
-    requeued: int
-    orphans_removed: int
-    missing_files: int
 
 
 class Spool:
@@ -238,26 +76,27 @@ class Spool:
         fsync_dir(self._records_dir)
         fsync_dir(self.directory)
         await self._index.start()
-
-        def live(conn: sqlite3.Connection) -> set[str]:
-            rows = conn.execute("SELECT id FROM records WHERE wrapped_key IS NOT NULL")
-            return {r[0] for r in rows}
-
-        keep = await self._index.run(live)
+        keep = await self._index.run(queries.live_ids)
         orphans = await asyncio.to_thread(self._remove_orphans, keep)
         missing = [rid for rid in keep if not self._path(rid).exists()]
-        if missing:
-            await self._index.run(
-                # Only queued records are held: a delivered one stays delivered (its
-                # history must not be rewritten into "undelivered").
-                lambda c: c.executemany(
-                    "UPDATE records SET state='held', held_at=?, last_error='data file missing' "
-                    "WHERE id=? AND state='queued'",
-                    [(self._clock(), rid) for rid in missing],
+        # Only queued records are held (the table allows no other way to held): a
+        # delivered one stays delivered, its history not rewritten into "undelivered".
+        at = self._clock()
+
+        def hold_missing(conn: Any) -> None:
+            for record_id in missing:
+                queries.move(
+                    conn,
+                    record_id,
+                    State.HELD,
+                    queries.SET_FOUND_MISSING,
+                    (at, "data file missing"),
                 )
-            )
+
+        if missing:
+            await self._index.run(hold_missing)
         await self._reload_stats()
-        return RecoveryReport(len(keep), self.counts["queued"], orphans, len(missing))
+        return RecoveryReport(len(keep), self.counts[State.QUEUED], orphans, len(missing))
 
     def _lock_spool(self) -> None:
         """One process per spool: another one's recovery would delete our pending files."""
@@ -281,25 +120,10 @@ class Spool:
         return removed
 
     async def _reload_stats(self) -> None:
-        def stats(conn: sqlite3.Connection) -> tuple[list[tuple[str, int]], int]:
-            counts = conn.execute(
-                "SELECT state, COUNT(*) FROM records WHERE erased_at IS NULL GROUP BY state"
-            ).fetchall()
-            total = conn.execute(
-                "SELECT COALESCE(SUM(ciphertext_size), 0) FROM records WHERE erased_at IS NULL"
-            ).fetchone()[0]
-            return counts, int(total)
-
-        def undelivered(conn: sqlite3.Connection) -> list[tuple[str, float]]:
-            return conn.execute(
-                "SELECT id, received_at FROM records WHERE state IN ('queued', 'held') "
-                "AND erased_at IS NULL ORDER BY received_at, id"
-            ).fetchall()
-
-        counts, total = await self._index.run(stats)
-        self.counts = Counter(dict(counts))
+        counts, total = await self._index.run(queries.counts_and_bytes)
+        self.counts = Counter(counts)
         self.bytes = total
-        self._undelivered = dict(await self._index.run(undelivered))
+        self._undelivered = dict(await self._index.run(queries.undelivered))
 
     @property
     def oldest_queued_at(self) -> float | None:
@@ -342,7 +166,7 @@ class Spool:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            future.add_done_callback(_abandon_unclaimed)  # the file is nobody's now
+            future.add_done_callback(abandon_unclaimed)  # the file is nobody's now
             raise
 
     async def commit(self, pending: PendingRecord, meta: NewRecord) -> Record:
@@ -350,39 +174,19 @@ class Spool:
         pending.finish()
         await asyncio.shield(self.start_sync(pending))
         writer = pending.writer
-        wrapped = wrap_key(self._master, pending._dek)
+        wrapped = wrap_key(self._master, pending.data_key)
         ciphertext_sha256 = writer.ciphertext_sha256()
-        row = (
-            pending.id,
-            meta.channel,
-            meta.destination,
-            meta.device_id,
-            meta.user_id,
-            "queued",
-            meta.received_at,
-            meta.expires_at,
-            meta.content_type,
-            writer.plaintext_size,
-            writer.ciphertext_size,
-            ciphertext_sha256,
-            meta.body_sha256,
-            meta.content_sha256,
-            json.dumps(list(meta.field_names)),
-            wrapped,
-            meta.idempotency_key,
-        )
 
-        def insert(conn: sqlite3.Connection) -> None:
-            try:
-                conn.execute(
-                    "INSERT INTO records (id, channel, destination, device_id, user_id, state, "
-                    "received_at, expires_at, content_type, plaintext_size, ciphertext_size, "
-                    "ciphertext_sha256, body_sha256, content_sha256, field_names, wrapped_key, "
-                    "idempotency_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    row,
-                )
-            except sqlite3.IntegrityError:
-                raise DuplicateIdempotencyKey("idempotency key already used") from None
+        def insert(conn: Any) -> None:
+            queries.insert_record(
+                conn,
+                pending.id,
+                meta,
+                plaintext_size=writer.plaintext_size,
+                ciphertext_size=writer.ciphertext_size,
+                ciphertext_sha256=ciphertext_sha256,
+                wrapped_key=wrapped,
+            )
 
         # Once the insert is queued it may commit: even if the caller is cancelled (a
         # drain that ran out of time), wait for the outcome so the file is deleted only
@@ -401,7 +205,7 @@ class Spool:
         # A caller that was cancelled meanwhile still discards its pending record in a
         # finally block: that must not delete the file under the committed row.
         pending.committed = True
-        self.counts["queued"] += 1
+        self.counts[State.QUEUED] += 1
         self.bytes += writer.ciphertext_size
         self._undelivered[pending.id] = meta.received_at
         if cancelled:
@@ -412,7 +216,7 @@ class Spool:
             destination=meta.destination,
             device_id=meta.device_id,
             user_id=meta.user_id,
-            state="queued",
+            state=State.QUEUED,
             received_at=meta.received_at,
             expires_at=meta.expires_at,
             delivered_at=None,
@@ -443,53 +247,24 @@ class Spool:
     # ------------------------------------------------------------------ reading
 
     async def get(self, record_id: str) -> Record | None:
-        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
-            row: tuple[Any, ...] | None = conn.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE id=?",  # noqa: S608 - constant columns
-                (record_id,),
-            ).fetchone()
-            return row
-
-        row = await self._index.run(fetch)
-        return self._with_live_state(Record.from_row(row)) if row else None
+        record = await self._index.run(lambda c: queries.record(c, record_id))
+        return None if record is None else self._with_live_state(record)
 
     def _with_live_state(self, record: Record) -> Record:
-        if record.state == "queued" and record.id in self._delivering:
-            return Record(**{**record.__dict__, "state": "delivering"})
+        if record.state == State.QUEUED and record.id in self._delivering:
+            return Record(**{**record.__dict__, "state": DELIVERING})
         return record
 
     async def find_idempotent(self, device_id: str, key: str) -> Record | None:
-        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
-            row: tuple[Any, ...] | None = conn.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE device_id=? AND idempotency_key=?",  # noqa: S608 - constant columns
-                (device_id, key),
-            ).fetchone()
-            return row
-
-        row = await self._index.run(fetch)
-        return self._with_live_state(Record.from_row(row)) if row else None
+        record = await self._index.run(lambda c: queries.idempotent(c, device_id, key))
+        return None if record is None else self._with_live_state(record)
 
     async def queued_ids(self, destination: str) -> list[str]:
         """Queued records of ``destination``, oldest first."""
-
-        def fetch(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute(
-                "SELECT id FROM records WHERE state='queued' AND destination=? "
-                "ORDER BY received_at, id",
-                (destination,),
-            )
-            return [r[0] for r in rows]
-
-        return await self._index.run(fetch)
+        return await self._index.run(lambda c: queries.queued_ids(c, destination))
 
     async def _data_key(self, record_id: str) -> bytes:
-        def fetch(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute(
-                "SELECT wrapped_key FROM records WHERE id=?", (record_id,)
-            ).fetchone()
-            return bytes(row[0]) if row and row[0] is not None else None
-
-        wrapped = await self._index.run(fetch)
+        wrapped = await self._index.run(lambda c: queries.wrapped_key(c, record_id))
         if wrapped is None:
             raise SpoolError("record has no data key (erased or unknown)")
         return unwrap_key(self._master, wrapped)
@@ -522,97 +297,58 @@ class Spool:
         return len(self._delivering)
 
     async def mark_delivered(self, record_id: str, *, at: float, receipt: str | None) -> None:
-        await self._transition(
-            record_id,
-            "delivered",
-            "UPDATE records SET state='delivered', delivered_at=?, upstream_receipt=?, "
-            "attempts=attempts+1, last_error=NULL WHERE id=? AND state='queued'",
-            (at, receipt, record_id),
-        )
+        await self._move(record_id, State.DELIVERED, queries.SET_DELIVERED, (at, receipt))
 
     async def mark_held(self, record_id: str, *, at: float, reason: str) -> None:
-        await self._transition(
-            record_id,
-            "held",
-            "UPDATE records SET state='held', held_at=?, last_error=?, attempts=attempts+1 "
-            "WHERE id=? AND state='queued'",
-            (at, reason, record_id),
-        )
+        await self._move(record_id, State.HELD, queries.SET_HELD, (at, reason))
 
     async def requeue(self, record_id: str) -> Record:
         """Put a held record back in the queue (an operator's decision); returns it.
 
         Raises SpoolError when there is no such live record or it is not held.
         """
-        changed = await self._index.run(
-            lambda c: (
-                c.execute(
-                    "UPDATE records SET state='queued', held_at=NULL WHERE id=? AND state='held' "
-                    "AND wrapped_key IS NOT NULL",
-                    (record_id,),
-                ).rowcount
-            )
-        )
+        changed = await self._move(record_id, State.QUEUED, queries.SET_REQUEUED, ())
         record = await self.get(record_id)
         if not changed or record is None:
             state = "unknown" if record is None else record.state
             raise SpoolError(f"{record_id} is {state}; only a held record can be requeued")
-        self.counts["held"] -= 1
-        self.counts["queued"] += 1
         return record
 
     async def note_failed_attempt(self, record_id: str, reason: str) -> None:
-        await self._index.run(
-            lambda c: c.execute(
-                "UPDATE records SET attempts=attempts+1, last_error=? WHERE id=?",
-                (reason, record_id),
-            )
-        )
+        await self._index.run(lambda c: queries.note_attempt(c, record_id, reason))
 
-    async def _transition(
-        self, record_id: str, new_state: str, sql: str, params: tuple[Any, ...]
-    ) -> None:
-        changed = await self._index.run(lambda c: c.execute(sql, params).rowcount)
+    async def _move(
+        self, record_id: str, to: State, assignments: str, params: tuple[Any, ...]
+    ) -> bool:
+        """The one way a live record changes state (erasure aside): only from the state
+        the table allows, whatever the caller believes; the counters follow the index."""
+        (source,) = sources_of(to)  # each of these states has one way in
+        changed = await self._index.run(
+            lambda c: queries.move(c, record_id, to, assignments, params)
+        )
         self._delivering.discard(record_id)
         if changed:
-            self.counts["queued"] -= 1
-            self.counts[new_state] += 1
-            if new_state == "delivered":
+            self.counts[source] -= 1
+            self.counts[to] += 1
+            if to == State.DELIVERED:
                 self._undelivered.pop(record_id, None)
+        return bool(changed)
 
     # ---------------------------------------------------------------- erasure
 
     async def due(self, now: float, limit: int = 1000) -> list[Due]:
         """Records to erase now: every delivered copy still present (no delivered copy is
         kept), then those whose retention ends at or before ``now``, earliest first."""
-
-        def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            columns = "id, channel, state, received_at, delivered_at, ciphertext_sha256"
-            delivered = conn.execute(
-                f"SELECT {columns} FROM records WHERE state='delivered' "  # noqa: S608
-                "AND erased_at IS NULL ORDER BY received_at LIMIT ?",
-                (limit,),
-            ).fetchall()
-            expired = conn.execute(
-                f"SELECT {columns} FROM records WHERE erased_at IS NULL "  # noqa: S608
-                "AND expires_at <= ? AND state != 'delivered' ORDER BY expires_at LIMIT ?",
-                (now, limit - len(delivered)),
-            ).fetchall()
-            return delivered + expired
-
-        return [Due(*row) for row in await self._index.run(fetch)]
+        return await self._index.run(lambda c: queries.due(c, now, limit))
 
     async def expiring_undelivered(self, now: float, within: float) -> dict[str, int]:
         """Per channel, the undelivered records whose deadline falls before now + within."""
+        return await self._index.run(lambda c: queries.expiring_undelivered(c, now + within))
 
-        def fetch(conn: sqlite3.Connection) -> list[tuple[str, int]]:
-            return conn.execute(
-                "SELECT channel, COUNT(*) FROM records WHERE erased_at IS NULL "
-                "AND state IN ('queued', 'held') AND expires_at <= ? GROUP BY channel",
-                (now + within,),
-            ).fetchall()
-
-        return dict(await self._index.run(fetch))
+    async def overdue(self, now: float, delivered_grace: float) -> int:
+        """Live copies past their deadline (a delivered one ``delivered_grace`` after its
+        delivery): what a sweep should have erased."""
+        return await self._index.run(lambda c: queries.overdue(c, now, now - delivered_grace))
 
     async def describe(self, record_id: str) -> Due | None:
         """The erasure facts of one live record (an operator's erasure)."""
@@ -622,20 +358,7 @@ class Spool:
     async def describe_many(self, record_ids: Sequence[str]) -> list[Due]:
         """The erasure facts of those of these records that are still live, in order."""
         wanted = list(dict.fromkeys(record_ids))
-
-        def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            rows = []
-            for record_id in wanted:
-                row = conn.execute(
-                    "SELECT id, channel, state, received_at, delivered_at, ciphertext_sha256 "
-                    "FROM records WHERE id=? AND erased_at IS NULL",
-                    (record_id,),
-                ).fetchone()
-                if row is not None:
-                    rows.append(row)
-            return rows
-
-        return [Due(*row) for row in await self._index.run(fetch)]
+        return await self._index.run(lambda c: queries.describe(c, wanted))
 
     async def erase(self, record_ids: Sequence[str], *, reason: str, at: float) -> list[Erased]:
         """Crypto-erase and unlink records; returns what was erased, for the ledger.
@@ -646,40 +369,32 @@ class Spool:
         directory fsynced. Records already erased or unknown are skipped.
         """
         wanted = list(dict.fromkeys(record_ids))
-
-        def destroy(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            erased = []
-            for record_id in wanted:
-                row = conn.execute(
-                    "SELECT id, channel, state, received_at, delivered_at, ciphertext_size, "
-                    "ciphertext_sha256 FROM records WHERE id=? AND wrapped_key IS NOT NULL",
-                    (record_id,),
-                ).fetchone()
-                if row is None:
-                    continue
-                conn.execute(
-                    "UPDATE records SET wrapped_key=NULL, state='erased', erased_at=?, "
-                    "erase_reason=? WHERE id=?",
-                    (at, reason, record_id),
-                )
-                erased.append(row)
-            return erased
-
-        rows = await self._index.run(destroy, checkpoint=True)
+        rows = await self._index.run(
+            lambda c: queries.erase_rows(c, wanted, reason=reason, at=at), checkpoint=True
+        )
         if not rows:
             return []
         result = []
-        for record_id, channel, state, received_at, delivered_at, size, digest in rows:
+        for row in rows:
             # Counted as the index says, before the unlink: a reader who sees "erased"
             # in the index sees the counters agree.
-            self.counts[state] -= 1
-            self.bytes -= size
-            self._undelivered.pop(record_id, None)
+            self.counts[row["state"]] -= 1
+            self.bytes -= row["ciphertext_size"]
+            self._undelivered.pop(row["id"], None)
             result.append(
-                Erased(record_id, channel, received_at, delivered_at, at, reason, state, digest)
+                Erased(
+                    row["id"],
+                    row["channel"],
+                    row["received_at"],
+                    row["delivered_at"],
+                    at,
+                    reason,
+                    row["state"],
+                    row["ciphertext_sha256"],
+                )
             )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._fsync_pool, self._unlink, [r[0] for r in rows])
+        await loop.run_in_executor(self._fsync_pool, self._unlink, [r["id"] for r in rows])
         return result
 
     def _unlink(self, record_ids: list[str]) -> None:
@@ -692,56 +407,3 @@ class Spool:
     def free_bytes(self) -> int:
         st = os.statvfs(self.directory)
         return st.f_bavail * st.f_frsize
-
-
-def spool_in_use(directory: Path) -> bool:
-    """Whether a running gateway holds this spool (its lock), without disturbing it."""
-    try:
-        fd = os.open(directory / "lock", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False  # no spool there yet: nothing is running on it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing the descriptor releases a lock we took
-    return False
-
-
-def read_records(
-    directory: Path,
-    *,
-    states: Sequence[str] = (),
-    channel: str | None = None,
-    record_id: str | None = None,
-    limit: int = 100,
-) -> list[Record]:
-    """Records' metadata straight from the index, read-only: works with or without the
-    daemon running (records being delivered show as ``queued``), newest first."""
-    path = directory / "index.sqlite3"
-    if not path.exists():
-        raise SpoolError(f"no spool index at {path}")
-    where, params = ["1=1"], []
-    if states:
-        where.append(f"state IN ({','.join('?' * len(states))})")
-        params += list(states)
-    if channel is not None:
-        where.append("channel=?")
-        params.append(channel)
-    if record_id is not None:
-        where.append("id=?")
-        params.append(record_id)
-    sql = (
-        f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} "  # noqa: S608 - constant parts
-        "ORDER BY received_at DESC LIMIT ?"
-    )
-    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-    try:
-        conn.execute("PRAGMA busy_timeout=5000")
-        rows = conn.execute(sql, (*params, limit)).fetchall()
-    except sqlite3.Error as exc:
-        raise SpoolError(f"cannot read the spool index {path}: {exc}") from None
-    finally:
-        conn.close()
-    return [Record.from_row(row) for row in rows]

@@ -33,19 +33,28 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from PIL import Image
 
 from gateway.config import MAX_UNIX_SOCKET_PATH, GatewayConfig, load_config
-from gateway.crypto import seal
 from gateway.crypto.keys import write_new_master_key
 from gateway.crypto.pki import PkiLayout, init_pki
+from gateway.crypto.sealed.generate import (
+    generate_cms_recipient,
+    generate_recipient_key,
+    generate_signing_key,
+)
+from gateway.crypto.sealed.keys import load_signing_key
+from gateway.crypto.sealed.upstream_keys import (
+    RecipientPrivateKey,
+    recipient_private_key_from_pem,
+)
 from gateway.crypto.tls import client_context
 from gateway.daemon import Bound, serve
 from gateway.fsutil import write_atomic
 from gateway.identity.auth import basic_authorization
+from gateway.identity.passwords import hash_password
 from gateway.identity.registry import (
     Device,
     DeviceRegistry,
     User,
     UserRegistry,
-    hash_password,
     save_devices,
     save_users,
 )
@@ -285,13 +294,13 @@ def _secret(path: Path, content: bytes) -> Path:
 
 
 @lru_cache(maxsize=8)
-def _cms_recipient(name: str) -> tuple[bytes, seal.RecipientPrivateKey]:
+def _cms_recipient(name: str) -> tuple[bytes, RecipientPrivateKey]:
     """A CMS recipient per destination name and process, as (certificate PEM, private
     key): making an RSA-3072 key takes about a second, and loading one back checks it
     (about 0.15 s), so neither is done per sandbox."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    private, certificate = seal.generate_cms_recipient(name, key=key)
-    return certificate, seal.recipient_private_key_from_pem(private, certificate_pem=certificate)
+    private, certificate = generate_cms_recipient(name, key=key)
+    return certificate, recipient_private_key_from_pem(private, certificate_pem=certificate)
 
 
 def _recipient_file(name: str, dest: Mapping[str, Any]) -> str:
@@ -308,8 +317,8 @@ def _payload_keys(
     seals payloads: the public half for the gateway, the private half for its simulator."""
     signing = secrets_dir / "payload-signing.key"
     if not signing.exists():
-        _secret(signing, seal.generate_signing_key("ed25519"))
-    verify = seal.load_signing_key(signing).verify_key
+        _secret(signing, generate_signing_key("ed25519"))
+    verify = load_signing_key(signing).verify_key
     recipients = directory / "recipients"
     recipients.mkdir(exist_ok=True)
     for name, dest in destinations.items():
@@ -319,8 +328,8 @@ def _payload_keys(
         if kind == "cms":
             public, recipient_key = _cms_recipient(name)
         else:
-            private, public = seal.generate_recipient_key(dest.get("payload_kem", "x25519"))
-            recipient_key = seal.recipient_private_key_from_pem(private)
+            private, public = generate_recipient_key(dest.get("payload_kem", "x25519"))
+            recipient_key = recipient_private_key_from_pem(private)
         write_atomic(recipients / _recipient_file(name, dest), public, mode=0o644)
         simulators[name].opener = Opener(recipient_key, (verify,))
     return signing

@@ -1,0 +1,112 @@
+"""A record being written, and a plaintext window of a written record's file.
+
+:class:`PendingRecord` owns the record's file while its body streams in, encrypted
+with the record's own data key; it belongs to the spool once its index row commits.
+:class:`RecordWindow` says where a byte range of a record's plaintext is (the file, its
+data key, the range): picklable and free of the bytes themselves, so a check in another
+process (the photo's) decrypts only what it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from gateway.crypto.envelope import SEGMENT_SIZE, DecryptingReader, EncryptingWriter
+
+
+@dataclass(frozen=True)
+class RecordWindow:
+    """Where a byte range sits inside an encrypted record (picklable, no plaintext)."""
+
+    path: Path
+    data_key: bytes = field(repr=False)
+    aad: bytes
+    plaintext_size: int
+    start: int
+    length: int
+
+
+@contextmanager
+def open_window(where: RecordWindow) -> Iterator[BinaryIO]:
+    """A seekable plaintext view of the byte range ``where`` names."""
+    with where.path.open("rb") as fileobj:
+        reader = DecryptingReader(
+            fileobj,
+            where.data_key,
+            where.aad,
+            where.plaintext_size,
+            start=where.start,
+            length=where.length,
+        )
+        with io.BufferedReader(reader, buffer_size=SEGMENT_SIZE) as buffered:
+            yield buffered
+
+
+class PendingRecord:
+    """A record being written: its encrypted file is open, it is not in the index yet."""
+
+    def __init__(self, record_id: str, path: Path, dek: bytes) -> None:
+        self.id = record_id
+        self.path = path
+        self._dek = dek
+        self._file: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - owned here
+        self.writer = EncryptingWriter(self._file, dek, record_id.encode())
+        self.finished = False
+        self.committed = False
+        """True once the index row is committed: from then on the file is the record's."""
+        self.sync: asyncio.Future[None] | None = None
+        """The fsync of the finished file, once started (see :meth:`Spool.start_sync`)."""
+
+    @property
+    def aad(self) -> bytes:
+        return self.id.encode()
+
+    @property
+    def data_key(self) -> bytes:
+        """The record's own key (to be wrapped into the index row)."""
+        return self._dek
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writer.write(data)
+
+    def finish(self) -> None:
+        """Seal the last segment; the file is complete but not yet durable."""
+        if not self.finished:
+            self.writer.close()
+            self.finished = True
+
+    def window(self, start: int, length: int) -> AbstractContextManager[BinaryIO]:
+        """A seekable plaintext view of ``[start, start+length)`` of the finished file."""
+        return open_window(self.location(start, length))
+
+    def location(self, start: int, length: int) -> RecordWindow:
+        """Where a byte range of the finished file is, for a check in another process."""
+        return RecordWindow(
+            self.path, self._dek, self.aad, self.writer.plaintext_size, start, length
+        )
+
+    def sync_and_close(self) -> None:
+        try:
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+    def abandon(self) -> None:
+        """Close and delete the file, unless its row committed (then the file is kept)."""
+        if self.sync is None and not self._file.closed:
+            self._file.close()  # else the fsync under way closes it
+        if not self.committed:
+            self.path.unlink(missing_ok=True)
+
+
+def abandon_unclaimed(future: asyncio.Future[PendingRecord]) -> None:
+    """For a pending record whose creator went away before it got it: delete its file."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().abandon()

@@ -1,0 +1,308 @@
+"""Every SQL statement of the spool index, each a function of a connection.
+
+Rows are read by column name. State changes are built from the state table
+(:data:`gateway.spool.records.TRANSITIONS`): an UPDATE only ever matches a record in
+a state the table allows to move to the new one, so no statement can make an illegal
+transition, whatever its caller believes the record's state to be.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from gateway.spool.records import (
+    DUE_COLUMNS,
+    RECORD_COLUMNS,
+    Due,
+    DuplicateIdempotencyKey,
+    NewRecord,
+    Record,
+    State,
+    check_transition,
+    sources_of,
+)
+
+SCHEMA_VERSION = 1
+"""Bumped whenever SCHEMA changes; an index of another version is refused, not guessed at."""
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    delivered_at REAL,
+    held_at REAL,
+    erased_at REAL,
+    erase_reason TEXT,
+    content_type TEXT NOT NULL,
+    plaintext_size INTEGER NOT NULL,
+    ciphertext_size INTEGER NOT NULL,
+    ciphertext_sha256 TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL,
+    field_names TEXT NOT NULL,
+    wrapped_key BLOB,
+    idempotency_key TEXT,
+    upstream_receipt TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_idempotency
+    ON records (device_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_queue ON records (state, destination, received_at);
+CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_at) WHERE erased_at IS NULL;
+"""
+
+_RECORD = ", ".join(RECORD_COLUMNS)
+_DUE = ", ".join(DUE_COLUMNS)
+
+# What each transition writes besides the state (the new state's own columns).
+SET_DELIVERED = "delivered_at=?, upstream_receipt=?, attempts=attempts+1, last_error=NULL"
+SET_HELD = "held_at=?, last_error=?, attempts=attempts+1"
+SET_REQUEUED = "held_at=NULL"
+SET_FOUND_MISSING = "held_at=?, last_error=?"  # at start-up: no attempt was made
+
+
+def _named(cursor: sqlite3.Cursor, row: Sequence[Any]) -> dict[str, Any]:
+    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
+
+
+def _all(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    return [_named(cursor, row) for row in cursor.fetchall()]
+
+
+def _one(cursor: sqlite3.Cursor) -> dict[str, Any] | None:
+    row = cursor.fetchone()
+    return None if row is None else _named(cursor, row)
+
+
+def _marks(values: Iterable[object]) -> str:
+    return ",".join("?" for _ in values)
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def insert_record(
+    conn: sqlite3.Connection,
+    record_id: str,
+    meta: NewRecord,
+    *,
+    plaintext_size: int,
+    ciphertext_size: int,
+    ciphertext_sha256: str,
+    wrapped_key: bytes,
+) -> None:
+    """The new record's row, queued; DuplicateIdempotencyKey if its key is taken."""
+    row = {
+        "id": record_id,
+        "channel": meta.channel,
+        "destination": meta.destination,
+        "device_id": meta.device_id,
+        "user_id": meta.user_id,
+        "state": State.QUEUED.value,
+        "received_at": meta.received_at,
+        "expires_at": meta.expires_at,
+        "content_type": meta.content_type,
+        "plaintext_size": plaintext_size,
+        "ciphertext_size": ciphertext_size,
+        "ciphertext_sha256": ciphertext_sha256,
+        "body_sha256": meta.body_sha256,
+        "content_sha256": meta.content_sha256,
+        "field_names": json.dumps(list(meta.field_names)),
+        "wrapped_key": wrapped_key,
+        "idempotency_key": meta.idempotency_key,
+    }
+    sql = f"INSERT INTO records ({', '.join(row)}) VALUES ({_marks(row)})"  # noqa: S608
+    try:
+        conn.execute(sql, tuple(row.values()))
+    except sqlite3.IntegrityError:
+        raise DuplicateIdempotencyKey("idempotency key already used") from None
+
+
+def move(
+    conn: sqlite3.Connection, record_id: str, to: State, assignments: str, params: Sequence[Any]
+) -> int:
+    """Move one live record to ``to`` if the state table allows it from its state now;
+    returns how many rows changed (0 or 1)."""
+    sources = sorted(sources_of(to))
+    sql = (
+        f"UPDATE records SET state=?, {assignments} WHERE id=? "  # noqa: S608 - constants
+        f"AND wrapped_key IS NOT NULL AND state IN ({_marks(sources)})"
+    )
+    return conn.execute(sql, (to.value, *params, record_id, *sources)).rowcount
+
+
+def note_attempt(conn: sqlite3.Connection, record_id: str, reason: str) -> None:
+    conn.execute(
+        "UPDATE records SET attempts=attempts+1, last_error=? WHERE id=?", (reason, record_id)
+    )
+
+
+def erase_rows(
+    conn: sqlite3.Connection, record_ids: Sequence[str], *, reason: str, at: float
+) -> list[dict[str, Any]]:
+    """Destroy the data key of each live record (state erased); returns what each was."""
+    erased = []
+    for record_id in record_ids:
+        row = _one(
+            conn.execute(
+                "SELECT id, channel, state, received_at, delivered_at, ciphertext_size, "
+                "ciphertext_sha256 FROM records WHERE id=? AND wrapped_key IS NOT NULL",
+                (record_id,),
+            )
+        )
+        if row is None:
+            continue
+        check_transition(row["state"], State.ERASED)
+        conn.execute(
+            "UPDATE records SET wrapped_key=NULL, state=?, erased_at=?, erase_reason=? WHERE id=?",
+            (State.ERASED.value, at, reason, record_id),
+        )
+        erased.append(row)
+    return erased
+
+
+# ------------------------------------------------------------------------- reading
+
+
+def live_ids(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT id FROM records WHERE wrapped_key IS NOT NULL")}
+
+
+def counts_and_bytes(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
+    """Live records per state, and the bytes of their ciphertext."""
+    counts = conn.execute(
+        "SELECT state, COUNT(*) FROM records WHERE erased_at IS NULL GROUP BY state"
+    ).fetchall()
+    total = conn.execute(
+        "SELECT COALESCE(SUM(ciphertext_size), 0) FROM records WHERE erased_at IS NULL"
+    ).fetchone()[0]
+    return dict(counts), int(total)
+
+
+def undelivered(conn: sqlite3.Connection) -> list[tuple[str, float]]:
+    """(id, received_at) of every queued or held record, oldest first."""
+    return conn.execute(
+        "SELECT id, received_at FROM records WHERE state IN (?, ?) "
+        "AND erased_at IS NULL ORDER BY received_at, id",
+        (State.QUEUED.value, State.HELD.value),
+    ).fetchall()
+
+
+def record(conn: sqlite3.Connection, record_id: str) -> Record | None:
+    row = _one(conn.execute(f"SELECT {_RECORD} FROM records WHERE id=?", (record_id,)))  # noqa: S608
+    return None if row is None else Record.from_columns(row)
+
+
+def idempotent(conn: sqlite3.Connection, device_id: str, key: str) -> Record | None:
+    row = _one(
+        conn.execute(
+            f"SELECT {_RECORD} FROM records WHERE device_id=? AND idempotency_key=?",  # noqa: S608
+            (device_id, key),
+        )
+    )
+    return None if row is None else Record.from_columns(row)
+
+
+def queued_ids(conn: sqlite3.Connection, destination: str) -> list[str]:
+    """Queued records of ``destination``, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM records WHERE state=? AND destination=? ORDER BY received_at, id",
+        (State.QUEUED.value, destination),
+    )
+    return [r[0] for r in rows]
+
+
+def wrapped_key(conn: sqlite3.Connection, record_id: str) -> bytes | None:
+    row = conn.execute("SELECT wrapped_key FROM records WHERE id=?", (record_id,)).fetchone()
+    return bytes(row[0]) if row and row[0] is not None else None
+
+
+def due(conn: sqlite3.Connection, now: float, limit: int) -> list[Due]:
+    """Every delivered copy still present, then those whose retention ended by ``now``."""
+    delivered = _all(
+        conn.execute(
+            f"SELECT {_DUE} FROM records WHERE state=? "  # noqa: S608 - constant columns
+            "AND erased_at IS NULL ORDER BY received_at LIMIT ?",
+            (State.DELIVERED.value, limit),
+        )
+    )
+    expired = _all(
+        conn.execute(
+            f"SELECT {_DUE} FROM records WHERE erased_at IS NULL "  # noqa: S608
+            "AND expires_at <= ? AND state != ? ORDER BY expires_at LIMIT ?",
+            (now, State.DELIVERED.value, limit - len(delivered)),
+        )
+    )
+    return [Due.from_columns(row) for row in delivered + expired]
+
+
+def expiring_undelivered(conn: sqlite3.Connection, deadline: float) -> dict[str, int]:
+    """Per channel, the undelivered records whose deadline falls at or before ``deadline``."""
+    rows = conn.execute(
+        "SELECT channel, COUNT(*) FROM records WHERE erased_at IS NULL "
+        "AND state IN (?, ?) AND expires_at <= ? GROUP BY channel",
+        (State.QUEUED.value, State.HELD.value, deadline),
+    ).fetchall()
+    return dict(rows)
+
+
+def overdue(conn: sqlite3.Connection, now: float, delivered_before: float) -> int:
+    """Live copies past their deadline: retention ended, or delivered before
+    ``delivered_before`` (a delivered copy's deadline is its delivery)."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM records WHERE erased_at IS NULL AND wrapped_key IS NOT NULL "
+        "AND (expires_at <= ? OR (state=? AND delivered_at <= ?))",
+        (now, State.DELIVERED.value, delivered_before),
+    ).fetchone()
+    return int(row[0])
+
+
+def describe(conn: sqlite3.Connection, record_ids: Sequence[str]) -> list[Due]:
+    """The erasure facts of those of these records that are still live, in order."""
+    found = []
+    for record_id in record_ids:
+        row = _one(
+            conn.execute(
+                f"SELECT {_DUE} FROM records WHERE id=? AND erased_at IS NULL",  # noqa: S608
+                (record_id,),
+            )
+        )
+        if row is not None:
+            found.append(Due.from_columns(row))
+    return found
+
+
+def select_records(
+    conn: sqlite3.Connection,
+    *,
+    states: Sequence[str] = (),
+    channel: str | None = None,
+    record_id: str | None = None,
+    limit: int = 100,
+) -> list[Record]:
+    """Records' metadata, newest first, filtered (for the operators' listing)."""
+    where, params = ["1=1"], []
+    if states:
+        where.append(f"state IN ({_marks(states)})")
+        params += list(states)
+    if channel is not None:
+        where.append("channel=?")
+        params.append(channel)
+    if record_id is not None:
+        where.append("id=?")
+        params.append(record_id)
+    sql = (
+        f"SELECT {_RECORD} FROM records WHERE {' AND '.join(where)} "  # noqa: S608 - constant parts
+        "ORDER BY received_at DESC LIMIT ?"
+    )
+    return [Record.from_columns(row) for row in _all(conn.execute(sql, (*params, limit)))]
