@@ -157,6 +157,23 @@ class Metrics:
             ["destination", "key"],
             registry=r,
         )
+        self.task_failures = Counter(
+            "gateway_task_failures",
+            "Long-lived tasks that raised (each is restarted with backoff)",
+            ["task"],
+            registry=r,
+        )
+        self.spool_overdue = Gauge(
+            "gateway_spool_overdue_records",
+            "Copies past their deadline (retention ended, or delivered a while ago) and "
+            "not yet erased, as of the last sweep",
+            registry=r,
+        )
+        self.last_sweep = Gauge(
+            "gateway_retention_last_sweep_timestamp_seconds",
+            "When the retention sweeper last finished a sweep",
+            registry=r,
+        )
         self.audit_entries = Counter(
             "gateway_audit_entries",
             "Entries the daemon wrote to the operations audit log",

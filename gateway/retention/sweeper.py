@@ -17,6 +17,7 @@ no record of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any
 from gateway.ops.chain import HashChainLog
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
-from gateway.spool.store import Due, Spool
+from gateway.spool.records import Due
+from gateway.spool.store import Spool
 
 METHOD = "crypto-erase (AES-256-GCM data key destroyed, SQLite secure_delete) + unlink"
 ERASURE_REASONS = ("delivered", "expired_undelivered", "operator")
@@ -94,20 +96,34 @@ class Sweeper:
         """Channels whose early-warning gauge is exported (0 when none expire)."""
 
     async def run(self) -> None:
+        """Sweep every ``interval`` seconds, for ever (a supervised task: a sweep that
+        raises ends this call, and the supervisor starts it again after a backoff)."""
         while True:
             await self.sweep()
             await self._sleep(self._interval)
 
     async def sweep(self) -> int:
-        """Erase everything due now; returns how many records were erased."""
+        """Erase everything due now; returns how many records were erased.
+
+        Whether it succeeds or not, the copies still overdue afterwards are counted
+        (``gateway_spool_overdue_records``); a finished sweep is stamped
+        (``gateway_retention_last_sweep_timestamp_seconds``). Either staying put is
+        what the retention alerts watch for.
+        """
         total = 0
-        while True:
-            now = self._clock()
-            due = await self._spool.due(now, BATCH)
-            if not due:
-                break
-            total += await self._erase(due, [reason_for(d) for d in due], now)
-        await self._export_warning(self._clock())
+        try:
+            while True:
+                now = self._clock()
+                due = await self._spool.due(now, BATCH)
+                if not due:
+                    break
+                total += await self._erase(due, [reason_for(d) for d in due], now)
+            await self._export_warning(self._clock())
+            self._metrics.last_sweep.set(self._clock())
+        finally:
+            with contextlib.suppress(Exception):  # the sweep's own error is what counts
+                overdue = await self._spool.overdue(self._clock(), 2 * self._interval)
+                self._metrics.spool_overdue.set(overdue)
         return total
 
     async def _export_warning(self, now: float) -> None:

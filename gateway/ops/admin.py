@@ -1,0 +1,40 @@
+"""The admin listener's app: ``/metrics``, ``/healthz`` and ``/readyz`` (no personal
+data; loopback by default)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import __version__
+from gateway.ops.metrics import Metrics
+
+
+def admin_app(
+    accepting: Callable[[], bool], metrics: Metrics, readiness: Mapping[str, str]
+) -> web.Application:
+    """``/readyz`` is 200 only while the daemon accepts and its state is ``ready``; it
+    says the state otherwise (``starting``, ``erasing_overdue_copies``, ``draining``,
+    ``failing`` with the ``task`` that kept failing)."""
+
+    async def metrics_handler(_request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "version": __version__})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ready = accepting() and readiness.get("state") == "ready"
+        answer = {"ready": ready, "state": readiness.get("state", "starting")}
+        if "task" in readiness:
+            answer["task"] = readiness["task"]
+        return web.json_response(answer, status=200 if ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,259 @@
+"""The daemon's parts, built from one configuration, and the one place that swaps
+them on reload.
+
+A reload (:meth:`Parts.reload`) builds everything the configuration file names
+(configuration, every listener's TLS context, registries, channel policies,
+destinations with their certificates and credentials) before anything is swapped;
+any failure leaves the running gateway exactly as it was. The swap itself does not
+yield to the event loop, so no request sees half of each configuration. The business
+rule that a delivered copy is erased at once lives here too, where the relay and the
+sweeper are joined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from gateway.channels.policy import ChannelPolicy
+from gateway.config import GatewayConfig, load_config
+from gateway.crypto.keys import resolve_secret_path
+from gateway.crypto.tls import cert_not_after, server_context
+from gateway.errors import ConfigError, GatewayError
+from gateway.identity.auth import StaffAuthenticator
+from gateway.identity.registry import staff_problems
+from gateway.identity.watcher import RegistryWatcher
+from gateway.ingress.app import Gate, Runtime, RuntimeRef
+from gateway.ingress.listener import TlsSite
+from gateway.ingress.photos import PhotoChecker
+from gateway.ops.audit import AuditLog
+from gateway.ops.logs import get_logger
+from gateway.ops.metrics import Metrics
+from gateway.ops.sdnotify import Notifier
+from gateway.preflight import ROOT, registry_problems, secret_problems
+from gateway.relay.workers import Relay, Sleep
+from gateway.reload import config_digest, restart_problems
+from gateway.retention.sweeper import ERASURE_REASONS, Sweeper, erasure_ledger
+from gateway.spool.records import Record, State
+from gateway.spool.store import Spool
+
+log = get_logger("gateway.daemon")
+
+
+class Parts:
+    """What one configuration builds, and :meth:`reload`, which rebuilds and swaps it."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        config_path: Path | None,
+        clock: Callable[[], float],
+        metrics: Metrics,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.config_path = config_path
+        self.clock = clock
+        self.metrics = metrics
+        self.readiness: dict[str, str] = {"state": "starting"}
+        self.audit = AuditLog(config.audit_log, via="gatewayd", actor="gatewayd", clock=clock)
+        self.sites: dict[str, TlsSite] = {}
+        self.assembled = False
+        self._reload_lock = asyncio.Lock()
+
+    # The parts that need the spool, built by assemble().
+    spool: Spool
+    relay: Relay
+    sweeper: Sweeper
+    ref: RuntimeRef
+
+    def assemble(self, spool: Spool, *, sleep: Sleep) -> None:
+        """The relay and the sweeper over ``spool``, joined: every delivered copy is
+        erased at once (送信後に自動消去), on every channel."""
+        config, metrics, clock = self.config, self.metrics, self.clock
+        self.spool = spool
+        metrics.watch_spool(
+            lambda: (
+                {
+                    **spool.counts,
+                    State.QUEUED: spool.counts[State.QUEUED] - spool.delivering,
+                    "delivering": spool.delivering,
+                },
+                spool.bytes,
+                None
+                if spool.oldest_queued_at is None
+                else max(0.0, clock() - spool.oldest_queued_at),
+            )
+        )
+        metrics.spool_free_bytes.set_function(spool.free_bytes)
+        self.export(config)
+        self.relay = Relay(config, spool, metrics, sleep=sleep, clock=clock)
+        self.sweeper = Sweeper(
+            spool,
+            erasure_ledger(config.spool.directory, clock=clock),
+            metrics,
+            clock=clock,
+            channels=tuple(config.channels),
+        )
+
+        async def erase_delivered(record: Record) -> None:
+            await self.sweeper.erase_delivered(record.id)
+
+        self.relay.on_delivered = erase_delivered
+        self.assembled = True
+
+    def runtime(self, config: GatewayConfig, photos: PhotoChecker, gate: Gate) -> Runtime:
+        """What the device listeners' handlers use, for ``config``."""
+        return Runtime(
+            config=config,
+            policies={n: ChannelPolicy.from_config(n, c) for n, c in config.channels.items()},
+            registries=self.registries(config),
+            auth=self.authenticator(config),
+            spool=self.spool,
+            metrics=self.metrics,
+            clock=self.clock,
+            on_accepted=self.relay.enqueue,
+            photos=photos,
+            gate=gate,
+        )
+
+    def record_audit(self, action: str, **kwargs: Any) -> None:
+        """An audit entry; a log that cannot take it is logged, never fatal to serving."""
+        try:
+            self.audit.record(action, **kwargs)
+            self.metrics.audit_entries.labels(action=action).inc()
+        except (GatewayError, OSError) as exc:
+            log.error("audit_unwritable", action=action, error=type(exc).__name__, reason=str(exc))
+
+    def registries(self, config: GatewayConfig) -> RegistryWatcher:
+        scopes = config.staff_scopes()
+        return RegistryWatcher(
+            config.auth.devices_file,
+            config.auth.users_file,
+            clock=self.clock,
+            on_error=lambda message: log.error("registry_unreadable", reason=message),
+            validate_users=lambda users: [
+                f"{config.auth.users_file}: {key}: {message}"
+                for key, message in staff_problems(users, scopes)
+            ],
+        )
+
+    def authenticator(self, config: GatewayConfig) -> StaffAuthenticator:
+        return StaffAuthenticator(
+            lambda: self.ref.current.registries.users,
+            max_failures=config.auth.max_failures,
+            lockout_seconds=config.auth.lockout_seconds,
+            cache_seconds=config.auth.credential_cache_seconds,
+            clock=time.monotonic,
+        )
+
+    @staticmethod
+    def tls_contexts(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
+        """Each listener's TLS context: its certificate, key, device CA and profile."""
+        return {
+            name: server_context(
+                listener.certificate,
+                resolve_secret_path(listener.private_key, ROOT),
+                client_ca=listener.client_ca,
+                profile=listener.tls_profile,
+            )
+            for name, listener in config.listeners.items()
+        }
+
+    def export(self, config: GatewayConfig) -> None:
+        """The metrics a configuration sets (certificate expiry, quota, erasure labels)."""
+        for channel in config.channels:  # rare events start at 0, so alerts see the first
+            for reason in ERASURE_REASONS:
+                self.metrics.erasures.labels(channel=channel, reason=reason)
+        self.metrics.spool_quota_bytes.set(config.spool.quota_bytes)
+        export_certificate_expiry(config, self.metrics)
+        self.metrics.last_reload.set(self.clock())
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, *, actor: str = "signal:SIGHUP") -> tuple[bool, str]:
+        """Load the configuration file again and swap everything it builds in at once.
+
+        All or nothing; the listeners stay open, and connections accepted after the swap
+        get the new certificates. Returns (applied, reason) and writes an audit entry
+        either way.
+        """
+        async with self._reload_lock:
+            if self.notifier:
+                self.notifier.reloading()
+            try:
+                applied, reason = await self._reload()
+            finally:
+                if self.notifier:
+                    self.notifier.ready(status="serving")
+            self.metrics.reloads.labels(outcome="applied" if applied else "failed").inc()
+            self.record_audit(
+                "gatewayd.reload",
+                target=str(self.config_path),
+                outcome="ok" if applied else "refused",
+                actor=actor,
+                detail={"config_sha256": config_digest(self.config_path), "reason": reason},
+            )
+            if applied:
+                log.info("reloaded", reason=reason)
+            else:
+                log.error("reload_refused", reason=reason)
+            return applied, reason
+
+    async def _reload(self) -> tuple[bool, str]:
+        if self.config_path is None:
+            return False, "no configuration file to reload from"
+        try:
+            new = load_config(self.config_path)
+            problems = secret_problems(new, str(self.config_path))
+            problems += registry_problems(new, str(self.config_path))
+            problems += restart_problems(self.config, new, str(self.config_path))
+            if problems:
+                raise ConfigError(problems)
+            tls = self.tls_contexts(new)
+            registries = self.registries(new)
+            policies = {n: ChannelPolicy.from_config(n, c) for n, c in new.channels.items()}
+            plan = await self.relay.prepare(new)
+        except ConfigError as exc:
+            return False, "; ".join(str(p) for p in exc.problems)
+        except (GatewayError, OSError, ssl.SSLError, ValueError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        # From here to the end of apply() nothing yields to the event loop before the
+        # new runtime is in place: no request sees half of each configuration.
+        old = self.ref.current
+        auth = old.auth if new.auth == self.config.auth else self.authenticator(new)
+        self.ref.current = replace(
+            old, config=new, policies=policies, registries=registries, auth=auth
+        )
+        for name, context in tls.items():
+            self.sites[name].context = context
+        self.config = new
+        self.sweeper.channels = tuple(new.channels)
+        self.audit = AuditLog(new.audit_log, via="gatewayd", actor="gatewayd", clock=self.clock)
+        await self.relay.apply(plan)
+        self.export(new)
+        return True, f"{len(new.channels)} channels, {len(new.destinations)} destinations"
+
+
+def export_certificate_expiry(config: GatewayConfig, metrics: Metrics) -> None:
+    """``gateway_certificate_expiry_timestamp_seconds`` for every certificate in use."""
+    certs: dict[str, Path] = {}
+    for name, listener in config.listeners.items():
+        certs[f"listener:{name}"] = listener.certificate
+        certs[f"device-ca:{name}"] = listener.client_ca
+    for name, dest in config.destinations.items():
+        certs[f"client:{name}"] = dest.client_certificate
+        certs[f"upstream-ca:{name}"] = dest.ca
+    for label, path in certs.items():
+        try:
+            expiry = cert_not_after(path).timestamp()
+        except Exception:  # noqa: S112 - a bad file is reported by check-config
+            continue
+        metrics.certificate_expiry.labels(certificate=label).set(expiry)

@@ -1,0 +1,96 @@
+"""What a configuration names must be usable before the daemon starts or reloads:
+every secret (present, readable by us alone), every certificate and CA file, every
+payload key, and a staff registry that names each user's channels.
+
+``gatewayctl check-config``, ``gatewayd`` at start and a reload run the same checks.
+Each problem names the configuration file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from gateway.config import GatewayConfig
+from gateway.crypto.keys import (
+    load_master_key,
+    load_upstream_credential,
+    read_secret_file,
+    resolve_secret_path,
+)
+from gateway.errors import ConfigProblem, GatewayError
+from gateway.identity.registry import RegistryError, load_users, staff_problems
+from gateway.relay.workers import payload_recipient, payload_signing_key
+
+ROOT = Path("/")
+
+
+def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[ConfigProblem]:
+    """Every secret the configuration names must exist and be readable by us alone."""
+    problems = []
+
+    def secret(what: str) -> Callable[[Path], object]:
+        return lambda path: read_secret_file(path, what=what)
+
+    secrets_: list[tuple[str, str, Callable[[Path], object]]] = [
+        (f"listeners.{name}.private_key", listener.private_key, secret("listener private key"))
+        for name, listener in config.listeners.items()
+    ]
+    secrets_.append(("spool.master_key", config.spool.master_key, load_master_key))
+    for name, dest in config.destinations.items():
+        secrets_.append((f"destinations.{name}.client_key", dest.client_key, secret("client key")))
+        if dest.credential:
+            secrets_.append(
+                (f"destinations.{name}.credential", dest.credential, load_upstream_credential)
+            )
+    for key, spec, load in secrets_:
+        try:
+            load(resolve_secret_path(spec, ROOT))
+        except Exception as exc:
+            problems.append(ConfigProblem(file, key, str(exc)))
+    files = []
+    for name, listener in config.listeners.items():
+        files += [
+            (f"listeners.{name}.certificate", listener.certificate),
+            (f"listeners.{name}.client_ca", listener.client_ca),
+        ]
+    for name, dest in config.destinations.items():
+        files += [
+            (f"destinations.{name}.ca", dest.ca),
+            (f"destinations.{name}.client_certificate", dest.client_certificate),
+        ]
+    for key, path in files:
+        if not path.is_file():
+            problems.append(ConfigProblem(file, key, f"{path}: file not found"))
+    return problems + _payload_key_problems(config, file)
+
+
+def registry_problems(config: GatewayConfig, file: str = "<config>") -> list[ConfigProblem]:
+    """The staff registry must name every user's channels, and only channels (or channel
+    groups) this configuration has. Problems name the registry file and the entry."""
+    path = config.auth.users_file
+    try:
+        users = load_users(path)
+    except RegistryError as exc:
+        return [ConfigProblem(file, "auth.users_file", str(exc))]
+    return [
+        ConfigProblem(str(path), key, message)
+        for key, message in staff_problems(users, config.staff_scopes())
+    ]
+
+
+def _payload_key_problems(config: GatewayConfig, file: str) -> list[ConfigProblem]:
+    """Every payload encryption key loads: algorithm, size, expiry, file permissions."""
+    problems = []
+    for name, dest in config.destinations.items():
+        if dest.payload_encryption == "none":
+            continue
+        for key, load in (
+            ("recipient_key", payload_recipient),
+            ("signing_key", payload_signing_key),
+        ):
+            try:
+                load(dest)
+            except (GatewayError, OSError) as exc:
+                problems.append(ConfigProblem(file, f"destinations.{name}.{key}", str(exc)))
+    return problems
