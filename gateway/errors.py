@@ -1,15 +1,14 @@
 """The gateway's one small exception hierarchy.
 
-Ingress errors carry the HTTP status and the stable problem ``type`` they map to, so the
-boundary maps them once (RFC 9457 problem details). No exception text ever carries a
-field value: messages name fields and rules only.
+Refusals are facts of the domain (a revoked device, a closed window, a full spool);
+the ingress maps each kind to its HTTP status and stable problem ``type`` in one
+catalogue (RFC 9457 problem details). No exception text ever carries a field value:
+messages name fields and rules only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-PROBLEM_BASE = "https://gateway.invalid/problems/"
+from dataclasses import dataclass
 
 
 class GatewayError(Exception):
@@ -61,37 +60,120 @@ class RecordCorrupt(SpoolError):
     """A stored record failed authentication or is truncated."""
 
 
-@dataclass(eq=False)
-class ProblemError(GatewayError):
-    """An error answered to a device as ``application/problem+json``."""
+class Refusal(GatewayError):
+    """A request the gateway refuses, as a fact of the domain, never as HTTP: the
+    ingress's problem catalogue (:mod:`gateway.ingress.problems`) says how each kind is
+    answered. ``detail`` names fields and rules, never a value; the exception's own
+    text is only its kind, so a log of it cannot carry a detail either."""
 
-    status: int
-    slug: str
-    title: str
     detail: str = ""
-    violations: tuple[Violation, ...] = field(default_factory=tuple)
-    retry_after: int | None = None
 
-    def __post_init__(self) -> None:
-        Exception.__init__(self, f"{self.status} {self.slug}")
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        retry_after: int | None = None,
+        violations: tuple[Violation, ...] = (),
+    ) -> None:
+        super().__init__(type(self).__name__)
+        self.detail = type(self).detail if detail is None else detail
+        self.retry_after = retry_after
+        self.violations = violations
 
-    @property
-    def type_uri(self) -> str:
-        return PROBLEM_BASE + self.slug
 
-    def body(self, instance: str | None = None) -> dict[str, object]:
-        doc: dict[str, object] = {
-            "type": self.type_uri,
-            "title": self.title,
-            "status": self.status,
-        }
-        if self.detail:
-            doc["detail"] = self.detail
-        if instance:
-            doc["instance"] = instance
-        if self.violations:
-            doc["violations"] = [v.as_dict() for v in self.violations]
-        return doc
+class NoClientCertificate(Refusal):
+    detail = "a device client certificate is required"
+
+
+class DeviceUnknown(Refusal):
+    detail = "this device certificate is not registered"
+
+
+class DeviceRevoked(Refusal):
+    detail = "this device has been disabled (端末無効化)"
+
+
+class DeviceNotAllowed(Refusal):
+    detail = "this device may not post on this channel"
+
+
+class SourceNetworkNotAllowed(Refusal):
+    detail = "this channel does not accept submissions from this network"
+
+
+class WindowClosed(Refusal):
+    """Outside the channel's active window (the detail says which end)."""
+
+
+class UnknownChannel(Refusal):
+    detail = "no channel by that name"
+
+
+class UserNotAllowedOnChannel(Refusal):
+    detail = "this staff user is not named to handle this channel"
+
+
+class Unauthenticated(Refusal):
+    detail = "unknown staff user ID or wrong password"
+
+
+class LockedOut(Refusal):
+    detail = "this staff user is locked out after repeated failures; try again later"
+
+
+class TooLarge(Refusal):
+    """Over the channel's size limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this channel takes at most {limit} bytes")
+
+
+class UnsupportedMediaType(Refusal):
+    detail = "submissions are multipart/form-data"
+
+
+class Malformed(Refusal):
+    detail = "the request could not be parsed"
+
+
+class BodyTimeout(Refusal):
+    """The body stalled (the detail says for how long)."""
+
+
+class IdempotencyConflict(Refusal):
+    detail = "this Idempotency-Key was used for a different body"
+
+
+class InvalidFields(Refusal):
+    detail = "one or more fields break the channel's rules"
+
+
+class SpoolFull(Refusal):
+    detail = "the gateway's spool is at its quota; retry later"
+
+
+class DiskLow(Refusal):
+    detail = "the gateway's disk is nearly full; retry later"
+
+
+class ShuttingDown(Refusal):
+    detail = "retry on another node or later"
+
+
+class SpoolUnavailable(Refusal):
+    detail = "the gateway cannot store submissions right now"
+
+
+class PhotoCheckUnavailable(Refusal):
+    detail = "the photo could not be checked right now; retry"
+
+
+class UnknownSubmission(Refusal):
+    detail = "no submission by that id for this device"
+
+
+class ExpectationFailed(Refusal):
+    detail = "only Expect: 100-continue is understood"
 
 
 class RelayError(GatewayError):

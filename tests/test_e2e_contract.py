@@ -28,8 +28,9 @@ from PIL import Image
 
 from gateway.crypto.pki import issue_device
 from gateway.crypto.tls import client_context
-from gateway.errors import ProblemError
-from gateway.ingress.app import _check_room
+from gateway.errors import Refusal
+from gateway.ingress.admission import _check_room
+from gateway.ingress.problems import answered
 from gateway.testing.sandbox import (
     CHANNEL_DESTINATION,
     CHANNEL_DEVICE,
@@ -1016,9 +1017,9 @@ def test_bodies_being_received_hold_their_room_against_others() -> None:
     )
     _check_room(rt, 500)  # type: ignore[arg-type]
     rt.gate.reserved_bytes = 500  # another body of 500 bytes is being received
-    with pytest.raises(ProblemError) as caught:
+    with pytest.raises(Refusal) as caught:
         _check_room(rt, 500)  # type: ignore[arg-type]
-    assert caught.value.status == 507 and caught.value.slug == "spool-full"
+    assert (answered(caught.value).status, answered(caught.value).slug) == (507, "spool-full")
 
 
 async def test_a_disk_below_its_floor_is_507_disk_low(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from multidict import CIMultiDict
 from gateway.channels.photo import PhotoRules
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
-from gateway.errors import ProblemError
+from gateway.errors import Refusal
 from gateway.ingress.intake import IntakeResult, MultipartIntake, multipart_boundary
+from gateway.ingress.problems import answered
 from gateway.spool.pending import PendingRecord
 from gateway.spool.records import NewRecord, new_submission_id
 from gateway.spool.store import Spool
@@ -516,34 +517,34 @@ def test_malformed_multipart_is_400(
     spool: Spool, config: GatewayConfig, data: bytes, chunk: int
 ) -> None:
     """A body that is not well-formed multipart/form-data is 400 malformed."""
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(Refusal) as info:
         feed(spool, policy_for(config, "online-application"), data, chunk)
-    assert (info.value.status, info.value.slug) == (400, "malformed")
+    assert (answered(info.value).status, answered(info.value).slug) == (400, "malformed")
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_truncated_body_is_400(spool: Spool, config: GatewayConfig, chunk: int) -> None:
     """A body without its closing boundary (a cut connection) is 400 at finish()."""
     data = body(online_parts(), close=False)
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(Refusal) as info:
         feed(spool, policy_for(config, "online-application"), data, chunk)
-    assert info.value.status == 400
-    assert "closing boundary" in info.value.detail
+    assert answered(info.value).status == 400
+    assert "closing boundary" in answered(info.value).detail
 
 
 def test_body_cut_inside_a_part_is_400(spool: Spool, config: GatewayConfig) -> None:
     """A body cut in the middle of the photo is 400."""
     data = body(online_parts())
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(Refusal) as info:
         feed(spool, policy_for(config, "online-application"), data[: len(data) // 2], 7)
-    assert info.value.status == 400
+    assert answered(info.value).status == 400
 
 
 def test_empty_body_is_400(spool: Spool, config: GatewayConfig) -> None:
     """An empty body is 400, not an empty submission."""
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(Refusal) as info:
         feed(spool, policy_for(config, "online-application"), b"")
-    assert info.value.status == 400
+    assert answered(info.value).status == 400
 
 
 def test_epilogue_after_closing_boundary_is_ignored(spool: Spool, config: GatewayConfig) -> None:
@@ -606,9 +607,12 @@ def test_multipart_boundary(header: str, expected: bytes) -> None:
 )
 def test_non_form_data_is_415(header: str) -> None:
     """Anything but multipart/form-data is 415 unsupported-media-type."""
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(Refusal) as info:
         multipart_boundary(header)
-    assert (info.value.status, info.value.slug) == (415, "unsupported-media-type")
+    assert (answered(info.value).status, answered(info.value).slug) == (
+        415,
+        "unsupported-media-type",
+    )
 
 
 @pytest.mark.parametrize(
@@ -622,6 +626,6 @@ def test_non_form_data_is_415(header: str) -> None:
 )
 def test_missing_or_overlong_boundary_is_400(header: str) -> None:
     """multipart/form-data without a usable boundary (1 to 70 characters) is 400."""
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(Refusal) as info:
         multipart_boundary(header)
-    assert (info.value.status, info.value.slug) == (400, "malformed")
+    assert (answered(info.value).status, answered(info.value).slug) == (400, "malformed")

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from gateway.channels.photo import PhotoRules, check_jpeg
-from gateway.errors import ProblemError
+from gateway.errors import Refusal
 from gateway.ingress.photos import PhotoChecker
+from gateway.ingress.problems import answered
 from gateway.spool.pending import RecordWindow
 
 _BANDS = {"RGB": 3, "L": 1, "CMYK": 4}
@@ -316,9 +317,9 @@ async def test_a_dead_photo_worker_is_503_not_a_bad_photo(tmp_path: Path) -> Non
         assert pool._processes  # spawned by the check's submission
         for pid in list(pool._processes):
             os.kill(pid, signal.SIGKILL)
-        with pytest.raises(ProblemError) as caught:
+        with pytest.raises(Refusal) as caught:
             await check
-        assert caught.value.status == 503
-        assert caught.value.retry_after
+        assert answered(caught.value).status == 503
+        assert answered(caught.value).retry_after
     finally:
         checker.close()

@@ -18,10 +18,11 @@ from gateway.channels.policy import (
     expires_at,
     field_label,
     source_allowed,
-    window_problem,
+    window_closed,
 )
 from gateway.config import ChannelConfig, GatewayConfig, load_config
 from gateway.errors import Violation
+from gateway.ingress.problems import problem_of
 
 SHIPPED = Path(__file__).resolve().parent.parent / "conf" / "gateway.toml"
 
@@ -127,18 +128,18 @@ def test_ipv4_channel_refuses_every_ipv6_peer(config: GatewayConfig) -> None:
 )
 def test_window_uses_jst_dates(config: GatewayConfig, now: str, inside: bool) -> None:
     """The overseas channel's active window is judged by the JST calendar date."""
-    problem = window_problem(config.channels["overseas-application"], utc(now))
+    problem = window_closed(config.channels["overseas-application"], utc(now))
     assert (problem is None) is inside
 
 
 def test_window_before_and_after_say_which(config: GatewayConfig) -> None:
     """Before the window is 403 "opens on", after it 403 "closed after", both channel-inactive."""
     channel = config.channels["overseas-application"]
-    before = window_problem(channel, utc("2026-01-01T00:00:00"))
-    after = window_problem(channel, utc("2027-04-01T00:00:00"))
+    before = window_closed(channel, utc("2026-01-01T00:00:00"))
+    after = window_closed(channel, utc("2027-04-01T00:00:00"))
     assert before is not None and after is not None
-    assert (before.status, before.slug) == (403, "channel-inactive")
-    assert (after.status, after.slug) == (403, "channel-inactive")
+    assert (problem_of(before).status, problem_of(before).slug) == (403, "channel-inactive")
+    assert (problem_of(after).status, problem_of(after).slug) == (403, "channel-inactive")
     assert "opens on 2026-05-26" in before.detail
     assert "closed after 2027-03-31" in after.detail
 
@@ -147,18 +148,18 @@ def test_window_accepts_any_aware_time_zone(config: GatewayConfig) -> None:
     """The same instant written in JST or in UTC-5 gives the same answer."""
     channel = config.channels["overseas-application"]
     last_second = datetime(2027, 3, 31, 23, 59, 59, tzinfo=JST)
-    assert window_problem(channel, last_second) is None
+    assert window_closed(channel, last_second) is None
     new_york = last_second.astimezone(timezone(timedelta(hours=-5)))
     assert new_york.date() == date(2027, 3, 31)
-    assert window_problem(channel, new_york) is None
-    assert window_problem(channel, last_second + timedelta(seconds=1)) is not None
+    assert window_closed(channel, new_york) is None
+    assert window_closed(channel, last_second + timedelta(seconds=1)) is not None
 
 
 def test_channel_without_window_is_always_open(config: GatewayConfig) -> None:
     """A channel with no active_from/active_until never refuses for time."""
     channel = config.channels["online-application"]
     for when in ("1999-01-01T00:00:00", "2026-05-25T00:00:00", "2099-12-31T23:59:59"):
-        assert window_problem(channel, utc(when)) is None
+        assert window_closed(channel, utc(when)) is None
 
 
 def test_open_ended_window(config: GatewayConfig) -> None:
@@ -166,9 +167,9 @@ def test_open_ended_window(config: GatewayConfig) -> None:
     channel = with_changes(
         config.channels["online-application"], active_from=date(2027, 1, 1), active_until=None
     )
-    assert window_problem(channel, utc("2026-12-31T14:59:59")) is not None
-    assert window_problem(channel, utc("2026-12-31T15:00:00")) is None
-    assert window_problem(channel, utc("2099-01-01T00:00:00")) is None
+    assert window_closed(channel, utc("2026-12-31T14:59:59")) is not None
+    assert window_closed(channel, utc("2026-12-31T15:00:00")) is None
+    assert window_closed(channel, utc("2099-01-01T00:00:00")) is None
 
 
 # ----------------------------------------------------------------- retention

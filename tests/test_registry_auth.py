@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import gateway.identity.auth
-from gateway.errors import ProblemError
+from gateway.errors import Refusal
 from gateway.identity.auth import StaffAuthenticator, basic_authorization, parse_basic
 from gateway.identity.passwords import check_password_rule, hash_password, verify_password
 from gateway.identity.registry import (
@@ -30,6 +30,7 @@ from gateway.identity.registry import (
     upsert_user,
 )
 from gateway.identity.watcher import RegistryWatcher
+from gateway.ingress.problems import Answered, answered, document, problem_of
 
 FAST_N = 2**10
 PASSWORD = "correct horse battery"
@@ -503,10 +504,10 @@ class AuthRig:
     async def login(self, user: str = "staff-001", password: str = PASSWORD) -> str:
         return await self.auth.authenticate(basic_authorization(user, password))
 
-    async def refused(self, user: str = "staff-001", password: str = PASSWORD) -> ProblemError:
-        with pytest.raises(ProblemError) as info:
+    async def refused(self, user: str = "staff-001", password: str = PASSWORD) -> Answered:
+        with pytest.raises(Refusal) as info:
             await self.login(user, password)
-        return info.value
+        return answered(info.value)
 
 
 @pytest.fixture
@@ -560,7 +561,7 @@ async def test_unknown_and_wrong_password_answers_are_identical(rig: AuthRig) ->
     """An unknown ID and a wrong password get the same answer: IDs cannot be enumerated."""
     unknown = await rig.refused(user="staff-404")
     wrong = await rig.refused(password="wrong password!")
-    assert unknown.body() == wrong.body()
+    assert unknown == wrong  # status, type, title, detail and Retry-After alike
 
 
 async def test_disabled_user_is_401(rig: AuthRig) -> None:
@@ -573,17 +574,19 @@ async def test_disabled_user_is_401(rig: AuthRig) -> None:
 
 async def test_missing_header_is_401(rig: AuthRig) -> None:
     """No Authorization header is 401 with reason missing_credential, and no scrypt."""
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(Refusal) as info:
         await rig.auth.authenticate(None)
-    assert info.value.status == 401
+    assert answered(info.value).status == 401
     assert rig.reasons == ["missing_credential"]
     assert rig.verifies == []
 
 
 async def test_error_never_contains_the_password(rig: AuthRig) -> None:
     """Neither the problem body nor the exception text carries the tried password."""
-    error = await rig.refused(password="hunter2-SECRET")
-    assert "hunter2-SECRET" not in json.dumps(error.body()) + str(error)
+    with pytest.raises(Refusal) as info:
+        await rig.login(password="hunter2-SECRET")
+    body = document(problem_of(info.value), info.value.detail)
+    assert "hunter2-SECRET" not in json.dumps(body) + str(info.value) + repr(info.value)
 
 
 async def test_lockout_after_max_failures_then_unlock(rig: AuthRig) -> None:
@@ -633,7 +636,7 @@ async def test_concurrent_guesses_cannot_exceed_max_failures(rig: AuthRig) -> No
     results = await asyncio.gather(
         *(rig.login(password=f"wrong password {i}") for i in range(10)), return_exceptions=True
     )
-    statuses = sorted(r.status for r in results if isinstance(r, ProblemError))
+    statuses = sorted(answered(r).status for r in results if isinstance(r, Refusal))
     assert statuses == [401] * 3 + [429] * 7
     assert len(rig.verifies) == 3
 
@@ -737,6 +740,6 @@ async def test_on_failure_default_is_a_no_op(staff_hash: str) -> None:
     auth = StaffAuthenticator(
         lambda: registry, max_failures=1, lockout_seconds=1, cache_seconds=1, clock=FakeClock()
     )
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(Refusal) as info:
         await auth.authenticate("Bearer x")
-    assert info.value.status == 401
+    assert answered(info.value).status == 401

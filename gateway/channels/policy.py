@@ -15,7 +15,7 @@ from functools import cached_property
 from gateway.channels.fields import TextRule
 from gateway.channels.photo import PhotoRules
 from gateway.config import FILE_FORMATS, ChannelConfig
-from gateway.errors import ProblemError, Violation
+from gateway.errors import Violation, WindowClosed
 
 JST = timezone(timedelta(hours=9), "JST")
 """Active windows are calendar dates in Japan Standard Time (no daylight saving)."""
@@ -167,23 +167,14 @@ def source_allowed(config: ChannelConfig, address: str | None) -> bool:
     return any(ip.version == net.version and ip in net for net in config.source_networks)
 
 
-def window_problem(config: ChannelConfig, now: datetime) -> ProblemError | None:
-    """403 when ``now`` (aware) is outside the channel's active window (JST dates)."""
+def window_closed(config: ChannelConfig, now: datetime) -> WindowClosed | None:
+    """The fact that ``now`` (aware) is outside the channel's active window (JST dates),
+    saying which end; None inside it."""
     today: date = now.astimezone(JST).date()
     if config.active_from and today < config.active_from:
-        return ProblemError(
-            403,
-            "channel-inactive",
-            "Channel not active",
-            f"this channel opens on {config.active_from.isoformat()} (JST)",
-        )
+        return WindowClosed(f"this channel opens on {config.active_from.isoformat()} (JST)")
     if config.active_until and today > config.active_until:
-        return ProblemError(
-            403,
-            "channel-inactive",
-            "Channel not active",
-            f"this channel closed after {config.active_until.isoformat()} (JST)",
-        )
+        return WindowClosed(f"this channel closed after {config.active_until.isoformat()} (JST)")
     return None
 
 

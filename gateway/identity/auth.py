@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.errors import ProblemError
+from gateway.errors import LockedOut, Unauthenticated
 from gateway.identity.passwords import dummy_hash, verify_password
 from gateway.identity.registry import ID_PATTERN, UserRegistry
 
@@ -60,8 +60,8 @@ def basic_authorization(user_id: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user_id}:{password}".encode()).decode()
 
 
-def unauthorized(detail: str) -> ProblemError:
-    return ProblemError(401, "unauthorized", "Staff credential required", detail)
+def unauthorized(detail: str) -> Unauthenticated:
+    return Unauthenticated(detail)
 
 
 class StaffAuthenticator:
@@ -95,7 +95,7 @@ class StaffAuthenticator:
     async def authenticate(
         self, header: str | None, *, on_failure: Callable[[str], None] | None = None
     ) -> str:
-        """The staff user ID, or a :class:`ProblemError` (401, or 429 when locked out).
+        """The staff user ID, or :class:`Unauthenticated` (:class:`LockedOut` once locked out).
 
         ``on_failure`` (the reason of a refusal) replaces the constructor's for this call:
         the ingress passes one that also knows the listener.
@@ -128,13 +128,7 @@ class StaffAuthenticator:
         state = self._failures.get(key)
         if state and state.locked_until > now:
             report("locked_out")
-            raise ProblemError(
-                429,
-                "locked-out",
-                "Too many failed attempts",
-                "this staff user is locked out after repeated failures; try again later",
-                retry_after=max(1, int(state.locked_until - now + 0.999)),
-            )
+            raise LockedOut(retry_after=max(1, int(state.locked_until - now + 0.999)))
         user = self._users().get(user_id) if key == user_id else None
         password_hash = user.password_hash if user else dummy_hash()
         fingerprint = self._fingerprint(user_id, password, password_hash)

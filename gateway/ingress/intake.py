@@ -20,7 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.channels.fields import SAFE_FIELD_NAME, validate_text
 from gateway.channels.policy import ChannelPolicy, FieldRule, check_batch, field_label
-from gateway.errors import ProblemError, Violation
+from gateway.errors import Malformed, UnsupportedMediaType, Violation
 from gateway.spool.pending import PendingRecord
 
 MANIFEST_VALUES = frozenset({"batch_id", "record_count", "sha256"})
@@ -30,8 +30,8 @@ FILE_PART_HEADERS = {
 }
 
 
-def malformed(detail: str) -> ProblemError:
-    return ProblemError(400, "malformed", "Malformed request", detail)
+def malformed(detail: str) -> Malformed:
+    return Malformed(detail)
 
 
 def multipart_boundary(content_type: str) -> bytes:
@@ -41,12 +41,7 @@ def multipart_boundary(content_type: str) -> bytes:
     except UnicodeError:  # not Latin-1: no media type of ours
         media, params = b"", {}
     if media != b"multipart/form-data":
-        raise ProblemError(
-            415,
-            "unsupported-media-type",
-            "Unsupported media type",
-            "submissions are multipart/form-data",
-        )
+        raise UnsupportedMediaType
     boundary = params.get(b"boundary", b"")
     if not 1 <= len(boundary) <= 70:
         raise malformed("the multipart boundary is missing or longer than 70 characters")

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from aiohttp import web, web_protocol
 from aiohttp.web_request import BaseRequest
 
-from gateway.errors import ProblemError
+from gateway.errors import Malformed
+from gateway.ingress.problems import ProblemType, problem_of, problem_response
 
 HANDSHAKE_TIMEOUT = 30
 
@@ -52,14 +53,11 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
     ) -> web.StreamResponse:
         super().handle_error(request, status, exc)  # logs (type only) and checks the writer
         if status < 500:
-            problem = ProblemError(
-                status, "malformed", "Malformed request", "the request could not be parsed"
-            )
+            malformed = problem_of(Malformed())
+            problem = ProblemType(status, malformed.slug, malformed.title)
+            response = problem_response(problem, Malformed.detail)
         else:
-            problem = ProblemError(status, "internal-error", "Internal error")
-        response = web.json_response(
-            problem.body(), status=status, content_type="application/problem+json"
-        )
+            response = problem_response(ProblemType(status, "internal-error", "Internal error"))
         response.force_close()
         return response
 

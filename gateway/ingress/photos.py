@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from gateway.channels.photo import PhotoRules, check_jpeg
-from gateway.errors import ProblemError, Violation
+from gateway.errors import PhotoCheckUnavailable, Violation
 from gateway.spool.pending import RecordWindow, open_window
 
 
@@ -89,13 +89,7 @@ class PhotoChecker:
             if self._pool is pool:
                 self._pool = None
                 await asyncio.to_thread(pool.shutdown, wait=False)
-            raise ProblemError(
-                503,
-                "photo-check-unavailable",
-                "Photo check unavailable",
-                "the photo could not be checked right now; retry",
-                retry_after=5,
-            ) from None
+            raise PhotoCheckUnavailable(retry_after=5) from None
 
     def close(self) -> None:
         if self._pool is not None:
