@@ -52,6 +52,9 @@ REQUIRED_ALERTS = {
     "GatewayHeldRecords",
     "GatewayConfigReloadFailed",
     "GatewayPayloadKeyExpiresSoon",
+    "GatewayRetentionStalled",
+    "GatewayCopiesOverdue",
+    "GatewayTaskFailing",
 }
 # What the dashboard must show (issue 4): one metric per required panel.
 DASHBOARD_METRICS = {
