@@ -20,7 +20,7 @@ from gateway.crypto.keys import (
 )
 from gateway.errors import ConfigProblem, GatewayError
 from gateway.identity.registry import RegistryError, load_users, staff_problems
-from gateway.relay.workers import payload_recipient, payload_signing_key
+from gateway.relay.destinations import payload_recipient, payload_signing_key
 
 ROOT = Path("/")
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,29 +12,10 @@ import structlog
 
 from gateway.daemon import Bound
 from gateway.ops.metrics import Metrics
+from gateway.testing.fakes import FakeSleep
 from gateway.testing.sandbox import DeviceClient, RunningGateway, Sandbox, build_sandbox
 from gateway.testing.sandbox import start_gateway as start_in_loop
 from gateway.testing.upstream import UpstreamSimulator
-
-
-@dataclass
-class FakeSleep:
-    """Records every requested delay and returns at once, moving its clock forward by it.
-
-    The daemon gets :meth:`clock` as its clock, so time passes exactly as the relay
-    believes it slept: backoffs, Retry-After and circuit cool-downs without waiting.
-    """
-
-    calls: list[float] = field(default_factory=list)
-    now: float = field(default_factory=time.time)
-
-    def clock(self) -> float:
-        return self.now
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 @dataclass

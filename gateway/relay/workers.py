@@ -1,138 +1,53 @@
-"""Relay workers: deliver spooled records to their destination over mutual TLS.
+"""Relay workers: deliver each spooled record to its destination, retrying by the relay's policy.
 
-Each destination has a queue and ``concurrency`` workers sharing one aiohttp session
-whose connector verifies the upstream's CA and hostname (and SPKI pin when configured),
-presents the destination's own client certificate, and binds the destination's source
-address when it has one. Every attempt carries
-``Idempotency-Key: <submission_id>``. tenacity retries 408, 429, 5xx and connection
-errors with exponential backoff and full jitter, waiting at least what ``Retry-After``
-asks; any other 4xx puts the record on ``held`` for an operator. The sleep and the
-clock are injected, so tests retry without waiting.
+Each destination has a queue and ``concurrency`` workers sharing the destination's
+:class:`~gateway.relay.sender.Sender` (by default one aiohttp session over mutual TLS;
+tests inject a fake). Every attempt carries ``Idempotency-Key: <submission_id>``.
+tenacity runs the retry loop with the waits of :mod:`gateway.relay.policy` (exponential
+backoff with full jitter, at least what ``Retry-After`` asks); a circuit breaker per
+destination holds attempts back from a failing upstream; an answer the policy does not
+retry puts the record on ``held`` for an operator. A worker that fails outside a
+record's handling is logged, counted and restarted. The sleep and the clock are
+injected, so tests retry without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import functools
-import json
-import re
-import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from aiohttp.payload import Payload
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never
-from tenacity.wait import wait_random_exponential
 
 from gateway.config import DestinationConfig, GatewayConfig
-from gateway.crypto.keys import load_upstream_credential, resolve_secret_path
-from gateway.crypto.pki import spki_sha256_b64
-from gateway.crypto.sealed.keys import Recipient, SigningKey, load_recipient, load_signing_key
-from gateway.crypto.sealed.seal import Sealed, Sealer
-from gateway.crypto.tls import client_context, peer_cert_der
 from gateway.errors import RecordCorrupt, RelayError, SpoolError
-from gateway.identity.auth import basic_authorization
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
+from gateway.relay import policy
 from gateway.relay.breaker import CircuitBreaker
+from gateway.relay.destinations import (
+    DestinationParts,
+    RelayPlan,
+    SenderLeases,
+    build_parts,
+    export_key_expiry,
+    new_breaker,
+    plan_reload,
+)
+from gateway.relay.sender import Outgoing, Sender, SenderFactory, SendFailed, aiohttp_sender
 from gateway.spool.records import Record
 from gateway.spool.store import Spool
 
 Sleep = Callable[[float], Awaitable[None]]
-RETRYABLE_STATUS = frozenset({408, 429})
-MAX_RECEIPT_BYTES = 4096
-RECEIPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
-"""An upstream receipt id is kept (logged, stored, shown) only when it looks like an id:
-free text from an upstream could echo something personal."""
-ROOT = Path("/")  # secret paths in a loaded configuration are already absolute
+WORKER_RESTART = 1.0
+"""Seconds before a failed worker is started again; doubled after each failure."""
+WORKER_RESTART_MAX = 60.0
 
 log = get_logger("gateway.relay")
-
-
-class SpoolPayload(Payload):
-    """A record's plaintext streamed from its encrypted file (or a sealed payload's
-    parts), with a known length."""
-
-    def __init__(self, chunks: Iterator[bytes | memoryview], size: int, content_type: str) -> None:
-        super().__init__(chunks, content_type=content_type)
-        self._chunks = chunks
-        self._size_hint = size
-        self.unreadable: str | None = None
-
-    @property
-    def size(self) -> int:
-        return self._size_hint
-
-    async def write(self, writer: Any) -> None:
-        # aiohttp turns anything raised here into a retryable connection error; a record
-        # that cannot be read is no network problem, so remember why for the caller.
-        try:
-            for chunk in self._chunks:
-                await writer.write(chunk)
-        except (RecordCorrupt, OSError) as exc:
-            if isinstance(exc, RecordCorrupt) or not isinstance(exc, ConnectionError):
-                self.unreadable = type(exc).__name__
-            raise
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("a spooled record is not decoded as text")
-
-
-class CircuitOpen(RelayError):
-    """Not sent: the destination's circuit breaker is open."""
-
-
-class SpkiPinMismatch(aiohttp.ClientConnectionError):
-    """The upstream's certificate key is not among the destination's SPKI pins."""
-
-
-class PinningConnector(aiohttp.TCPConnector):
-    """Refuses an upstream whose certificate's SPKI hash is not pinned (when pins are set)."""
-
-    def __init__(self, *, pins: frozenset[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._pins = pins
-
-    async def _create_direct_connection(self, *args: Any, **kwargs: Any) -> Any:
-        transport, proto = await super()._create_direct_connection(*args, **kwargs)
-        if self._pins:
-            der = peer_cert_der(transport.get_extra_info("ssl_object"))
-            if der is None or spki_sha256_b64(der) not in self._pins:
-                transport.close()
-                raise SpkiPinMismatch("upstream certificate does not match the SPKI pins")
-        return transport, proto
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
-
-
-@dataclass
-class DestinationParts:
-    """What a destination's configuration builds: made before anything is swapped in, so
-    a reload that cannot build one (a bad key, an unreadable credential) changes nothing."""
-
-    config: DestinationConfig
-    session: aiohttp.ClientSession
-    authorization: str | None = field(repr=False)  # the upstream's Basic credential
-    sealer: Sealer | None = None
-    """Seals each payload for the recipient when the destination has payload encryption."""
 
 
 @dataclass
@@ -153,24 +68,6 @@ class DestinationRelay:
     def config(self) -> DestinationConfig:
         return self.parts.config
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        return self.parts.session
-
-
-def _breaker(dest: DestinationConfig) -> CircuitBreaker:
-    return CircuitBreaker(dest.retry.circuit_threshold, dest.retry.circuit_cooldown)
-
-
-@dataclass
-class RelayPlan:
-    """A prepared reload of the relay: applied whole by :meth:`Relay.apply`."""
-
-    config: GatewayConfig
-    build: dict[str, DestinationParts]
-    """Every configured destination, rebuilt (its files read again)."""
-    remove: tuple[str, ...]
-
 
 class Relay:
     """Owns the relay workers; :meth:`enqueue` is called after a record is committed."""
@@ -183,29 +80,29 @@ class Relay:
         *,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.time,
+        sender_factory: SenderFactory = aiohttp_sender,
     ) -> None:
         self._config = config
         self._spool = spool
         self._metrics = metrics
         self._sleep = sleep
         self._clock = clock
+        self._sender_factory = sender_factory
         self._destinations: dict[str, DestinationRelay] = {}
         self.on_delivered: Callable[[Record], Awaitable[None]] | None = None
         """Called once a record is marked delivered (erase-on-delivery hooks in here)."""
         self._busy: set[asyncio.Task[Any]] = set()  # workers inside an attempt, not a sleep
         self._stopping = False
         self._drained = asyncio.Event()  # set once stopping and no attempt is under way
-        self._sessions_in_use: dict[aiohttp.ClientSession, int] = {}
-        self._retired: set[aiohttp.ClientSession] = set()
-        self._closing: set[asyncio.Task[None]] = set()
+        self._senders = SenderLeases()
 
     async def start(self) -> None:
         for name, dest in self._config.destinations.items():
-            await self._add_destination(name, self._parts(dest))
+            await self._add_destination(name, await build_parts(name, dest, self._sender_factory))
 
     async def _add_destination(self, name: str, parts: DestinationParts) -> None:
-        relay = DestinationRelay(name, parts, asyncio.Queue(), [], _breaker(parts.config))
-        self._export_key_expiry(name, parts.sealer)
+        relay = DestinationRelay(name, parts, asyncio.Queue(), [], new_breaker(parts.config))
+        export_key_expiry(self._metrics, name, parts.sealer)
         self._destinations[name] = relay
         for record_id in await self._spool.queued_ids(name):
             relay.queue.put_nowait(record_id)
@@ -217,24 +114,8 @@ class Relay:
         while len(relay.tasks) < workers:
             index = len(relay.tasks)
             relay.tasks.append(
-                asyncio.create_task(self._worker(relay), name=f"relay-{relay.name}-{index}")
+                asyncio.create_task(self._supervised(relay), name=f"relay-{relay.name}-{index}")
             )
-
-    def _parts(self, dest: DestinationConfig) -> DestinationParts:
-        sealer = payload_sealer(dest)  # first: it may refuse a key, and owns nothing
-        return DestinationParts(dest, self._session(dest), self._authorization(dest), sealer)
-
-    def _export_key_expiry(self, name: str, sealer: Sealer | None) -> None:
-        gauge = self._metrics.payload_key_expiry
-        for key in ("recipient", "signing"):
-            with contextlib.suppress(KeyError):
-                gauge.remove(name, key)
-        if sealer is None:
-            return
-        gauge.labels(destination=name, key="recipient").set(sealer.recipient.not_after.timestamp())
-        signing_until = sealer.signing_key.not_after
-        if signing_until is not None:
-            gauge.labels(destination=name, key="signing").set(signing_until.timestamp())
 
     # ------------------------------------------------------------------ reload
 
@@ -244,63 +125,35 @@ class Relay:
         Raises GatewayError (or OSError, ssl.SSLError, ValueError) when a destination
         cannot be built, or when a removed destination still has records waiting.
         """
-        remove = tuple(n for n in self._destinations if n not in config.destinations)
-        for name in remove:
-            waiting = await self._spool.queued_ids(name)
-            if waiting:
-                raise RelayError(
-                    f"destinations.{name}: removed while {len(waiting)} record(s) wait for it",
-                    retryable=False,
-                )
-        # Every destination is rebuilt, changed or not: a rotated client certificate or
-        # credential usually keeps its path, and a reload is when it is read again.
-        build: dict[str, DestinationParts] = {}
-        try:
-            for name, dest in config.destinations.items():
-                build[name] = self._parts(dest)
-        except BaseException:
-            await asyncio.gather(*(p.session.close() for p in build.values()))
-            raise
-        return RelayPlan(config, build, remove)
+        return await plan_reload(self._destinations, config, self._spool, self._sender_factory)
 
     async def apply(self, plan: RelayPlan) -> None:
         """Swap a prepared plan in. The swap itself does not yield to the event loop;
-        the old sessions close once the attempts still using them are done."""
-        retired: list[aiohttp.ClientSession] = []
+        the old senders close once the attempts still using them are done."""
+        retired: list[Sender] = []
         added: list[tuple[str, DestinationParts]] = []
         for name, parts in plan.build.items():
             relay = self._destinations.get(name)
             if relay is None:
                 added.append((name, parts))
                 continue
-            retired.append(relay.session)
+            retired.append(relay.parts.sender)
             if relay.config.retry != parts.config.retry:
-                relay.breaker = _breaker(parts.config)
+                relay.breaker = new_breaker(parts.config)
             relay.parts = parts
-            self._export_key_expiry(name, parts.sealer)
+            export_key_expiry(self._metrics, name, parts.sealer)
             self._resize(relay, parts.config.concurrency)
         gone = [self._destinations.pop(name) for name in plan.remove]
         self._config = plan.config
         for name, parts in added:
             await self._add_destination(name, parts)
         for relay in gone:
-            self._export_key_expiry(relay.name, None)
+            export_key_expiry(self._metrics, relay.name, None)
             for task in relay.tasks:
                 task.cancel()
-            retired.append(relay.session)
-        for session in retired:
-            self._retire(session)
-
-    def _retire(self, session: aiohttp.ClientSession) -> None:
-        if self._sessions_in_use.get(session, 0) == 0:
-            self._close_later(session)
-        else:
-            self._retired.add(session)  # closed by the last attempt using it
-
-    def _close_later(self, session: aiohttp.ClientSession) -> None:
-        task = asyncio.get_running_loop().create_task(session.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+            retired.append(relay.parts.sender)
+        for sender in retired:
+            self._senders.retire(sender)
 
     async def stop(self, *, drain_timeout: float = 10.0) -> None:
         """Let attempts under way finish and record their outcome (within
@@ -317,11 +170,7 @@ class Relay:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for relay in self._destinations.values():
-            await relay.session.close()
-        for session in self._retired:
-            await session.close()
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._senders.close(r.parts.sender for r in self._destinations.values())
         self._destinations.clear()
 
     def enqueue(self, record: Record) -> None:
@@ -329,78 +178,34 @@ class Relay:
         if relay is not None:
             relay.queue.put_nowait(record)
 
-    # ------------------------------------------------------------------ set-up
-
-    def _session(self, dest: DestinationConfig) -> aiohttp.ClientSession:
-        context = client_context(
-            ca=dest.ca,
-            cert=dest.client_certificate,
-            key=resolve_secret_path(dest.client_key, ROOT),
-            profile=dest.tls_profile,
-        )
-        connector = PinningConnector(
-            pins=frozenset(dest.spki_pins),
-            ssl=context,
-            limit=dest.concurrency,
-            enable_cleanup_closed=False,
-            # Out by the network this upstream is on, when the host sits on several.
-            local_addr=(dest.source_address, 0) if dest.source_address else None,
-        )
-        timeout = aiohttp.ClientTimeout(
-            total=dest.request_timeout, sock_connect=dest.connect_timeout
-        )
-        return aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False, raise_for_status=False
-        )
-
-    def _authorization(self, dest: DestinationConfig) -> str | None:
-        if dest.credential is None:
-            return None
-        return basic_authorization(
-            *load_upstream_credential(resolve_secret_path(dest.credential, ROOT))
-        )
-
-    async def _seal(
-        self, destination: str, sealer: Sealer, record: Record, chunks: Iterator[bytes]
-    ) -> Sealed:
-        """Read the whole record and seal it for the recipient, off the event loop.
-
-        A fresh seal per attempt (a new HPKE ephemeral key each time): the upstream
-        deduplicates by Idempotency-Key, not by bytes.
-        """
-
-        def seal() -> Sealed:
-            plaintext = b"".join(chunks)
-            return sealer.seal(
-                plaintext,
-                channel=record.channel,
-                submission_id=record.id,
-                destination=destination,
-                content_type=record.content_type,
-                created=self._clock(),
-            )
-
-        try:
-            return await asyncio.to_thread(seal)
-        except (RecordCorrupt, OSError) as exc:
-            self._metrics.relay_attempts.labels(
-                destination=destination, outcome="record_unreadable"
-            ).inc()
-            raise RelayError(
-                f"record unreadable: {type(exc).__name__}", retryable=False, local=True
-            ) from None
-
-    def _release_session(self, session: aiohttp.ClientSession) -> None:
-        left = self._sessions_in_use[session] - 1
-        if left:
-            self._sessions_in_use[session] = left
-            return
-        del self._sessions_in_use[session]
-        if session in self._retired:
-            self._retired.discard(session)
-            self._close_later(session)
-
     # ----------------------------------------------------------------- workers
+
+    async def _supervised(self, relay: DestinationRelay) -> None:
+        """A worker, started again after a backoff whenever it fails outside a record's
+        handling (logged by name and exception type, counted in task_failures)."""
+        task = asyncio.current_task()
+        assert task is not None
+        backoff = WORKER_RESTART
+        while True:
+            try:
+                await self._worker(relay)
+                return
+            except Exception as exc:
+                self._not_busy(task)  # never left holding up a drain
+                log.error(
+                    "task_failed",
+                    task=task.get_name(),
+                    destination=relay.name,  # a safe key: shown even where task is redacted
+                    error=type(exc).__name__,
+                )
+                self._metrics.task_failures.labels(task=f"relay-{relay.name}").inc()
+            if self._stopping:
+                return
+            log.info(
+                "task_restarting", task=task.get_name(), destination=relay.name, retry_in=backoff
+            )
+            await self._sleep(backoff)
+            backoff = min(backoff * 2, WORKER_RESTART_MAX)
 
     async def _worker(self, relay: DestinationRelay) -> None:
         while not self._stopping:
@@ -408,7 +213,12 @@ class Relay:
                 return
             item = await relay.queue.get()
             record_id = item.id if isinstance(item, Record) else item
-            if not self._spool.claim(record_id):
+            try:
+                claimed = self._spool.claim(record_id)
+            except BaseException:
+                relay.queue.put_nowait(item)  # not lost: taken again after the restart
+                raise
+            if not claimed:
                 continue
             try:
                 record = item if isinstance(item, Record) else await self._spool.get(item)
@@ -473,26 +283,18 @@ class Relay:
                 raise asyncio.CancelledError  # no new attempt once the drain began
             self._busy.add(task)
 
-    def _wait(self, dest: DestinationConfig) -> Callable[[RetryCallState], float]:
-        jitter = wait_random_exponential(
-            multiplier=dest.retry.initial_backoff, max=dest.retry.max_backoff
-        )
+    async def _deliver(self, relay: DestinationRelay, record: Record) -> None:
+        retry = relay.config.retry  # as configured when this record's delivery began
 
         def wait(state: RetryCallState) -> float:
-            backoff = float(jitter(state))
             error = state.outcome.exception() if state.outcome else None
             asked = error.retry_after if isinstance(error, RelayError) else None
-            if asked is not None:
-                return max(backoff, min(asked, dest.retry.max_retry_after))
-            return backoff
+            return policy.retry_wait(state.attempt_number, asked, retry)
 
-        return wait
-
-    async def _deliver(self, relay: DestinationRelay, record: Record) -> None:
         retrying = AsyncRetrying(
             sleep=self._backoff,
             stop=stop_never,
-            wait=self._wait(relay.config),
+            wait=wait,
             retry=retry_if_exception(lambda e: isinstance(e, RelayError) and e.retryable),
             before_sleep=functools.partial(self._before_sleep, relay, record),
             reraise=True,
@@ -539,7 +341,7 @@ class Relay:
     ) -> None:
         error = state.outcome.exception() if state.outcome else None
         reason = error.reason if isinstance(error, RelayError) else type(error).__name__
-        if not isinstance(error, CircuitOpen):  # held back, not an attempt
+        if not isinstance(error, policy.CircuitOpen):  # held back, not an attempt
             self._metrics.relay_retries.labels(destination=relay.name).inc()
             await self._spool.note_failed_attempt(record.id, reason)
         log.info(
@@ -554,7 +356,7 @@ class Relay:
     async def _attempt(self, relay: DestinationRelay, record: Record) -> str | None:
         wait = relay.breaker.wait_before(self._clock())
         if wait is not None:
-            raise CircuitOpen("circuit open: upstream failing", retryable=True, retry_after=wait)
+            raise policy.circuit_open(wait)
         try:
             receipt = await self._send(relay, record)
         except RelayError as exc:
@@ -581,91 +383,39 @@ class Relay:
         return receipt
 
     async def _send(self, relay: DestinationRelay, record: Record) -> str | None:
-        headers = {
-            "Idempotency-Key": record.id,
-            "Gateway-Channel": record.channel,
-        }
-        if relay.parts.authorization:
-            headers["Authorization"] = relay.parts.authorization
+        """One attempt through the destination's sender; RelayError unless delivered."""
+        parts = relay.parts
+        headers = {"Idempotency-Key": record.id, "Gateway-Channel": record.channel}
+        if parts.authorization:
+            headers["Authorization"] = parts.authorization
         chunks = await self._spool.open_plaintext(record)
-        sealer = relay.parts.sealer
-        if sealer is None:
-            payload = SpoolPayload(chunks, record.plaintext_size, record.content_type)
-        else:  # its parts as they are: the ciphertext is not copied once more to join them
-            sealed = await self._seal(relay.name, sealer, record, chunks)
-            payload = SpoolPayload(iter(sealed.parts), sealed.size, sealed.media_type)
+        try:
+            body = await parts.body(record, chunks, self._clock)
+        except RelayError:  # sealing could not read the record: no attempt was made
+            self._metrics.relay_attempts.labels(
+                destination=relay.name, outcome="record_unreadable"
+            ).inc()
+            raise
         started = time.perf_counter()
         outcome = "error"
-        session = relay.session
-        self._sessions_in_use[session] = self._sessions_in_use.get(session, 0) + 1
         try:
-            async with session.post(
-                relay.config.url, data=payload, headers=headers, allow_redirects=False
-            ) as response:
-                outcome = str(response.status)
-                if 200 <= response.status < 300:
-                    outcome = "delivered"
-                    return await _upstream_receipt(response)
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock())
-                retryable = response.status in RETRYABLE_STATUS or response.status >= 500
-                raise RelayError(
-                    f"upstream answered {response.status}",
-                    retryable=retryable,
-                    status=response.status,
-                    retry_after=retry_after,
-                )
-        except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
-            if payload.unreadable:
-                outcome = "record_unreadable"
-                raise RelayError(
-                    f"record unreadable: {payload.unreadable}", retryable=False, local=True
-                ) from None
-            outcome = "connection_error"
-            raise RelayError(f"connection failed: {type(exc).__name__}", retryable=True) from None
+            with self._senders.lease(parts.sender) as sender:
+                try:
+                    answer = await sender.send(Outgoing(parts.config.url, headers, body))
+                except Exception as exc:
+                    if body.unreadable:  # the record's fault, whatever the sender made of it
+                        outcome = "record_unreadable"
+                        raise policy.record_unreadable(body.unreadable) from None
+                    if not isinstance(exc, SendFailed):
+                        raise
+                    outcome = "connection_error"
+                    raise policy.connection_failed(exc.error) from None
+            outcome = policy.outcome_label(answer.status)
+            if policy.classify(answer.status) is not policy.Verdict.DELIVERED:
+                raise policy.refused(answer.status, answer.retry_after, self._clock())
+            return policy.checked_receipt(answer.receipt)
         finally:
-            self._release_session(session)
             self._metrics.relay_attempts.labels(destination=relay.name, outcome=outcome).inc()
             self._metrics.relay_duration.labels(destination=relay.name).observe(
                 time.perf_counter() - started
             )
-
-
-def payload_recipient(dest: DestinationConfig) -> Recipient:
-    """The destination's recipient key, checked (kind, size, expiry); SealKeyError if not.
-    Only for a destination with payload encryption."""
-    assert dest.payload_encryption != "none" and dest.recipient_key is not None
-    return load_recipient(
-        dest.recipient_key,
-        suite=dest.payload_encryption,
-        kem=dest.payload_kem,
-        not_after=dest.recipient_key_not_after,
-    )
-
-
-def payload_signing_key(dest: DestinationConfig) -> SigningKey:
-    """The gateway's signing key for the destination, checked (algorithm, expiry, not
-    readable by others); SealKeyError or SecretFileError if not."""
-    assert dest.signing_key is not None
-    return load_signing_key(
-        resolve_secret_path(dest.signing_key, ROOT), not_after=dest.signing_key_not_after
-    )
-
-
-def payload_sealer(dest: DestinationConfig) -> Sealer | None:
-    """The destination's sealer, its keys loaded and checked; None without encryption."""
-    if dest.payload_encryption == "none":
-        return None
-    return Sealer(payload_recipient(dest), payload_signing_key(dest))
-
-
-async def _upstream_receipt(response: aiohttp.ClientResponse) -> str | None:
-    """The upstream's own receipt id, when it sends one as JSON ``receipt_id``."""
-    try:
-        raw = await response.content.read(MAX_RECEIPT_BYTES)
-        doc = json.loads(raw)
-    except (ValueError, aiohttp.ClientError):
-        return None
-    value = doc.get("receipt_id") if isinstance(doc, dict) else None
-    if isinstance(value, str) and RECEIPT_ID.fullmatch(value):
-        return value
-    return None
