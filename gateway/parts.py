@@ -38,7 +38,9 @@ from gateway.ops.sdnotify import Notifier
 from gateway.preflight import ROOT, registry_problems, secret_problems
 from gateway.relay.workers import Relay, Sleep
 from gateway.reload import config_digest, restart_problems
-from gateway.retention.sweeper import ERASURE_REASONS, Sweeper, erasure_ledger
+from gateway.retention.due import ERASURE_REASONS
+from gateway.retention.ledger import erasure_ledger
+from gateway.retention.sweeper import Sweeper
 from gateway.spool.records import Record, State
 from gateway.spool.store import Spool
 

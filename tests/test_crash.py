@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.crypto.keys import load_master_key
-from gateway.retention.sweeper import erasure_ledger
+from gateway.retention.ledger import erasure_ledger
 from gateway.spool.store import Spool
 from gateway.testing.sandbox import DaemonProcess, DeviceClient, Sandbox, build_sandbox, make_jpeg
 

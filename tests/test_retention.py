@@ -17,8 +17,9 @@ from conftest import FakeSleep, Running, actl, start_gateway, until
 from gateway.cli import gatewayctl
 from gateway.ops.chain import HashChainLog
 from gateway.ops.metrics import Metrics
+from gateway.retention.ledger import erasure_ledger
 from gateway.retention.report import JST, as_csv, certificate
-from gateway.retention.sweeper import Sweeper, erasure_ledger
+from gateway.retention.sweeper import Sweeper
 from gateway.spool.records import NewRecord, new_submission_id
 from gateway.spool.store import Spool
 from gateway.testing.sandbox import CHANNEL_DEVICE, Sandbox, build_sandbox, sample_submission

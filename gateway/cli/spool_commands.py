@@ -14,8 +14,8 @@ from gateway.errors import GatewayError
 from gateway.ops.audit import AuditLog, audit_chain, current_actor
 from gateway.ops.chain import ChainBroken
 from gateway.ops.control import control_request
+from gateway.retention.ledger import erasure_ledger
 from gateway.retention.report import as_csv, certificate
-from gateway.retention.sweeper import erasure_ledger
 from gateway.spool.reader import read_records
 from gateway.spool.records import Record, is_submission_id
 

@@ -25,6 +25,7 @@ SAFE_KEYS = frozenset(
         "request_id",
         "listener",
         "ports",
+        "task",
         "method",
         "channel",
         "device_id",

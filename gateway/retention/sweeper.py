@@ -18,55 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 from gateway.ops.chain import HashChainLog
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
+from gateway.retention.due import ledger_body, reason_for
 from gateway.spool.records import Due
 from gateway.spool.store import Spool
 
-METHOD = "crypto-erase (AES-256-GCM data key destroyed, SQLite secure_delete) + unlink"
-ERASURE_REASONS = ("delivered", "expired_undelivered", "operator")
-"""Why a copy is erased: the ledger's ``reason`` and the metric's label. Ledgers written
-before every channel erased on delivery may also hold ``retention`` (a delivered copy
-kept until its deadline); reports still count it."""
 BATCH = 1000
 WARNING_WINDOW = 86400.0
 
 log = get_logger("gateway.retention")
-
-
-def erasure_ledger(
-    spool_directory: Path, *, clock: Callable[[], float] = time.time
-) -> HashChainLog:
-    """The erasure ledger beside the spool, with its anchor."""
-    return HashChainLog(
-        spool_directory / "erasure-ledger.jsonl",
-        clock=clock,
-        anchor=spool_directory / "erasure-ledger.anchor",
-    )
-
-
-def reason_for(due: Due) -> str:
-    """Why a record is erased: the ledger's and the metric's reason label."""
-    return "delivered" if due.state == "delivered" else "expired_undelivered"
-
-
-def ledger_body(due: Due, reason: str, erased_at: float) -> dict[str, Any]:
-    return {
-        "submission_id": due.submission_id,
-        "channel": due.channel,
-        "received_at": due.received_at,
-        "delivered_at": due.delivered_at,
-        "erased_at": erased_at,
-        "reason": reason,
-        "method": METHOD,
-        "ciphertext_sha256": due.ciphertext_sha256,
-    }
 
 
 class Sweeper:

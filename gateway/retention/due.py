@@ -1,0 +1,32 @@
+"""What is erased, and why, and what the erasure ledger says of it (pure: no I/O)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.spool.records import Due, State
+
+METHOD = "crypto-erase (AES-256-GCM data key destroyed, SQLite secure_delete) + unlink"
+ERASURE_REASONS = ("delivered", "expired_undelivered", "operator")
+"""Why a copy is erased: the ledger's ``reason`` and the metric's label. Ledgers written
+before every channel erased on delivery may also hold ``retention`` (a delivered copy
+kept until its deadline); reports still count it."""
+
+
+def reason_for(due: Due) -> str:
+    """Why a record is erased: the ledger's and the metric's reason label."""
+    return "delivered" if due.state == State.DELIVERED else "expired_undelivered"
+
+
+def ledger_body(due: Due, reason: str, erased_at: float) -> dict[str, Any]:
+    """The erasure ledger's entry for one record (no personal data)."""
+    return {
+        "submission_id": due.submission_id,
+        "channel": due.channel,
+        "received_at": due.received_at,
+        "delivered_at": due.delivered_at,
+        "erased_at": erased_at,
+        "reason": reason,
+        "method": METHOD,
+        "ciphertext_sha256": due.ciphertext_sha256,
+    }
