@@ -12,7 +12,8 @@ import pytest
 from conftest import ctl
 
 from gateway.cli import gatewayctl, gatewayd
-from gateway.crypto.pki import cert_fingerprint, init_pki, issue_device, load_cert_der
+from gateway.crypto.certs import cert_fingerprint, load_cert_der
+from gateway.crypto.pki import init_pki, issue_device
 from gateway.identity.passwords import verify_password
 from gateway.identity.registry import load_devices, load_users
 from gateway.testing.sandbox import SHIPPED_CONFIG, Sandbox

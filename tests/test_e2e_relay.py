@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import FakeSleep, Running, hold, start_gateway, until
 
-from gateway.crypto.pki import load_cert_der, spki_sha256_b64
+from gateway.crypto.certs import load_cert_der, spki_sha256_b64
 from gateway.testing.sandbox import (
     CHANNEL_DESTINATION,
     CHANNEL_DEVICE,

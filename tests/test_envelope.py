@@ -14,14 +14,13 @@ from gateway.crypto.envelope import (
     MAGIC,
     SEGMENT_SIZE,
     TAG_SIZE,
-    DecryptingReader,
     EncryptingWriter,
     ciphertext_size,
-    iter_plaintext,
     new_data_key,
     unwrap_key,
     wrap_key,
 )
+from gateway.crypto.envelope_reader import DecryptingReader, iter_plaintext
 from gateway.errors import RecordCorrupt
 
 AAD = b"submission-0001"

@@ -17,17 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.crypto.pki import (
-    Issued,
-    PkiExistsError,
-    PkiLayout,
-    cert_fingerprint,
-    init_pki,
-    issue_device,
-    load_cert_der,
-    load_layout,
-    spki_sha256_b64,
-)
+from gateway.crypto.certs import Issued, cert_fingerprint, load_cert_der, spki_sha256_b64
+from gateway.crypto.pki import PkiExistsError, PkiLayout, init_pki, issue_device, load_layout
 from gateway.errors import GatewayError
 
 NOW = datetime(2025, 4, 1, 9, 0, tzinfo=UTC)

@@ -22,7 +22,8 @@ import pytest
 from conftest import Running, start_gateway, until
 
 from gateway.cli import gatewayctl
-from gateway.crypto.pki import cert_fingerprint, init_pki, reissue_gateway_server
+from gateway.crypto.certs import cert_fingerprint
+from gateway.crypto.pki import init_pki, reissue_gateway_server
 from gateway.crypto.tls import client_context
 from gateway.identity.registry import DeviceRegistry, load_devices, save_devices
 from gateway.ops.chain import HashChainLog

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway.crypto.pki import PkiLayout, cert_fingerprint, init_pki, load_cert_der
+from gateway.crypto.certs import cert_fingerprint, load_cert_der
+from gateway.crypto.pki import PkiLayout, init_pki
 from gateway.crypto.tls import (
     INTERMEDIATE_CIPHERS,
     TlsConfigError,

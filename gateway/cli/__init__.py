@@ -1,0 +1,1 @@
+"""The command-line programs: gatewayd (the daemon) and gatewayctl (its administration)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gateway.cli.common import Commands, SubParsers, UsageError, config_of
 from gateway.config import GatewayConfig
-from gateway.crypto.pki import cert_fingerprint, load_cert_der
+from gateway.crypto.certs import cert_fingerprint, load_cert_der
 from gateway.errors import GatewayError
 from gateway.identity.passwords import check_password_rule, hash_password
 from gateway.identity.registry import (

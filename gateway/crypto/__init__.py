@@ -1,1 +1,2 @@
-"""crypto."""
+"""Cryptography: TLS contexts, the development PKI, secret files, the spool's envelope,
+and sealed payloads for recipients."""

@@ -22,13 +22,10 @@ its Nonce-Reuse Misuse-Resistance").
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import struct
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
@@ -39,7 +36,7 @@ from cryptography.hazmat.primitives.keywrap import (
 from gateway.errors import RecordCorrupt
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    pass
 
 __all__ = [
     "HEADER_SIZE",
@@ -48,10 +45,8 @@ __all__ = [
     "MAX_SEGMENT_SIZE",
     "SEGMENT_SIZE",
     "TAG_SIZE",
-    "DecryptingReader",
     "EncryptingWriter",
     "ciphertext_size",
-    "iter_plaintext",
     "new_data_key",
     "segment_count",
     "unwrap_key",
@@ -70,7 +65,7 @@ _FINAL = b"\x01"
 _NOT_FINAL = b"\x00"
 
 
-def _check_key(key: bytes, what: str) -> None:
+def check_key(key: bytes, what: str) -> None:
     if len(key) != KEY_SIZE:
         raise ValueError(f"{what} must be {KEY_SIZE} bytes")
 
@@ -80,7 +75,7 @@ def _check_segment_size(segment_size: int) -> None:
         raise ValueError(f"segment_size must be between 1 and {MAX_SEGMENT_SIZE}")
 
 
-def _nonce(index: int, final: bool) -> bytes:
+def nonce(index: int, final: bool) -> bytes:
     return index.to_bytes(11, "big") + (_FINAL if final else _NOT_FINAL)
 
 
@@ -88,7 +83,7 @@ def _header(segment_size: int) -> bytes:
     return _HEADER.pack(MAGIC, segment_size, 0)
 
 
-def _parse_header(header: bytes) -> int:
+def parse_header(header: bytes) -> int:
     """Return the segment size recorded in ``header``; RecordCorrupt if malformed."""
     if len(header) != HEADER_SIZE:
         raise RecordCorrupt("spool record is truncated (header)")
@@ -98,7 +93,7 @@ def _parse_header(header: bytes) -> int:
     return int(segment_size)
 
 
-def _read_exact(fileobj: BinaryIO, n: int) -> bytes:
+def read_exact(fileobj: BinaryIO, n: int) -> bytes:
     """Read up to ``n`` bytes, retrying short reads; fewer only at end of file."""
     data = fileobj.read(n)
     if len(data) == n or not data:
@@ -121,14 +116,14 @@ def new_data_key() -> bytes:
 
 def wrap_key(master: bytes, dek: bytes) -> bytes:
     """Wrap ``dek`` under ``master`` with RFC 3394 AES key wrap (40 bytes out)."""
-    _check_key(master, "master key")
-    _check_key(dek, "data key")
+    check_key(master, "master key")
+    check_key(dek, "data key")
     return aes_key_wrap(master, dek)
 
 
 def unwrap_key(master: bytes, wrapped: bytes) -> bytes:
     """Unwrap a data key; RecordCorrupt if it fails the RFC 3394 integrity check."""
-    _check_key(master, "master key")
+    check_key(master, "master key")
     try:
         dek = aes_key_unwrap(master, wrapped)
     except (InvalidUnwrap, ValueError):
@@ -165,7 +160,7 @@ class EncryptingWriter:
         aad: bytes,
         segment_size: int = SEGMENT_SIZE,
     ) -> None:
-        _check_key(dek, "data key")
+        check_key(dek, "data key")
         _check_segment_size(segment_size)
         self._fileobj = fileobj
         self._aead = AESGCM(dek)
@@ -211,7 +206,7 @@ class EncryptingWriter:
         self._ciphertext_size += len(chunk)
 
     def _seal(self, plaintext: bytes | bytearray | memoryview, final: bool) -> None:
-        ciphertext = self._aead.encrypt(_nonce(self._index, final), plaintext, self._aad)
+        ciphertext = self._aead.encrypt(nonce(self._index, final), plaintext, self._aad)
         self._index += 1
         self._put(ciphertext)
 
@@ -253,200 +248,3 @@ class EncryptingWriter:
         self._view.release()
         self._view = None
         self._closed = True
-
-
-class DecryptingReader(io.RawIOBase):
-    """Seekable, read-only plaintext view of a window of an encrypted record.
-
-    The stream exposes plaintext bytes ``[start, start + length)`` of the record as
-    positions ``[0, length)``. Segments are authenticated as they are read; the most
-    recent one is cached. ``plaintext_size`` comes from the trusted index: the file's
-    length must match it exactly, and the last segment (final flag) is authenticated
-    when the reader is created, so truncation fails at open time.
-    ``fileobj`` is shared (its position moves) and is not closed by :meth:`close`.
-    """
-
-    def __init__(
-        self,
-        fileobj: BinaryIO,
-        dek: bytes,
-        aad: bytes,
-        plaintext_size: int,
-        *,
-        start: int = 0,
-        length: int | None = None,
-    ) -> None:
-        super().__init__()
-        _check_key(dek, "data key")
-        if plaintext_size < 0:
-            raise ValueError("plaintext_size must not be negative")
-        if length is None:
-            length = plaintext_size - start
-        if start < 0 or length < 0 or start + length > plaintext_size:
-            raise ValueError("window lies outside the plaintext")
-        self._fileobj = fileobj
-        self._aead = AESGCM(dek)
-        self._plaintext_size = plaintext_size
-        self._start = start
-        self._length = length
-        self._pos = 0
-        self._cache_index = -1
-        self._cache = b""
-
-        fileobj.seek(0)
-        header = _read_exact(fileobj, HEADER_SIZE)
-        self._segment_size = _parse_header(header)
-        self._aad = header + bytes(aad)
-        self._last = plaintext_size // self._segment_size
-        actual = fileobj.seek(0, io.SEEK_END)
-        if actual != ciphertext_size(plaintext_size, self._segment_size):
-            raise RecordCorrupt("spool record has the wrong length")
-        # Authenticate the final segment now (and keep it cached): it carries the final
-        # flag, so a record cut at a segment boundary fails at open time even when the
-        # window never reaches the end.
-        self._segment(self._last)
-
-    # -- io.RawIOBase ------------------------------------------------------------------
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        self._check_open()
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET, /) -> int:
-        self._check_open()
-        if whence == io.SEEK_SET:
-            target = offset
-        elif whence == io.SEEK_CUR:
-            target = self._pos + offset
-        elif whence == io.SEEK_END:
-            target = self._length + offset
-        else:
-            raise ValueError(f"invalid whence ({whence})")
-        if target < 0:
-            raise ValueError("negative seek position")
-        self._pos = target
-        return target
-
-    def readinto(self, buffer: WriteableBuffer, /) -> int:
-        self._check_open()
-        out = memoryview(buffer).cast("B")
-        want = len(out)
-        done = 0
-        while done < want:
-            piece = self._next_piece(want - done)
-            if piece is None:
-                break
-            data, off, n = piece
-            out[done : done + n] = memoryview(data)[off : off + n]
-            done += n
-        return done
-
-    def read(self, size: int | None = -1, /) -> bytes:
-        self._check_open()
-        if size is None or size < 0:
-            return self.readall()
-        pieces: list[bytes] = []
-        left = size
-        while left > 0:
-            piece = self._next_piece(left)
-            if piece is None:
-                break
-            data, off, n = piece
-            pieces.append(data if off == 0 and n == len(data) else data[off : off + n])
-            left -= n
-        if len(pieces) == 1:
-            return pieces[0]
-        return b"".join(pieces)
-
-    def readall(self) -> bytes:
-        self._check_open()
-        return self.read(max(self._length - self._pos, 0))
-
-    def close(self) -> None:
-        self._cache = b""
-        self._cache_index = -1
-        super().close()
-
-    # -- internals ---------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ValueError("I/O operation on closed DecryptingReader")
-
-    def _next_piece(self, limit: int) -> tuple[bytes, int, int] | None:
-        """Plaintext available at the current position, at most ``limit`` bytes."""
-        if self._pos >= self._length or limit <= 0:
-            return None
-        absolute = self._start + self._pos
-        index, off = divmod(absolute, self._segment_size)
-        data = self._segment(index)
-        n = min(limit, len(data) - off, self._length - self._pos)
-        self._pos += n
-        return data, off, n
-
-    def _segment(self, index: int) -> bytes:
-        if index == self._cache_index:
-            return self._cache
-        size = self._segment_size
-        final = index == self._last
-        plain_len = self._plaintext_size - index * size if final else size
-        self._fileobj.seek(HEADER_SIZE + index * (size + TAG_SIZE))
-        sealed = _read_exact(self._fileobj, plain_len + TAG_SIZE)
-        if len(sealed) != plain_len + TAG_SIZE:
-            raise RecordCorrupt(f"spool record is truncated (segment {index})")
-        try:
-            data = self._aead.decrypt(_nonce(index, final), sealed, self._aad)
-        except InvalidTag:
-            raise RecordCorrupt(f"spool record failed authentication (segment {index})") from None
-        self._cache_index = index
-        self._cache = data
-        return data
-
-
-def iter_plaintext(
-    fileobj: BinaryIO, dek: bytes, aad: bytes, plaintext_size: int
-) -> Iterator[bytes]:
-    """Yield the record's plaintext segment by segment, authenticating each.
-
-    Reads sequentially from ``fileobj``'s current position, which must be the start of
-    the record. Each yielded segment is authentic, but a later segment may still raise
-    :class:`RecordCorrupt` (truncation, extension, tampering): a consumer streaming
-    upstream must abort the transfer on that error rather than treat it as complete.
-    Arguments are checked at call time; the file is read lazily.
-    """
-    _check_key(dek, "data key")
-    if plaintext_size < 0:
-        raise ValueError("plaintext_size must not be negative")
-    return _iter_plaintext(fileobj, AESGCM(dek), bytes(aad), plaintext_size)
-
-
-def _iter_plaintext(
-    fileobj: BinaryIO, aead: AESGCM, aad: bytes, plaintext_size: int
-) -> Iterator[bytes]:
-    header = _read_exact(fileobj, HEADER_SIZE)
-    segment_size = _parse_header(header)
-    full_aad = header + aad
-    last = plaintext_size // segment_size
-    for index in range(last + 1):
-        final = index == last
-        plain_len = plaintext_size - index * segment_size if final else segment_size
-        sealed = _read_exact(fileobj, plain_len + TAG_SIZE)
-        if len(sealed) != plain_len + TAG_SIZE:
-            raise RecordCorrupt(f"spool record is truncated (segment {index})")
-        try:
-            data = aead.decrypt(_nonce(index, final), sealed, full_aad)
-        except InvalidTag:
-            raise RecordCorrupt(f"spool record failed authentication (segment {index})") from None
-        if data:
-            yield data
-    if fileobj.read(1):
-        raise RecordCorrupt("spool record has trailing data")

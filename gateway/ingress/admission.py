@@ -24,7 +24,7 @@ from gateway.channels.policy import (
     source_allowed,
     window_closed,
 )
-from gateway.crypto.pki import cert_fingerprint
+from gateway.crypto.certs import cert_fingerprint
 from gateway.crypto.tls import peer_cert_der
 from gateway.errors import (
     DeviceNotAllowed,

@@ -86,4 +86,3 @@ LISTENER = web.AppKey("listener", str)
 
 def listener_of(request: web.Request) -> str:
     return request.app[LISTENER]
-

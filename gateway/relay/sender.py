@@ -25,8 +25,8 @@ import aiohttp
 from aiohttp.payload import Payload
 
 from gateway.config import DestinationConfig
+from gateway.crypto.certs import spki_sha256_b64
 from gateway.crypto.keys import resolve_secret_path
-from gateway.crypto.pki import spki_sha256_b64
 from gateway.crypto.tls import client_context, peer_cert_der
 from gateway.errors import GatewayError, RecordCorrupt
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.crypto.envelope import SEGMENT_SIZE, DecryptingReader, EncryptingWriter
+from gateway.crypto.envelope import SEGMENT_SIZE, EncryptingWriter
+from gateway.crypto.envelope_reader import DecryptingReader
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from gateway.crypto.envelope import iter_plaintext, new_data_key, unwrap_key, wrap_key
+from gateway.crypto.envelope import new_data_key, unwrap_key, wrap_key
+from gateway.crypto.envelope_reader import iter_plaintext
 from gateway.errors import SpoolError
 from gateway.fsutil import fsync_dir
 from gateway.spool import queries

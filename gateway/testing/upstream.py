@@ -39,7 +39,7 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.crypto.pki import cert_fingerprint
+from gateway.crypto.certs import cert_fingerprint
 from gateway.crypto.sealed.errors import SealOpenError
 from gateway.crypto.sealed.format import MEDIA_TYPE as SEALED_MEDIA_TYPE
 from gateway.crypto.sealed.format import SealedHeader
