@@ -104,12 +104,13 @@ class Parts:
             clock=clock,
             channels=tuple(config.channels),
         )
-
-        async def erase_delivered(record: Record) -> None:
-            await self.sweeper.erase_delivered(record.id)
-
-        self.relay.on_delivered = erase_delivered
+        self.relay.on_delivered = self.erase_delivered
         self.assembled = True
+
+    async def erase_delivered(self, record: Record) -> None:
+        """No delivered copy is kept, on any channel: the relay calls this once the
+        destination has a record, and it returns once the copy is erased."""
+        await self.sweeper.erase_delivered(record.id)
 
     def runtime(self, config: GatewayConfig, photos: PhotoChecker, gate: Gate) -> Runtime:
         """What the device listeners' handlers use, for ``config``."""

@@ -17,7 +17,7 @@ from gateway.ops.control import control_request
 from gateway.retention.ledger import erasure_ledger
 from gateway.retention.report import as_csv, certificate
 from gateway.spool.reader import read_records
-from gateway.spool.records import Record, is_submission_id
+from gateway.spool.records import Record, State, is_submission_id
 
 
 def cmd_erasure_report(args: argparse.Namespace) -> int:
@@ -235,8 +235,8 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
     )
     listing.add_argument(
         "--state",
-        choices=["queued", "held", "delivered", "erased", "all"],
-        default="held",
+        choices=[*(s.value for s in State), "all"],
+        default=State.HELD.value,
         help="which records (default: held, the ones waiting for an operator)",
     )
     listing.add_argument("--channel", help="only this channel")

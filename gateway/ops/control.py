@@ -26,7 +26,7 @@ from gateway.errors import GatewayError, SpoolError
 from gateway.identity.watcher import RegistryWatcher
 from gateway.ops.logs import get_logger
 from gateway.retention.sweeper import Sweeper
-from gateway.spool.records import Record, is_submission_id
+from gateway.spool.records import Record, State, is_submission_id
 from gateway.spool.store import Spool
 
 log = get_logger("gateway.control")
@@ -71,7 +71,7 @@ def build_control_app(
             return web.json_response({"error": str(exc)}, status=409)
         enqueue(record)
         log.info("requeued", submission_id=submission_id, destination=record.destination)
-        return web.json_response({"submission_id": submission_id, "state": "queued"})
+        return web.json_response({"submission_id": submission_id, "state": State.QUEUED})
 
     async def erase(request: web.Request) -> web.Response:
         submission_id = record_id(request)
@@ -79,7 +79,7 @@ def build_control_app(
             return web.json_response(
                 {"error": f"{submission_id} is unknown or already erased"}, status=404
             )
-        return web.json_response({"submission_id": submission_id, "state": "erased"})
+        return web.json_response({"submission_id": submission_id, "state": State.ERASED})
 
     async def reload_handler(request: web.Request) -> web.Response:
         # The actor is what gatewayctl says of its user; the uid is the kernel's word.

@@ -14,8 +14,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.spool.records import DELIVERING, State
 
-SPOOL_STATES = ("queued", "delivering", "delivered", "held")
+SPOOL_STATES = (State.QUEUED, DELIVERING, State.DELIVERED, State.HELD)
+"""The states ``gateway_spool_records`` counts (erased records are no longer in the spool)."""
 
 
 class _SpoolCollector(Collector):

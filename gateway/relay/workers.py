@@ -39,7 +39,7 @@ from gateway.relay.destinations import (
     plan_reload,
 )
 from gateway.relay.sender import Outgoing, Sender, SenderFactory, SendFailed, aiohttp_sender
-from gateway.spool.records import Record
+from gateway.spool.records import DELIVERING, Record, State
 from gateway.spool.store import Spool
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -222,7 +222,7 @@ class Relay:
                 continue
             try:
                 record = item if isinstance(item, Record) else await self._spool.get(item)
-                if record is None or record.state not in ("queued", "delivering"):
+                if record is None or record.state not in (State.QUEUED, DELIVERING):
                     continue
                 self._metrics.relay_in_flight.labels(destination=relay.name).inc()
                 task = asyncio.current_task()
