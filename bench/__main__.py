@@ -26,14 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import retention, seal
-from gateway.testing.sandbox import (
-    DaemonProcess,
-    DeviceClient,
-    build_sandbox,
-    multipart_body,
-    photo_of_size,
-    sample_submission,
-)
+from gateway.testing.client import DeviceClient
+from gateway.testing.process import DaemonProcess
+from gateway.testing.samples import multipart_body, photo_of_size, sample_submission
+from gateway.testing.sandbox import build_sandbox
 
 CHANNEL = "online-application"
 

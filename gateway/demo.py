@@ -27,15 +27,13 @@ from gateway.crypto.sealed.format import KEM_IDS
 from gateway.daemon import Bound
 from gateway.ops import logs
 from gateway.ops.metrics import Metrics
+from gateway.testing.client import DeviceClient, Reply
+from gateway.testing.samples import make_jpeg, sample_submission
 from gateway.testing.sandbox import (
     CHANNEL_DEVICE,
     DEVICE_LISTENER,
-    DeviceClient,
-    Reply,
     Sandbox,
     build_sandbox,
-    make_jpeg,
-    sample_submission,
     start_gateway,
 )
 

@@ -12,8 +12,9 @@ import structlog
 
 from gateway.daemon import Bound
 from gateway.ops.metrics import Metrics
+from gateway.testing.client import DeviceClient
 from gateway.testing.fakes import FakeSleep
-from gateway.testing.sandbox import DeviceClient, RunningGateway, Sandbox, build_sandbox
+from gateway.testing.sandbox import RunningGateway, Sandbox, build_sandbox
 from gateway.testing.sandbox import start_gateway as start_in_loop
 from gateway.testing.upstream import UpstreamSimulator
 

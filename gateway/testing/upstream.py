@@ -1,11 +1,12 @@
 """An mutual-TLS HTTP server that plays an upstream (J-LIS or a contractor).
 
-Used by the tests and by ``gatewayctl demo``. It accepts the gateway's egress requests
-(docs/contract.md, "Egress"): ``POST`` with ``Idempotency-Key`` and ``Gateway-Channel``
-headers and a ``multipart/form-data`` body (or an opaque ``application/*`` body when
-payload encryption is on), and answers ``201`` with a receipt. A repeat of an accepted
-``Idempotency-Key`` is answered ``200`` with the original receipt and not recorded
-again, which is how a good upstream turns at-least-once delivery into exactly-once.
+Used by the tests, the bench and ``gatewayctl demo``; ``python -m gateway.testing.upstream``
+runs one alone (:mod:`gateway.testing.upstream_cli`). It accepts the gateway's egress
+requests (docs/contract.md, "Egress"): ``POST`` with ``Idempotency-Key`` and
+``Gateway-Channel`` headers and a ``multipart/form-data`` body (or an opaque
+``application/*`` body when payload encryption is on), and answers ``201`` with a
+receipt. A repeat of an accepted key is answered ``200`` with the original receipt and
+not recorded again: how a good upstream turns at-least-once delivery into exactly-once.
 
 Faults can be injected: error statuses (``fail_next``), slowness (``set_delay``) and
 dropped connections (``reset_connection_next``).
@@ -16,27 +17,21 @@ Logs carry field names and sizes, never field values.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
-import contextlib
 import hmac
 import json
 import logging
-import signal
-import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
-from aiohttp import MultipartReader, web
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.streams import StreamReader
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.crypto.certs import cert_fingerprint
@@ -45,15 +40,11 @@ from gateway.crypto.sealed.format import MEDIA_TYPE as SEALED_MEDIA_TYPE
 from gateway.crypto.sealed.format import SealedHeader
 from gateway.crypto.sealed.keys import VerifyKey
 from gateway.crypto.sealed.open import open_sealed
-from gateway.crypto.sealed.upstream_keys import (
-    RecipientPrivateKey,
-    load_recipient_private_key,
-    load_verify_key,
-)
+from gateway.crypto.sealed.upstream_keys import RecipientPrivateKey
 from gateway.crypto.tls import peer_cert_der, server_context
-from gateway.errors import GatewayError
+from gateway.testing.multipart import MalformedBody, parse_multipart
 
-__all__ = ["Received", "UpstreamSimulator", "main"]
+__all__ = ["Opener", "Received", "UpstreamSimulator"]
 
 log = logging.getLogger("gateway.simulator")
 
@@ -96,20 +87,6 @@ class _Failure:
     retry_after: str | None
 
 
-class _MalformedBody(Exception):
-    """The multipart body cannot be parsed (message names the rule, never a value)."""
-
-
-class _DetachedProtocol(BaseProtocol):
-    """Flow-control sink for a StreamReader fed from bytes already in memory."""
-
-    def pause_reading(self) -> None:
-        return None
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        return None
-
-
 def _problem(
     status: int, slug: str, title: str, *, headers: Mapping[str, str] | None = None
 ) -> web.Response:
@@ -120,37 +97,6 @@ def _problem(
         content_type="application/problem+json",
         headers=headers,
     )
-
-
-async def _parse_multipart(
-    headers: CIMultiDictProxy[str], body: bytes
-) -> tuple[dict[str, str], dict[str, bytes]]:
-    """Split a buffered multipart/form-data body into text fields and file parts."""
-    loop = asyncio.get_running_loop()
-    stream = StreamReader(_DetachedProtocol(loop), limit=max(len(body), 2**16), loop=loop)
-    stream.feed_data(body)
-    stream.feed_eof()
-    fields: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    try:
-        reader = MultipartReader(headers, stream)
-        while (part := await reader.next()) is not None:
-            if isinstance(part, MultipartReader):
-                raise _MalformedBody("nested multipart parts are not accepted")
-            name = part.name
-            if not name:
-                raise _MalformedBody("part without a name")
-            if name in fields or name in files:
-                raise _MalformedBody(f"part {name!r} appears more than once")
-            if part.filename is not None:
-                files[name] = bytes(await part.read(decode=True))
-            else:
-                fields[name] = await part.text()
-    except _MalformedBody:
-        raise
-    except (ValueError, LookupError, AssertionError, RuntimeError) as exc:
-        raise _MalformedBody(f"malformed multipart body ({type(exc).__name__})") from None
-    return fields, files
 
 
 class UpstreamSimulator:
@@ -337,15 +283,15 @@ class UpstreamSimulator:
             sealed, body = opened.header, opened.plaintext
             inner = CIMultiDictProxy(CIMultiDict({"Content-Type": opened.content_type}))
             try:
-                fields, files = await _parse_multipart(inner, body)
-            except _MalformedBody as exc:
+                fields, files = await parse_multipart(inner, body)
+            except MalformedBody as exc:
                 return _problem(400, "malformed-body", str(exc))
             content_type = opened.content_type
         elif content_type == "multipart/form-data":
             body = await request.read()
             try:
-                fields, files = await _parse_multipart(request.headers, body)
-            except _MalformedBody as exc:
+                fields, files = await parse_multipart(request.headers, body)
+            except MalformedBody as exc:
                 return _problem(400, "malformed-body", str(exc))
         elif content_type.startswith("application/"):
             body = await request.read()
@@ -448,104 +394,7 @@ def _unauthorized() -> web.Response:
     )
 
 
-# ---------------------------------------------------------------------- command line
+if __name__ == "__main__":  # python -m gateway.testing.upstream: its command line
+    from gateway.testing.upstream_cli import main
 
-
-def _read_credential(path: Path) -> tuple[str, str]:
-    text = path.read_text(encoding="utf-8").strip()
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise ValueError(f"{path}: expected one line 'user:password'")
-    return user, password
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    credential = _read_credential(args.credential_file) if args.credential_file else None
-    opener = None
-    if args.recipient_key:
-        if not args.trusted_signer:
-            raise ValueError("--recipient-key needs at least one --trusted-signer")
-        opener = Opener(
-            load_recipient_private_key(args.recipient_key, certificate=args.recipient_cert),
-            tuple(load_verify_key(path) for path in args.trusted_signer),
-        )
-    sim = UpstreamSimulator(
-        args.name,
-        cert=args.cert,
-        key=args.key,
-        client_ca=args.client_ca,
-        host=args.host,
-        port=args.port,
-        path=args.path,
-        credential=credential,
-        opener=opener,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with sim:
-            log.info(json.dumps({"name": sim.name, "event": "listening", "url": sim.url}))
-            await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    log.info(json.dumps({"name": sim.name, "event": "stopped", "received": len(sim.received)}))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gateway.testing.upstream``: a simulated upstream until SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway.testing.upstream",
-        description="Simulated upstream (J-LIS / contractor) behind mutual TLS.",
-    )
-    parser.add_argument("--name", required=True, help="name used in receipt ids and logs")
-    parser.add_argument("--cert", type=Path, required=True, help="server certificate (PEM)")
-    parser.add_argument("--key", type=Path, required=True, help="server private key (PEM)")
-    parser.add_argument(
-        "--client-ca", type=Path, required=True, help="CA that signs the gateway client cert"
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--path", default="/submissions")
-    parser.add_argument(
-        "--credential-file",
-        type=Path,
-        default=None,
-        help="file holding 'user:password' to require as HTTP Basic",
-    )
-    parser.add_argument(
-        "--recipient-key",
-        type=Path,
-        help="accept only sealed payloads (docs/sealed-payload.md), opened with this private key",
-    )
-    parser.add_argument(
-        "--recipient-cert", type=Path, help="with a CMS recipient key: its certificate"
-    )
-    parser.add_argument(
-        "--trusted-signer",
-        type=Path,
-        action="append",
-        help="a signer public key (PEM) whose sealed payloads are trusted (repeat)",
-    )
-    args = parser.parse_args(argv)
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(args))
-    except (OSError, ValueError, GatewayError) as exc:
-        print(f"simulator: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        log.removeHandler(handler)
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())
