@@ -20,6 +20,7 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.ops import logs
 from gateway.ops.logs import get_logger
 from gateway.ops.sdnotify import Notifier
+from gateway.ops.supervisor import TaskGaveUp
 from gateway.preflight import registry_problems, secret_problems
 
 log = get_logger("gateway.daemon")
@@ -47,6 +48,9 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
         for problem in exc.problems:
             print(f"gatewayd: {problem}", file=sys.stderr)
         return 2
+    except TaskGaveUp as exc:  # drained already; systemd restarts us
+        print(f"gatewayd: {exc}", file=sys.stderr)
+        return 1
     except GatewayError as exc:
         log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
         print(f"gatewayd: {exc}", file=sys.stderr)
