@@ -75,7 +75,8 @@ class Answer:
     retry_after: str | None = None
     """The ``Retry-After`` header as sent, if any."""
     receipt: str | None = None
-    """A 2xx answer's JSON ``receipt_id`` as sent (unchecked: see policy.checked_receipt)."""
+    """A 2xx answer's ``Receipt-Id`` header, else its JSON body's ``receipt_id``, as sent
+    (unchecked: see policy.checked_receipt)."""
 
 
 class SendFailed(GatewayError):
@@ -192,7 +193,7 @@ class AiohttpSender:
             ) as response:
                 receipt = None
                 if 200 <= response.status < 300:
-                    receipt = await _receipt_field(response)
+                    receipt = response.headers.get("Receipt-Id") or await _receipt_field(response)
                 return Answer(response.status, response.headers.get("Retry-After"), receipt)
         except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
             raise SendFailed(type(exc).__name__) from None
@@ -207,9 +208,21 @@ def aiohttp_sender(name: str, dest: DestinationConfig) -> Sender:
 
 
 async def _receipt_field(response: aiohttp.ClientResponse) -> str | None:
-    """The upstream's JSON ``receipt_id`` when its body is a JSON object holding a string."""
+    """The upstream's JSON ``receipt_id`` when its body is a JSON object holding a string.
+
+    The body is read to its end (up to :data:`MAX_RECEIPT_BYTES`), however it arrives:
+    one ``read(n)`` returns only what has arrived so far, and a body sent in several
+    segments (chunked, or just slow) would be cut and its receipt lost.
+    """
+    raw = b""
     try:
-        raw = await response.content.read(MAX_RECEIPT_BYTES)
+        while len(raw) <= MAX_RECEIPT_BYTES:
+            chunk = await response.content.read(MAX_RECEIPT_BYTES + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
+        if len(raw) > MAX_RECEIPT_BYTES:
+            return None  # not a receipt: something else, and large
         doc = json.loads(raw)
     except (ValueError, aiohttp.ClientError):
         return None

@@ -143,6 +143,9 @@ class UpstreamSimulator:
         self._failures: deque[_Failure] = deque()
         self._resets = 0
         self._delay = 0.0
+        self.receipt_style = "json"
+        """How a receipt is sent: ``json`` (a body ``{"receipt_id": ...}``), ``header``
+        (``Receipt-Id`` only), or ``trickled`` (the JSON body in several writes)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -257,7 +260,7 @@ class UpstreamSimulator:
         original = self.deliveries.get(key)
         if original is not None:
             self.duplicates += 1
-            return self._receipt(original, status=200)
+            return await self._receipt(request, original, status=200)
 
         content_type = request.content_type
         sealed: SealedHeader | None = None
@@ -301,7 +304,7 @@ class UpstreamSimulator:
 
         if key in self.deliveries:  # accepted by a concurrent request while reading
             self.duplicates += 1
-            return self._receipt(self.deliveries[key], status=200)
+            return await self._receipt(request, self.deliveries[key], status=200)
 
         self._counter += 1
         received = Received(
@@ -338,16 +341,28 @@ class UpstreamSimulator:
         self.received_event.set()
         async with self._condition:
             self._condition.notify_all()
-        return self._receipt(received, status=201)
+        return await self._receipt(request, received, status=201)
 
-    def _receipt(self, received: Received, *, status: int) -> web.Response:
-        return web.json_response(
-            {
-                "receipt_id": received.receipt_id,
-                "received_at": self._received_at[received.idempotency_key],
-            },
-            status=status,
-        )
+    async def _receipt(
+        self, request: web.Request, received: Received, *, status: int
+    ) -> web.StreamResponse:
+        if self.receipt_style == "header":
+            return web.Response(status=status, headers={"Receipt-Id": received.receipt_id})
+        body = {
+            "receipt_id": received.receipt_id,
+            "received_at": self._received_at[received.idempotency_key],
+        }
+        if self.receipt_style != "trickled":
+            return web.json_response(body, status=status)
+        response = web.StreamResponse(status=status)
+        response.content_type = "application/json"
+        await response.prepare(request)
+        text = json.dumps(body).encode()
+        for start in range(0, len(text), 7):  # several chunks, flushed one by one
+            await response.write(text[start : start + 7])
+            await asyncio.sleep(0)
+        await response.write_eof()
+        return response
 
     def _credential_matches(self, auth: tuple[str, str] | None) -> bool:
         if auth is None or self.credential is None:

@@ -451,3 +451,17 @@ async def test_a_redirect_is_never_followed_and_holds_the_record(
         await wait_state(client, submission_id, "held")
     assert sim.attempts == 1
     assert gateway.sleep.calls == []
+
+
+@pytest.mark.parametrize("style", ["json", "header", "trickled"])
+async def test_the_upstream_receipt_is_recorded_however_it_is_sent(
+    gateway: Running, style: str
+) -> None:
+    """A receipt sent as a JSON body, as a Receipt-Id header, or as a JSON body that
+    arrives in several pieces is recorded with the delivery and shown to the device."""
+    sim = gateway.sandbox.simulators["dnp-relay"]
+    sim.receipt_style = style
+    async with gateway.client() as client:
+        submission_id = await submit(client, "online-application")
+        doc = await wait_state(client, submission_id, "delivered")
+    assert doc["upstream_receipt"] == sim.deliveries[submission_id].receipt_id
