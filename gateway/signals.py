@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
@@ -32,6 +33,9 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
     # No core file, whoever starts us: memory holds decrypted submissions and keys (the
     # photo-check workers inherit the limit).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Whatever starts us: nothing the daemon creates is for others (the unit says the
+    # same with UMask=0077; each file of personal data or keys also sets 0600 itself).
+    os.umask(0o077)
     try:
         config = load_config(config_path)
         problems = secret_problems(config, str(config_path))

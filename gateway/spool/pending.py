@@ -57,7 +57,9 @@ class PendingRecord:
         self.id = record_id
         self.path = path
         self._dek = dek
-        self._file: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - owned here
+        # 0600 whatever the umask: encrypted, but still nobody else's to read.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._file: BinaryIO = open(fd, "wb", buffering=0)  # noqa: SIM115 - owned here
         self.writer = EncryptingWriter(self._file, dek, record_id.encode())
         self.finished = False
         self.committed = False
