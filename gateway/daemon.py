@@ -32,6 +32,7 @@ from gateway.ingress.app import Gate, RuntimeRef, build_app
 from gateway.ingress.listener import TlsSite
 from gateway.ingress.photos import PhotoChecker
 from gateway.ops.admin import admin_app
+from gateway.ops.chain_repair import trim_torn_tail
 from gateway.ops.control import build_control_app, start_control_site
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
@@ -41,6 +42,7 @@ from gateway.parts import Parts
 from gateway.preflight import ROOT, registry_problems
 from gateway.relay.workers import Sleep
 from gateway.reload import config_digest
+from gateway.retention.ledger import erasure_ledger
 from gateway.spool.store import Spool
 
 log = get_logger("gateway.daemon")
@@ -130,8 +132,33 @@ class Daemon(Parts):
             await daemon.stop()
 
     def check(self) -> None:
-        """Stage 1: the audit log and the staff registry, before anything is opened."""
+        """Stage 1: the append-only logs (a torn final line cut off), the audit log and the
+        staff registry, before anything is opened."""
+        repaired = [
+            torn
+            for path in (
+                self.config.audit_log.log,
+                erasure_ledger(self.config.spool.directory).path,
+            )
+            if (torn := trim_torn_tail(path, clock=self.clock)) is not None
+        ]
+        for torn in repaired:
+            log.warning(
+                "log_repaired",
+                reason=f"{torn.log.name}: torn final line ({torn.torn_bytes} bytes) moved "
+                f"to {torn.quarantine.name}",
+                bytes=torn.torn_bytes,
+            )
         self.audit.check()  # a broken audit log is found now, not at the first reload
+        for torn in repaired:
+            self.record_audit(
+                "gatewayd.repair",
+                target=str(torn.log),
+                detail={
+                    "torn_final_line_bytes": torn.torn_bytes,
+                    "quarantine": str(torn.quarantine),
+                },
+            )
         staff = registry_problems(self.config, str(self.config_path or "<config>"))
         if staff:
             raise ConfigError(staff)
