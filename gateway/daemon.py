@@ -79,9 +79,13 @@ class Daemon(Parts):
         inline_photo_checks: bool,
     ) -> None:
         super().__init__(
-            config, config_path=config_path, clock=clock, metrics=metrics, notifier=notifier
+            config,
+            config_path=config_path,
+            clock=clock,
+            metrics=metrics,
+            notifier=notifier,
+            sleep=sleep,
         )
-        self.sleep = sleep
         self.gate = Gate()
         self.photos = PhotoChecker(inline=inline_photo_checks)
         self.supervisor = Supervisor(

@@ -8,6 +8,7 @@ messages name fields and rules only.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -58,6 +59,22 @@ class SpoolError(GatewayError):
 
 class RecordCorrupt(SpoolError):
     """A stored record failed authentication or is truncated."""
+
+
+class StorageFailed(SpoolError):
+    """A write to the gateway's state failed (EIO, a failing disk): nothing was stored."""
+
+
+class StorageFull(StorageFailed):
+    """A write to the gateway's state failed because its filesystem is full (ENOSPC,
+    EDQUOT, SQLITE_FULL): nothing was stored; it will work again once space returns."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for a write refused because the filesystem is full."""
+    if isinstance(error, StorageFull):
+        return True
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Refusal(GatewayError):

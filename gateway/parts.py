@@ -13,6 +13,7 @@ sweeper are joined.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from gateway.identity.watcher import RegistryWatcher
 from gateway.ingress.app import Gate, Runtime, RuntimeRef
 from gateway.ingress.listener import TlsSite
 from gateway.ingress.photos import PhotoChecker
+from gateway.ingress.receive import iso
 from gateway.ops.audit import AuditLog
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
@@ -45,6 +47,9 @@ from gateway.spool.records import Record, State
 from gateway.spool.store import Spool
 
 log = get_logger("gateway.daemon")
+AUDIT_RETRY = 0.5
+"""Seconds before an audit entry the disk refused is written again; doubled each time."""
+AUDIT_RETRY_MAX = 10.0
 
 
 class Parts:
@@ -58,14 +63,21 @@ class Parts:
         clock: Callable[[], float],
         metrics: Metrics,
         notifier: Notifier | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.config = config
+        self.sleep = sleep
         self.notifier = notifier
         self.config_path = config_path
         self.clock = clock
         self.metrics = metrics
         self.readiness: dict[str, str] = {"state": "starting"}
         self.audit = AuditLog(config.audit_log, via="gatewayd", actor="gatewayd", clock=clock)
+        self.audit_backlog: collections.deque[tuple[str, dict[str, Any], float]] = (
+            collections.deque()
+        )
+        """Audit entries the log could not take yet (a full disk), oldest first."""
+        self._audit_retry: asyncio.Task[None] | None = None
         self.sites: dict[str, TlsSite] = {}
         self.assembled = False
         self._reload_lock = asyncio.Lock()
@@ -128,12 +140,49 @@ class Parts:
         )
 
     def record_audit(self, action: str, **kwargs: Any) -> None:
-        """An audit entry; a log that cannot take it is logged, never fatal to serving."""
-        try:
-            self.audit.record(action, **kwargs)
+        """An audit entry, never fatal to serving: one the log cannot take now (a full
+        disk) is kept, in order, and written with backoff once the disk takes it, saying
+        when it happened (``detail.occurred_at``)."""
+        self.audit_backlog.append((action, kwargs, self.clock()))
+        if not self.flush_audit():
+            self._retry_audit()
+
+    def flush_audit(self) -> bool:
+        """Write the entries kept back; True once none is left."""
+        while self.audit_backlog:
+            action, kwargs, at = self.audit_backlog[0]
+            if len(self.audit_backlog) > 1 or self.clock() - at >= 1.0:
+                detail = dict(kwargs.get("detail") or {})
+                detail.setdefault("occurred_at", iso(at))
+                kwargs = {**kwargs, "detail": detail}
+            try:
+                self.audit.record(action, **kwargs)
+            except (GatewayError, OSError) as exc:
+                log.error(
+                    "audit_unwritable",
+                    action=action,
+                    waiting=len(self.audit_backlog),
+                    error=type(exc).__name__,
+                    reason=str(exc),
+                )
+                return False
+            self.audit_backlog.popleft()
             self.metrics.audit_entries.labels(action=action).inc()
-        except (GatewayError, OSError) as exc:
-            log.error("audit_unwritable", action=action, error=type(exc).__name__, reason=str(exc))
+        return True
+
+    def _retry_audit(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (stopping): the log line above is what is left
+            return
+        if self._audit_retry is None or self._audit_retry.done():
+            self._audit_retry = loop.create_task(self._audit_retries(), name="audit-retry")
+
+    async def _audit_retries(self) -> None:
+        wait = AUDIT_RETRY
+        while not self.flush_audit():
+            await self.sleep(wait)
+            wait = min(wait * 2, AUDIT_RETRY_MAX)
 
     def registries(self, config: GatewayConfig) -> RegistryWatcher:
         scopes = config.staff_scopes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,17 @@ class Running:
 
     async def shutdown(self) -> None:
         await self.gateway.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def restored_umask() -> Iterator[None]:
+    """``gatewayd.main`` run in this process sets umask 0077, as a daemon should; the
+    tests after it must not inherit that (one of them checks modes under umask 022)."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 async def start_gateway(sandbox: Sandbox, sleep: FakeSleep | None = None) -> Running:

@@ -17,11 +17,13 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import (
+    DiskLow,
     ExpectationFailed,
     Refusal,
     SpoolError,
     SpoolUnavailable,
     UnknownSubmission,
+    is_disk_full,
 )
 from gateway.ingress.admission import admit, authenticate, identify_device
 from gateway.ingress.problems import (
@@ -153,7 +155,14 @@ async def _handle(
         outcome = "client_gone"
         level = "info"
     except (SpoolError, OSError) as exc:
-        unavailable = SpoolUnavailable(retry_after=rt.config.spool.retry_after_seconds)
+        # Nothing was stored; the device tries again later: after Retry-After, a full
+        # disk (507) or a failing one (503) may well take the submission.
+        retry_after = rt.config.spool.retry_after_seconds
+        unavailable: Refusal = (
+            DiskLow(retry_after=retry_after)
+            if is_disk_full(exc)
+            else SpoolUnavailable(retry_after=retry_after)
+        )
         response = refusal_response(unavailable, instance=f"urn:request:{request_id}")
         outcome = problem_of(unavailable).slug
         level = "error"

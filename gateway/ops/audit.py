@@ -43,7 +43,7 @@ def current_actor(environ: Mapping[str, str] = os.environ) -> str:
 
 def audit_chain(config: AuditConfig, *, clock: Callable[[], float] = time.time) -> HashChainLog:
     """The audit log's hash chain, anchored where the configuration says."""
-    return HashChainLog(config.log, clock=clock, anchor=config.anchor)
+    return HashChainLog(config.log, clock=clock, anchor=config.anchor, kind="audit")
 
 
 class AuditLog:

@@ -18,11 +18,9 @@ GENESIS), ``malformed`` (not an entry at all) or ``truncated`` (a torn final lin
 
 Durability: :meth:`~HashChainLog.append` and :meth:`~HashChainLog.append_many` write with
 ``O_APPEND`` and fsync before returning (the directory too when they create the file,
-mode 0600). A crash mid-append can leave a torn final line without its newline. That
-line is never extended or silently dropped: ``verify`` reports it as ``truncated`` and
-``append`` refuses with the same :class:`ChainBroken` until an operator has looked at it
-and cut the torn bytes off (e.g. ``truncate -s <offset after the last newline>``). If a
-write fails with an ``OSError`` the log is cut back to where it was when that is possible.
+mode 0600); a write that fails is cut back off. A crash mid-append can leave a torn
+final line: ``verify`` reports it as ``truncated`` and ``append`` refuses, until
+``gatewayd`` trims it at start into a quarantine file (:mod:`gateway.ops.chain_repair`).
 
 Limitations, by design of an unkeyed hash chain:
 
@@ -57,6 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway import fsutil
 from gateway.errors import GatewayError
 from gateway.fsutil import fsync_dir, own_like_parent, write_atomic
 
@@ -160,13 +159,17 @@ class HashChainLog:
         *,
         clock: Callable[[], float] = time.time,
         anchor: Path | None = None,
+        kind: str = "log",
     ) -> None:
         self.path = path
         self.anchor = anchor
+        self.kind = kind
+        """What this log is (audit, ledger), as the file layer's fault seam names it."""
         self._clock = clock
         self._lock = threading.Lock()
         self._head: tuple[int, str] | None = None
         self._size = -1  # the file's size after this writer's last look at it
+        self.anchor_behind = False  # the last anchor write failed; the next one catches up
 
     @property
     def head(self) -> tuple[int, str]:
@@ -227,12 +230,16 @@ class HashChainLog:
                     prev = digest
                 self._write(fd, b"".join(lines), size)
                 if created:
-                    fsync_dir(self.path.parent)
+                    fsync_dir(self.path.parent, kind=self.kind)
                 self._head = (seq, prev)
                 if self.anchor is not None:
-                    # The entries are committed even if this raises: the log may run
-                    # ahead of its anchor, never behind it.
-                    self._write_anchor(seq, prev)
+                    # The entries are durable: the log may run ahead of its anchor, never
+                    # behind it, so a refused anchor (full disk) fails no append.
+                    try:
+                        self._write_anchor(seq, prev)
+                        self.anchor_behind = False
+                    except OSError:
+                        self.anchor_behind = True
                 return entries
             finally:
                 os.close(fd)  # releases the flock
@@ -271,7 +278,7 @@ class HashChainLog:
     def _open_for_append(self) -> tuple[int, bool]:
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = fsutil.create(self.path, flags | os.O_EXCL, 0o600, kind=self.kind)
         except FileExistsError:
             return os.open(self.path, flags), False
         try:
@@ -284,10 +291,8 @@ class HashChainLog:
 
     def _write(self, fd: int, data: bytes, size: int) -> None:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            fsutil.write_all(fd, data, kind=self.kind)
+            fsutil.fsync(fd, kind=self.kind)
         except OSError:
             self._head = None  # reload the tail next time, whatever happens below
             try:
@@ -431,4 +436,5 @@ class HashChainLog:
 
     def _write_anchor(self, seq: int, digest: str) -> None:
         assert self.anchor is not None
-        write_atomic(self.anchor, f"{seq} {digest}\n".encode("ascii"), mode=0o600)
+        line = f"{seq} {digest}\n".encode("ascii")
+        write_atomic(self.anchor, line, mode=0o600, kind=f"{self.kind}-anchor")

@@ -159,6 +159,18 @@ class Metrics:
             ["destination", "key"],
             registry=r,
         )
+        self.outcome_write_failures = Counter(
+            "gateway_relay_outcome_write_failures",
+            "Writes of a delivery's outcome (delivered, held, erased) that the disk refused; "
+            "the outcome is kept and written again with backoff",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.outcomes_unrecorded = Gauge(
+            "gateway_relay_outcomes_unrecorded",
+            "Outcomes known but not yet on disk (a record delivered but not yet marked so)",
+            registry=r,
+        )
         self.task_failures = Counter(
             "gateway_task_failures",
             "Long-lived tasks that raised (each is restarted with backoff)",

@@ -8,7 +8,8 @@ backoff with full jitter, at least what ``Retry-After`` asks); a circuit breaker
 destination holds attempts back from a failing upstream; an answer the policy does not
 retry puts the record on ``held`` for an operator. A worker that fails outside a
 record's handling is logged, counted and restarted. The sleep and the clock are
-injected, so tests retry without waiting.
+injected, so tests retry without waiting. No outcome is dropped: one the disk refuses
+is written again until it is taken (:mod:`gateway.relay.outcomes`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never
 
 from gateway.config import DestinationConfig, GatewayConfig
-from gateway.errors import RecordCorrupt, RelayError, SpoolError
+from gateway.errors import RecordCorrupt, RelayError, SpoolError, StorageFailed
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
 from gateway.relay import policy
@@ -38,6 +39,7 @@ from gateway.relay.destinations import (
     new_breaker,
     plan_reload,
 )
+from gateway.relay.outcomes import OutcomeWriter
 from gateway.relay.sender import Outgoing, Sender, SenderFactory, SendFailed, aiohttp_sender
 from gateway.spool.records import DELIVERING, Record, State
 from gateway.spool.store import Spool
@@ -95,6 +97,7 @@ class Relay:
         self._stopping = False
         self._drained = asyncio.Event()  # set once stopping and no attempt is under way
         self._senders = SenderLeases()
+        self._outcomes = OutcomeWriter(metrics, sleep)
 
     async def start(self) -> None:
         for name, dest in self._config.destinations.items():
@@ -303,28 +306,32 @@ class Relay:
             async for attempt in retrying:
                 with attempt:
                     receipt = await self._attempt(relay, record)
-        except RelayError as exc:
-            await self._spool.mark_held(record.id, at=self._clock(), reason=exc.reason)
-            log.warning(
+        except (RelayError, RecordCorrupt) as exc:
+            relayed = isinstance(exc, RelayError)
+            reason = exc.reason if isinstance(exc, RelayError) else "record corrupt"
+            at = self._clock()
+            await self._outcomes.persist(
+                relay.name,
+                record.id,
+                "held",
+                lambda: self._spool.mark_held(record.id, at=at, reason=reason),
+            )
+            (log.warning if relayed else log.error)(
                 "held",
                 submission_id=record.id,
                 destination=relay.name,
                 channel=record.channel,
-                status=exc.status,
-                reason=exc.reason,
+                status=exc.status if isinstance(exc, RelayError) else None,
+                reason=reason,
             )
             return
-        except RecordCorrupt:
-            await self._spool.mark_held(record.id, at=self._clock(), reason="record corrupt")
-            log.error(
-                "held",
-                submission_id=record.id,
-                destination=relay.name,
-                channel=record.channel,
-                reason="record corrupt",
-            )
-            return
-        await self._spool.mark_delivered(record.id, at=self._clock(), receipt=receipt)
+        at = self._clock()
+        await self._outcomes.persist(
+            relay.name,
+            record.id,
+            "delivered",
+            lambda: self._spool.mark_delivered(record.id, at=at, receipt=receipt),
+        )
         self._metrics.deliveries.labels(channel=record.channel).inc()
         log.info(
             "delivered",
@@ -333,8 +340,11 @@ class Relay:
             channel=record.channel,
             receipt=receipt,
         )
-        if self.on_delivered is not None:
-            await self.on_delivered(record)
+        on_delivered = self.on_delivered
+        if on_delivered is not None:
+            await self._outcomes.persist(
+                relay.name, record.id, "erased", lambda: on_delivered(record)
+            )
 
     async def _before_sleep(
         self, relay: DestinationRelay, record: Record, state: RetryCallState
@@ -343,7 +353,15 @@ class Relay:
         reason = error.reason if isinstance(error, RelayError) else type(error).__name__
         if not isinstance(error, policy.CircuitOpen):  # held back, not an attempt
             self._metrics.relay_retries.labels(destination=relay.name).inc()
-            await self._spool.note_failed_attempt(record.id, reason)
+            try:
+                await self._spool.note_failed_attempt(record.id, reason)
+            except (StorageFailed, OSError) as exc:  # a note, not an outcome: retry anyway
+                log.warning(
+                    "attempt_unrecorded",
+                    submission_id=record.id,
+                    destination=relay.name,
+                    error=type(exc).__name__,
+                )
         log.info(
             "retry",
             submission_id=record.id,

@@ -18,4 +18,5 @@ def erasure_ledger(
         spool_directory / "erasure-ledger.jsonl",
         clock=clock,
         anchor=spool_directory / "erasure-ledger.anchor",
+        kind="ledger",
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import os
 import queue
 import sqlite3
@@ -21,13 +22,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.errors import SpoolError
-from gateway.fsutil import fsync_dir
+from gateway.errors import SpoolError, StorageFailed, StorageFull
+from gateway.fsutil import fault_point, fsync_dir
 from gateway.spool.queries import SCHEMA, SCHEMA_VERSION
 
 T = TypeVar("T")
 
 MAX_BATCH = 512
+READ_RETRIES = 3
+
+SQLITE_IOERR = 10
+SQLITE_FULL = 13
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def sqlite_error_for(error: OSError) -> sqlite3.OperationalError:
+    """The error SQLite itself raises when a write of its fails with ``error``:
+    SQLITE_FULL for a full disk, SQLITE_IOERR for anything else."""
+    full = error.errno in FULL_ERRNOS
+    raised = sqlite3.OperationalError("database or disk is full" if full else "disk I/O error")
+    raised.sqlite_errorcode = SQLITE_FULL if full else SQLITE_IOERR
+    return raised
+
+
+def storage_error(error: BaseException) -> BaseException:
+    """A failed write to disk as the spool reports it (StorageFull, StorageFailed);
+    any other error as it is."""
+    if isinstance(error, OSError):
+        if error.errno in FULL_ERRNOS:
+            return StorageFull(f"the spool's filesystem is full ({os.strerror(error.errno)})")
+        return StorageFailed(f"a write to the spool failed ({type(error).__name__}: {error})")
+    if isinstance(error, sqlite3.OperationalError | sqlite3.DatabaseError) and not isinstance(
+        error, sqlite3.IntegrityError
+    ):
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF == SQLITE_FULL:
+            return StorageFull("the spool index could not be written: database or disk is full")
+        if code is not None and code & 0xFF == SQLITE_IOERR:
+            return StorageFailed("the spool index could not be written: disk I/O error")
+    return error
 
 
 @dataclass
@@ -36,6 +69,7 @@ class _Op:
     future: concurrent.futures.Future[Any]
     sync_dirs: tuple[Path, ...] = field(default_factory=tuple)
     checkpoint: bool = False
+    retries: int = 0  # a read run again after its batch's commit failed
 
 
 class IndexThread:
@@ -47,6 +81,7 @@ class IndexThread:
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name="spool-index", daemon=True)
         self.commits = 0
+        self._again: list[_Op] = []  # reads to run again: their batch's commit failed
         self.checkpoints_incomplete = 0
 
     async def start(self) -> None:
@@ -105,6 +140,7 @@ class IndexThread:
         return conn
 
     def _run(self) -> None:
+        conn: sqlite3.Connection | None
         try:
             conn = self._connect()
         except Exception as exc:
@@ -114,10 +150,12 @@ class IndexThread:
         batch: list[_Op] = []
         try:
             while True:
-                first = self._queue.get()
-                if first is None:
-                    break
-                batch = [first]
+                batch, self._again = self._again, []
+                if not batch:
+                    first = self._queue.get()
+                    if first is None:
+                        break
+                    batch = [first]
                 stop = False
                 while len(batch) < MAX_BATCH:
                     try:
@@ -128,17 +166,30 @@ class IndexThread:
                         stop = True
                         break
                     batch.append(item)
-                self._execute(conn, batch)
+                if conn is None:  # a failed rollback closed it: open it again
+                    conn = self._reopen(batch)
+                if conn is not None:
+                    conn = self._execute(conn, batch)
                 batch = []
                 if stop:
+                    self._fail(self._again, SpoolError("the spool index is stopping"))
                     break
         except BaseException as exc:
-            # The thread is dying (a failed ROLLBACK, a MemoryError): fail every caller,
-            # in the batch and still queued, rather than leave them waiting forever.
+            # The thread is dying (a MemoryError, a bug): fail every caller, in the batch
+            # and still queued, rather than leave them waiting forever.
             self._fail_all(batch, SpoolError(f"spool index stopped: {type(exc).__name__}"))
             raise
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
+
+    def _reopen(self, batch: list[_Op]) -> sqlite3.Connection | None:
+        """A new connection, or None with the batch failed (the disk still refuses)."""
+        try:
+            return self._connect()
+        except Exception as exc:
+            self._fail(batch, storage_error(exc))
+            return None
 
     def _fail_all(self, batch: list[_Op], error: SpoolError) -> None:
         pending = list(batch)
@@ -149,31 +200,44 @@ class IndexThread:
                 break
             if item is not None:
                 pending.append(item)
-        for op in pending:
-            if op.future.done():
-                continue
-            if op.future.running() or op.future.set_running_or_notify_cancel():
-                op.future.set_exception(error)
+        self._fail(pending, error)
 
-    def _execute(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+    def _execute(self, conn: sqlite3.Connection, batch: list[_Op]) -> sqlite3.Connection | None:
+        """Run and commit one batch; returns the connection to go on with (None when a
+        failed rollback left it unusable: the next batch opens a new one).
+
+        When the commit fails (a full or failing disk), the operations that wrote fail
+        with the storage error; those that only read run again in the next batch, so a
+        status query never fails for another caller's write.
+        """
         results: list[tuple[_Op, Any, BaseException | None]] = []
+        readers: list[_Op] = []
+        changes_before = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
-                if not op.future.set_running_or_notify_cancel():
+                if not (op.future.running() or op.future.set_running_or_notify_cancel()):
                     continue  # the caller gave up before the operation started
                 conn.execute("SAVEPOINT op")
+                before = conn.total_changes
                 try:
                     value = op.fn(conn)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((op, None, exc))
+                    results.append((op, None, storage_error(exc)))
                 else:
                     conn.execute("RELEASE op")
                     results.append((op, value, None))
+                    if conn.total_changes == before and not op.sync_dirs:
+                        readers.append(op)
             for directory in {d for op in batch for d in op.sync_dirs}:
-                fsync_dir(directory)
+                fsync_dir(directory, kind="record")
+            if conn.total_changes != changes_before:
+                try:
+                    fault_point("index", "commit")
+                except OSError as injected:  # as SQLite would fail its own write
+                    raise sqlite_error_for(injected) from None
             conn.execute("COMMIT")
             self.commits += 1
             if any(op.checkpoint for op in batch):
@@ -183,16 +247,39 @@ class IndexThread:
                     busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
                     self.checkpoints_incomplete += int(busy)
         except Exception as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for op in batch:
-                if op.future.done():
-                    continue
-                if op.future.running() or op.future.set_running_or_notify_cancel():
-                    op.future.set_exception(exc)
-            return
+            # Nothing of the batch is committed: roll back before any caller learns so
+            # (and may try again), then fail the writers with the storage error.
+            usable = self._rolled_back(conn)
+            again = [op for op in readers if op.retries < READ_RETRIES]
+            for op in again:
+                op.retries += 1
+            self._again.extend(again)
+            self._fail([op for op in batch if op not in again], storage_error(exc))
+            return conn if usable else None
         for op, value, error in results:
             if error is not None:
                 op.future.set_exception(error)
             else:
                 op.future.set_result(value)
+        return conn
+
+    @staticmethod
+    def _rolled_back(conn: sqlite3.Connection) -> bool:
+        """Roll back what is left of a failed transaction; False (and the connection
+        closed) when even that fails, as it may on a failing disk."""
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            return False
+        return True
+
+    @staticmethod
+    def _fail(batch: list[_Op], error: BaseException) -> None:
+        for op in batch:
+            if op.future.done():
+                continue
+            if op.future.running() or op.future.set_running_or_notify_cancel():
+                op.future.set_exception(error)

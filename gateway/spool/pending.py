@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from gateway import fsutil
 from gateway.crypto.envelope import SEGMENT_SIZE, EncryptingWriter
 from gateway.crypto.envelope_reader import DecryptingReader
 
@@ -50,6 +51,34 @@ def open_window(where: RecordWindow) -> Iterator[BinaryIO]:
             yield buffered
 
 
+class RecordFile(io.RawIOBase):
+    """A record's file, open for writing; every write and the fsync pass the file
+    layer's fault seam (:func:`gateway.fsutil.fault_point`)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return fsutil.write_some(self._fd, data, kind="record")
+
+    def sync(self) -> None:
+        fsutil.fsync(self._fd, kind="record")
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
+
+
 class PendingRecord:
     """A record being written: its encrypted file is open, it is not in the index yet."""
 
@@ -58,9 +87,14 @@ class PendingRecord:
         self.path = path
         self._dek = dek
         # 0600 whatever the umask: encrypted, but still nobody else's to read.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._file: BinaryIO = open(fd, "wb", buffering=0)  # noqa: SIM115 - owned here
-        self.writer = EncryptingWriter(self._file, dek, record_id.encode())
+        fd = fsutil.create(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC, 0o600, kind="record")
+        self._file = RecordFile(fd)
+        try:
+            self.writer = EncryptingWriter(self._file, dek, record_id.encode())  # type: ignore[arg-type]
+        except BaseException:  # the header could not be written: no file is left behind
+            self._file.close()
+            path.unlink(missing_ok=True)
+            raise
         self.finished = False
         self.committed = False
         """True once the index row is committed: from then on the file is the record's."""
@@ -97,7 +131,7 @@ class PendingRecord:
 
     def sync_and_close(self) -> None:
         try:
-            os.fsync(self._file.fileno())
+            self._file.sync()
         finally:
             self._file.close()
 

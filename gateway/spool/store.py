@@ -172,8 +172,12 @@ class Spool:
 
     async def commit(self, pending: PendingRecord, meta: NewRecord) -> Record:
         """Make the record durable, then index it; returns only after both are on disk."""
-        pending.finish()
-        await asyncio.shield(self.start_sync(pending))
+        try:
+            pending.finish()
+            await asyncio.shield(self.start_sync(pending))
+        except OSError:  # the disk refused the last segment or the fsync: no record
+            pending.abandon()
+            raise
         writer = pending.writer
         wrapped = wrap_key(self._master, pending.data_key)
         ciphertext_sha256 = writer.ciphertext_sha256()
@@ -401,7 +405,7 @@ class Spool:
     def _unlink(self, record_ids: list[str]) -> None:
         for record_id in record_ids:
             self._path(record_id).unlink(missing_ok=True)
-        fsync_dir(self._records_dir)
+        fsync_dir(self._records_dir, kind="record")
 
     # --------------------------------------------------------------- capacity
 

@@ -204,6 +204,10 @@ class UpstreamSimulator:
             raise ValueError("n must not be negative")
         self._failures.extend(_Failure(status, retry_after) for _ in range(n))
 
+    def clear_failures(self) -> None:
+        """Forget the failures :meth:`fail_next` scripted that were not used yet."""
+        self._failures.clear()
+
     def set_delay(self, seconds: float) -> None:
         """Make every request wait ``seconds`` (through the injected sleep) before answering."""
         if seconds < 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,10 +25,12 @@ from gateway.config import GatewayConfig, RetryConfig
 from gateway.identity.auth import basic_authorization
 from gateway.ops.metrics import Metrics
 from gateway.relay import policy
+from gateway.relay.outcomes import OUTCOME_RETRY
 from gateway.relay.workers import WORKER_RESTART, WORKER_RESTART_MAX, Relay
 from gateway.spool.records import NewRecord, Record, new_submission_id
 from gateway.spool.store import Spool
 from gateway.testing.fakes import FakeSender, FakeSleep
+from gateway.testing.faults import DiskFaults
 
 DEST = "upstream"
 URL = "https://upstream.invalid/v1/submissions"
@@ -36,6 +39,7 @@ PAYLOAD = b"payload " * 1000
 INITIAL_BACKOFF = 0.05
 MAX_BACKOFF = 0.5
 WEEK = 7 * 86400
+MASTER_KEY = os.urandom(32)  # one per run: a rig built again on the same spool reads it
 
 
 def gateway_config(
@@ -148,7 +152,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
             tmp_path, concurrency=concurrency, credential=credential, retry=retry
         )
         sleep = sleep or FakeSleep()
-        spool = Spool(tmp_path / "spool", os.urandom(32), clock=sleep.clock)
+        spool = Spool(tmp_path / "spool", MASTER_KEY, clock=sleep.clock)
         await spool.open()
         metrics = Metrics()
         upstream = FakeSender(clock=sleep.clock)
@@ -520,3 +524,111 @@ def test_the_backoff_ceiling_doubles_from_initial_up_to_max_backoff() -> None:
     assert policy.retry_wait(5000, None, retry, top) == 10  # no overflow
     assert policy.retry_wait(1, 30, retry, top) == 30  # Retry-After wins when longer
     assert policy.retry_wait(1, 1e9, retry, top) == 100  # ... up to max_retry_after
+
+
+# ------------------------------------------------------------ outcomes kept
+
+
+class ParkedSleep(FakeSleep):
+    """Returns at once for the relay's backoffs; the outcome retries park until released
+    (a disk that stays full), so the test decides when the disk recovers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        await super().__call__(seconds)
+        self.entered.set()
+        await self.gate.wait()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+async def test_an_outcome_the_disk_refuses_is_written_again_until_it_is_taken(
+    rig: Rig, code: int
+) -> None:
+    """The upstream has the record, but the index will not take "delivered" three times:
+    the outcome is kept and written again with doubling backoff, each failure counted;
+    the record is sent once, marked delivered, and on_delivered runs once."""
+    with DiskFaults() as faults, structlog.testing.capture_logs() as logs:
+        faults.arm(2, code, times=3, only=("index", "commit"))  # the 1st commit is the insert
+        record = await rig.settled(await rig.put())
+    assert record.state == "delivered"
+    assert len(rig.upstream.sent) == 1
+    assert rig.delivered == [record.id]
+    assert rig.sleep.calls == [OUTCOME_RETRY, OUTCOME_RETRY * 2, OUTCOME_RETRY * 4]
+    failures = "gateway_relay_outcome_write_failures_total"
+    assert rig.sample(failures, destination=DEST, outcome="delivered") == 3
+    assert rig.sample("gateway_relay_outcomes_unrecorded") == 0
+    assert rig.sample("gateway_deliveries_total", channel=CHANNEL) == 1
+    unrecorded = [e for e in logs if e["event"] == "outcome_unrecorded"]
+    assert [e["outcome"] for e in unrecorded] == ["delivered"] * 3
+    assert [e["event"] for e in logs if e["submission_id"] == record.id][-2:] == [
+        "outcome_recorded",
+        "delivered",
+    ]
+
+
+async def test_a_held_outcome_is_kept_too(rig: Rig) -> None:
+    """A refusal for good (422) whose "held" the disk will not take is written again."""
+    rig.upstream.answer(422)
+    with DiskFaults() as faults:
+        faults.arm(2, errno.ENOSPC, times=2, only=("index", "commit"))
+        record = await rig.settled(await rig.put())
+    assert record.state == "held"
+    assert len(rig.upstream.sent) == 1
+    failures = "gateway_relay_outcome_write_failures_total"
+    assert rig.sample(failures, destination=DEST, outcome="held") == 2
+
+
+async def test_the_record_is_held_by_its_worker_while_its_outcome_waits(
+    make_rig: MakeRig,
+) -> None:
+    """While "delivered" waits for the disk, the record stays claimed: nobody sends it
+    again, the gauge of unrecorded outcomes says 1, and it is delivered once the disk
+    takes the write."""
+    sleep = ParkedSleep()
+    rig = await make_rig(sleep=sleep, concurrency=2)
+    with DiskFaults() as faults:
+        faults.arm(2, errno.ENOSPC, times=None, only=("index", "commit"))
+        record_id = await rig.put()
+        async with asyncio.timeout(5):
+            await sleep.entered.wait()
+        assert rig.sample("gateway_relay_outcomes_unrecorded") == 1
+        stored = await rig.spool.get(record_id)
+        assert stored is not None and stored.state == "delivering"
+        rig.relay.enqueue(stored)  # offered to the idle worker: it is not taken again
+        faults.clear()
+        sleep.gate.set()
+        record = await rig.settled(record_id)
+    assert record.state == "delivered"
+    assert len(rig.upstream.sent) == 1
+    assert rig.sample("gateway_relay_outcomes_unrecorded") == 0
+
+
+async def test_an_outcome_still_unwritten_at_stop_is_delivered_again_after_a_restart(
+    make_rig: MakeRig, tmp_path: Path
+) -> None:
+    """Only when the daemon stops before the disk took the outcome is it lost: logged,
+    and the record (still queued) is sent again after the restart, under the same
+    Idempotency-Key."""
+    sleep = ParkedSleep()
+    rig = await make_rig(sleep=sleep)
+    with DiskFaults() as faults, structlog.testing.capture_logs() as logs:
+        faults.arm(2, errno.ENOSPC, times=None, only=("index", "commit"))
+        record_id = await rig.put()
+        async with asyncio.timeout(5):
+            await sleep.entered.wait()
+        await rig.relay.stop(drain_timeout=0)
+    (lost,) = [e for e in logs if e["event"] == "outcome_lost_at_stop"]
+    assert lost["submission_id"] == record_id
+    assert lost["outcome"] == "delivered"
+    await rig.spool.close()
+    again = await make_rig()  # the same spool directory: a restart
+    record = await again.settled(record_id)
+    assert record.state == "delivered"
+    assert [s.headers["Idempotency-Key"] for s in rig.upstream.sent + again.upstream.sent] == [
+        record_id,
+        record_id,
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import sqlite3
@@ -14,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import RecordCorrupt, SpoolError
+from gateway.errors import RecordCorrupt, SpoolError, StorageFailed, StorageFull, is_disk_full
+from gateway.spool.index import IndexThread, sqlite_error_for, storage_error
 from gateway.spool.pending import PendingRecord
 from gateway.spool.records import (
     DuplicateIdempotencyKey,
@@ -24,6 +26,7 @@ from gateway.spool.records import (
     new_submission_id,
 )
 from gateway.spool.store import Spool
+from gateway.testing.faults import DiskFaults
 
 MARKER = b"PLANTED-983205673214-\xe6\x96\xb0\xe5\xae\xbf"  # a 個人番号 and 新宿
 
@@ -684,3 +687,107 @@ async def test_erasure_updates_counts_bytes_and_is_idempotent(store: Store, spoo
     reopened, report = await store.reopen(spool)
     assert report.records == 0 and report.orphans_removed == 0
     assert reopened.bytes == 0
+
+
+# ------------------------------------------------------------- a failing disk
+
+
+@pytest.mark.parametrize(
+    ("point", "code", "error"),
+    [
+        (("record", "create"), errno.ENOSPC, StorageFull),
+        (("record", "write"), errno.EIO, StorageFailed),
+        (("record", "fsync"), errno.ENOSPC, StorageFull),
+        (("record", "fsync-dir"), errno.EIO, StorageFailed),
+        (("index", "commit"), errno.ENOSPC, StorageFull),
+        (("index", "commit"), errno.EIO, StorageFailed),
+    ],
+)
+async def test_a_commit_the_disk_refuses_leaves_nothing_behind_and_the_next_one_works(
+    store: Store, spool: Spool, point: tuple[str, str], code: int, error: type[Exception]
+) -> None:
+    """Whichever write of a record fails (its file's create, a write, the fsync, the
+    directory fsync, the index's commit, which SQLite reports as SQLITE_FULL or
+    SQLITE_IOERR), the commit raises, neither a file nor a row is left, the counters
+    are unchanged, and the next record commits."""
+    with DiskFaults() as faults:
+        faults.arm(1, code, only=point)
+        with pytest.raises((OSError, StorageFailed)) as raised:
+            await put(store, spool, payload(1, 200_000))
+    assert is_disk_full(raised.value) is (error is StorageFull)
+    if point == ("index", "commit"):
+        assert type(raised.value) is error
+    assert record_files(store.directory) == set()
+    assert index_rows(store.directory) == []
+    assert spool.counts["queued"] == 0 and spool.bytes == 0
+    record, _ = await put(store, spool, payload(2))
+    assert await plaintext(spool, record) == payload(2)
+
+
+async def test_reads_that_shared_a_batch_with_a_failed_write_run_again(
+    store: Store, spool: Spool
+) -> None:
+    """A status query committed in the same group as someone's write that the disk
+    refused is not failed with it: it runs again in the next group."""
+    record, _ = await put(store, spool, payload(1))
+    started, release = threading.Event(), threading.Event()
+
+    def block(_conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(5)
+
+    blocker = asyncio.ensure_future(spool._index.run(block))
+    await asyncio.to_thread(started.wait, 5)
+    with DiskFaults() as faults:
+        faults.arm(1, errno.ENOSPC, only=("index", "commit"))
+        write = asyncio.ensure_future(spool.mark_held(record.id, at=1.0, reason="x"))
+        read = asyncio.ensure_future(spool.get(record.id))
+        await asyncio.sleep(0)  # both queued behind the blocker: one group
+        release.set()
+        await blocker
+        with pytest.raises(StorageFull):
+            await write
+        got = await read
+    assert got is not None and got.state == "queued"
+    assert faults.failed == [("", "index", "commit")]
+
+
+async def test_a_connection_a_failed_rollback_left_unusable_is_opened_again(
+    store: Store, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a failing disk even the rollback may fail: the connection is closed and the
+    next group opens a new one; the spool goes on."""
+    record, _ = await put(store, spool, payload(1))
+    rolled: list[bool] = []
+
+    def rollback_fails(conn: sqlite3.Connection) -> bool:
+        conn.close()
+        rolled.append(False)
+        return False
+
+    monkeypatch.setattr(IndexThread, "_rolled_back", staticmethod(rollback_fails))
+    with DiskFaults() as faults:
+        faults.arm(1, errno.EIO, only=("index", "commit"))
+        with pytest.raises(StorageFailed):
+            await spool.mark_held(record.id, at=1.0, reason="x")
+    monkeypatch.undo()
+    assert rolled == [False]
+    await spool.mark_held(record.id, at=2.0, reason="y")
+    held = await spool.get(record.id)
+    assert held is not None and held.state == "held" and held.held_at == 2.0
+
+
+def test_storage_errors_say_full_or_failed_and_carry_no_path() -> None:
+    """ENOSPC and EDQUOT (and SQLITE_FULL) are a full disk; EIO (and SQLITE_IOERR) a
+    failing one; other errors, such as a constraint, pass through as they are."""
+    full = storage_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(full, StorageFull) and is_disk_full(full)
+    assert isinstance(storage_error(OSError(errno.EDQUOT, "quota")), StorageFull)
+    failed = storage_error(OSError(errno.EIO, "Input/output error"))
+    assert isinstance(failed, StorageFailed) and not is_disk_full(failed)
+    sqlite_full = sqlite_error_for(OSError(errno.ENOSPC, "x"))
+    assert str(sqlite_full) == "database or disk is full"
+    assert isinstance(storage_error(sqlite_full), StorageFull)
+    assert isinstance(storage_error(sqlite_error_for(OSError(errno.EIO, "x"))), StorageFailed)
+    constraint = sqlite3.IntegrityError("UNIQUE constraint failed")
+    assert storage_error(constraint) is constraint

@@ -17,9 +17,9 @@ async def test_every_file_in_the_state_directory_is_the_daemons_alone(gateway: R
     state directory (index and its WAL and SHM, record files, ledger, audit log,
     anchors, registries, lock, control socket) is 0600, every directory the daemon made
     0700, though the test process's umask is 022."""
-    old_umask = os.umask(0o022)
-    os.umask(old_umask)
-    assert old_umask & 0o044 == 0, "the test needs a permissive umask to mean anything"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert umask == 0o022, "the test needs a permissive umask to mean anything"
     gateway.sandbox.simulators["dnp-relay"].fail_next(1, 422)  # one record stays, held
     for channel, device in CHANNEL_DEVICE.items():
         fields, files = sample_submission(channel)

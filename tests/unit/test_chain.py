@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -14,6 +15,7 @@ import pytest
 
 from gateway.errors import GatewayError
 from gateway.ops.chain import GENESIS, ChainBroken, ChainEntry, HashChainLog
+from gateway.testing.faults import DiskFaults
 
 T0 = 1_738_281_600.0  # 2025-01-31T00:00:00Z
 
@@ -416,3 +418,46 @@ def test_injected_clock_stamps_at_in_utc(tmp_path: Path) -> None:
     batch = log.append_many([body(2), body(3)])
     assert first.at == "2025-01-31T00:00:00.250000Z"
     assert {e.at for e in batch} == {first.at}
+
+
+# ------------------------------------------------------------ a failing disk
+
+
+def test_an_anchor_the_disk_refuses_fails_no_append_and_the_next_one_catches_up(
+    tmp_path: Path,
+) -> None:
+    """The entries are durable before the anchor is written: an anchor the disk refuses
+    (full) does not make the caller believe the entry was not written (it would write it
+    twice); the log runs ahead of its anchor until the next append."""
+    anchor = tmp_path / "ledger.anchor"
+    log = HashChainLog(tmp_path / "ledger.jsonl", anchor=anchor, kind="ledger")
+    log.append({"n": 1})
+    with DiskFaults() as faults:
+        faults.arm(1, errno.ENOSPC, only=("ledger-anchor", "rename"))
+        entry = log.append({"n": 2})
+    assert entry.seq == 2 and log.anchor_behind
+    assert anchor.read_text().split()[0] == "1"
+    assert log.verify() == 2
+    log.append({"n": 3})
+    assert anchor.read_text().split()[0] == "3" and not log.anchor_behind
+    assert log.verify() == 3
+
+
+@pytest.mark.parametrize("operation", ["write", "fsync"])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_an_append_the_disk_refuses_is_taken_back(
+    tmp_path: Path, operation: str, code: int
+) -> None:
+    """A write or fsync that fails raises, and the log is cut back to where it was: it
+    verifies, and the next append follows the last entry that was written."""
+    log = HashChainLog(tmp_path / "audit.jsonl", kind="audit")
+    log.append({"n": 1})
+    size = log.path.stat().st_size
+    with DiskFaults() as faults:
+        faults.arm(1, code, only=("audit", operation))
+        with pytest.raises(OSError) as raised:
+            log.append({"n": 2})
+    assert raised.value.errno == code
+    assert log.path.stat().st_size == size
+    assert log.append({"n": 3}).seq == 2
+    assert log.verify() == 2
