@@ -7,6 +7,8 @@ simulated upstreams in this process, both legs over mutual TLS on loopback. Repo
   the daemon's CPU time per relayed submission;
 * p50/p99 time-to-202 at a steady 50 and 100 submissions/s (open loop);
 * the daemon's peak RSS while 100 devices upload 7 MB photos at once;
+* its peak RSS under hostile input: 1,000 wrong passwords at once, and one body of
+  60,000 parts (``bench/hostile.py``);
 * the cost of sealing a 300 KB and a 7 MB payload with each suite (``bench/seal.py``).
 
 Figures go to stdout and to ``bench-results.json``.
@@ -25,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import retention, seal
+from bench import hostile, retention, seal
 from gateway.testing.client import DeviceClient
 from gateway.testing.process import DaemonProcess
 from gateway.testing.samples import multipart_body, photo_of_size, sample_submission
-from gateway.testing.sandbox import build_sandbox
+from gateway.testing.sandbox import Sandbox, build_sandbox
 
 CHANNEL = "online-application"
 
@@ -99,74 +101,96 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         body, ctype = multipart_body(fields, {"face_photo": photo})
         results["photo_bytes"] = len(photo)
         results["body_bytes"] = len(body)
-        async with (
-            DaemonProcess(sandbox.config_path, directory / "daemon.log") as daemon,
-            DeviceClient(
-                sandbox, "tablet-01", port=daemon.port_of("tablet-01"), limit=128
-            ) as poster,
-        ):
-            progress("warming up")
-            await closed_loop(poster, body, ctype, total=100, concurrency=8)
-            sim = sandbox.simulators["dnp-relay"]
-            await sim.wait_for(100, timeout=60)
-
-            progress(f"closed loop: {args.total} × 300 KB, {args.concurrency} concurrent")
-            delivered_before = len(sim.received)
-            cpu_before = daemon.cpu_seconds()
-            helpers_before = daemon.helpers_cpu_seconds()
-            elapsed, lat, failed = await closed_loop(
-                poster, body, ctype, total=args.total, concurrency=args.concurrency
-            )
-            await sim.wait_for(delivered_before + args.total, timeout=120)
-            cpu = daemon.cpu_seconds() - cpu_before
-            photo_cpu = daemon.helpers_cpu_seconds() - helpers_before
-            results["sustained"] = {
-                "submissions": args.total,
-                "concurrency": args.concurrency,
-                "per_second": round(args.total / elapsed, 1),
-                "p50_ms": round(percentile(lat, 50) * 1000, 2),
-                "p99_ms": round(percentile(lat, 99) * 1000, 2),
-                "failures": failed,
-                "daemon_cpu_ms_per_submission": round(cpu / args.total * 1000, 3),
-                "photo_check_cpu_ms_per_submission": round(photo_cpu / args.total * 1000, 3),
-            }
-
-            for rate in (50, 100):
-                progress(f"open loop: {rate}/s for {args.seconds:.0f} s")
-                lat, failed = await open_loop(poster, body, ctype, rate=rate, seconds=args.seconds)
-                results[f"at_{rate}_per_second"] = {
-                    "submissions": len(lat),
-                    "p50_ms": round(percentile(lat, 50) * 1000, 2),
-                    "p99_ms": round(percentile(lat, 99) * 1000, 2),
-                    "mean_ms": round(statistics.fmean(lat) * 1000, 2),
-                    "failures": failed,
-                }
-
-        progress(f"{args.big} concurrent 7 MB uploads, on a freshly started daemon")
-        big = photo_of_size(6_800_000)
-        big_body, big_ctype = multipart_body(fields, {"face_photo": big})
-        async with (
-            DaemonProcess(sandbox.config_path, directory / "daemon.log") as daemon,
-            DeviceClient(
-                sandbox, "tablet-01", port=daemon.port_of("tablet-01"), limit=args.big
-            ) as poster,
-        ):
-            rss_before = daemon.rss_bytes()
-            started = time.perf_counter()
-            statuses = await asyncio.gather(
-                *(poster.post_raw(CHANNEL, big_body, big_ctype) for _ in range(args.big))
-            )
-            results["big_uploads"] = {
-                "uploads": args.big,
-                "photo_bytes": len(big),
-                "accepted": sum(s == 202 for s in statuses),
-                "seconds": round(time.perf_counter() - started, 2),
-                "daemon_rss_at_start_mb": round(rss_before / 2**20, 1),
-                "daemon_peak_rss_mb": round(daemon.peak_rss_bytes() / 2**20, 1),
-                "photo_workers_peak_rss_mb": round(daemon.helpers_peak_rss_bytes() / 2**20, 1),
-            }
+        if "throughput" in args.phases:
+            results.update(await throughput(args, sandbox, directory, body, ctype))
+        if "big" in args.phases:
+            results["big_uploads"] = await big_uploads(args, sandbox, directory, fields)
+        if "hostile" in args.phases:
+            results["hostile"] = await hostile.run(sandbox, directory)
         await sandbox.stop_simulators()
     return results
+
+
+async def throughput(
+    args: argparse.Namespace, sandbox: Sandbox, directory: Path, body: bytes, ctype: str
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    async with (
+        DaemonProcess(sandbox.config_path, directory / "daemon.log") as daemon,
+        DeviceClient(sandbox, "tablet-01", port=daemon.port_of("tablet-01"), limit=128) as poster,
+    ):
+        progress("warming up")
+        await closed_loop(poster, body, ctype, total=100, concurrency=8)
+        sim = sandbox.simulators["dnp-relay"]
+        await sim.wait_for(100, timeout=60)
+
+        progress(f"closed loop: {args.total} × 300 KB, {args.concurrency} concurrent")
+        delivered_before = len(sim.received)
+        cpu_before = daemon.cpu_seconds()
+        helpers_before = daemon.helpers_cpu_seconds()
+        elapsed, lat, failed = await closed_loop(
+            poster, body, ctype, total=args.total, concurrency=args.concurrency
+        )
+        await sim.wait_for(delivered_before + args.total, timeout=120)
+        cpu = daemon.cpu_seconds() - cpu_before
+        photo_cpu = daemon.helpers_cpu_seconds() - helpers_before
+        results["sustained"] = {
+            "submissions": args.total,
+            "concurrency": args.concurrency,
+            "per_second": round(args.total / elapsed, 1),
+            "p50_ms": round(percentile(lat, 50) * 1000, 2),
+            "p99_ms": round(percentile(lat, 99) * 1000, 2),
+            "failures": failed,
+            "daemon_cpu_ms_per_submission": round(cpu / args.total * 1000, 3),
+            "photo_check_cpu_ms_per_submission": round(photo_cpu / args.total * 1000, 3),
+        }
+
+        for rate in (50, 100):
+            progress(f"open loop: {rate}/s for {args.seconds:.0f} s")
+            lat, failed = await open_loop(poster, body, ctype, rate=rate, seconds=args.seconds)
+            results[f"at_{rate}_per_second"] = {
+                "submissions": len(lat),
+                "p50_ms": round(percentile(lat, 50) * 1000, 2),
+                "p99_ms": round(percentile(lat, 99) * 1000, 2),
+                "mean_ms": round(statistics.fmean(lat) * 1000, 2),
+                "failures": failed,
+            }
+    return results
+
+
+async def big_uploads(
+    args: argparse.Namespace, sandbox: Sandbox, directory: Path, fields: dict[str, str]
+) -> dict[str, Any]:
+    progress(f"{args.big} concurrent 7 MB uploads, on a freshly started daemon")
+    big = photo_of_size(6_800_000)
+    big_body, big_ctype = multipart_body(fields, {"face_photo": big})
+    async with (
+        DaemonProcess(sandbox.config_path, directory / "daemon.log") as daemon,
+        DeviceClient(
+            sandbox, "tablet-01", port=daemon.port_of("tablet-01"), limit=args.big
+        ) as poster,
+    ):
+        rss_before = daemon.rss_bytes()
+        started = time.perf_counter()
+        sim = sandbox.simulators["dnp-relay"]
+        delivered_before = len(sim.received)
+        statuses = await asyncio.gather(
+            *(poster.post_raw(CHANNEL, big_body, big_ctype) for _ in range(args.big))
+        )
+        seconds = time.perf_counter() - started
+        accepted = sum(s == 202 for s in statuses)
+        # Delivered (and so erased) before the daemon stops: the next phase starts
+        # on an empty spool.
+        await sim.wait_for(delivered_before + accepted, timeout=300)
+        return {
+            "uploads": args.big,
+            "photo_bytes": len(big),
+            "accepted": accepted,
+            "seconds": round(seconds, 2),
+            "daemon_rss_at_start_mb": round(rss_before / 2**20, 1),
+            "daemon_peak_rss_mb": round(daemon.peak_rss_bytes() / 2**20, 1),
+            "photo_workers_peak_rss_mb": round(daemon.helpers_peak_rss_bytes() / 2**20, 1),
+        }
 
 
 def main() -> int:
@@ -184,6 +208,12 @@ def main() -> int:
         type=int,
         default=100_000,
         help="records in the spool for the retention figures (0 skips them)",
+    )
+    parser.add_argument(
+        "--phases",
+        type=lambda text: set(text.split(",")),
+        default={"throughput", "big", "hostile"},
+        help="daemon phases to run, comma-separated: throughput,big,hostile (default: all)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     parser.add_argument(

@@ -309,6 +309,7 @@ class Daemon(Parts):
         for runner in self.listeners.values():
             await runner.cleanup()
         self.photos.close()
+        self.password_checks.close()
         if self.assembled:
             await self.spool.close()
             self.record_audit("gatewayd.stop", detail={"version": __version__})

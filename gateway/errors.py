@@ -138,6 +138,17 @@ class LockedOut(Refusal):
     detail = "this staff user is locked out after repeated failures; try again later"
 
 
+class SignInBusy(Refusal):
+    detail = "too many password checks are under way; try again shortly"
+
+
+class TooManyParts(Refusal):
+    """More multipart parts than the channel takes (the detail says how many)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this channel takes at most {limit} parts")
+
+
 class TooLarge(Refusal):
     """Over the channel's size limit."""
 

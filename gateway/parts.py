@@ -26,7 +26,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import resolve_secret_path
 from gateway.crypto.tls import cert_not_after, server_context
 from gateway.errors import ConfigError, GatewayError
-from gateway.identity.auth import StaffAuthenticator
+from gateway.identity.auth import PasswordChecks, StaffAuthenticator
 from gateway.identity.registry import staff_problems
 from gateway.identity.watcher import RegistryWatcher
 from gateway.ingress.app import Gate, Runtime, RuntimeRef
@@ -78,6 +78,7 @@ class Parts:
         )
         """Audit entries the log could not take yet (a full disk), oldest first."""
         self._audit_retry: asyncio.Task[None] | None = None
+        self.password_checks = PasswordChecks()
         self.sites: dict[str, TlsSite] = {}
         self.assembled = False
         self._reload_lock = asyncio.Lock()
@@ -204,6 +205,7 @@ class Parts:
             lockout_seconds=config.auth.lockout_seconds,
             cache_seconds=config.auth.credential_cache_seconds,
             clock=time.monotonic,
+            checks=self.password_checks,  # one bound for every authenticator a reload makes
         )
 
     @staticmethod

@@ -20,6 +20,7 @@ from gateway.daemon import Daemon
 from gateway.errors import ConfigError, GatewayError
 from gateway.ops import logs
 from gateway.ops.logs import get_logger
+from gateway.ops.memory import tune_malloc, tune_tls_reads
 from gateway.ops.sdnotify import Notifier
 from gateway.ops.supervisor import TaskGaveUp
 from gateway.preflight import registry_problems, secret_problems
@@ -33,6 +34,9 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
     # No core file, whoever starts us: memory holds decrypted submissions and keys (the
     # photo-check workers inherit the limit).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Large buffers go back to the system once freed; TLS reads stay small.
+    if not (tune_malloc() and tune_tls_reads()):
+        log.warning("memory_untuned", reason="no glibc mallopt or TLS read size: RSS may grow")
     # Whatever starts us: nothing the daemon creates is for others (the unit says the
     # same with UMask=0077; each file of personal data or keys also sets 0600 itself).
     os.umask(0o077)

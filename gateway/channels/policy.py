@@ -97,6 +97,10 @@ class FieldRule:
         return self.text_rule.limit * 16 + 64
 
 
+EXTRA_PARTS = 16
+"""Parts beyond a channel's fields and the known item names a body may carry."""
+
+
 @dataclass(frozen=True)
 class ChannelPolicy:
     """The field allow-list of one channel and what to do with the rest."""
@@ -114,6 +118,14 @@ class ChannelPolicy:
             for field, spec in config.fields.items()
         }
         return cls(name, rules, config.on_unlisted, config.max_body_bytes)
+
+    @property
+    def max_parts(self) -> int:
+        """Multipart parts a body may have: each of the channel's fields once, every item
+        name of the council's papers (a device may send its whole form; what the channel
+        does not take is dropped, or refused with ``on_unlisted = "reject"``), and a few
+        more of its own."""
+        return len(self.fields) + len(KNOWN_FIELD_NAMES) + EXTRA_PARTS
 
     @property
     def file_field(self) -> FieldRule | None:

@@ -4,6 +4,11 @@ scrypt is deliberately slow (tens of milliseconds), so a credential that verifie
 is remembered for a short while as an HMAC under a key that lives only in this
 process; the password itself is never kept. A user is locked out for
 ``lockout_seconds`` after ``max_failures`` consecutive failures (429 with Retry-After).
+
+Each scrypt check holds 16 MiB while it runs, so checks are bounded
+(:class:`PasswordChecks`): two at a time on their own threads, 64 more waiting; past
+that a sign-in is answered 503 with Retry-After at once. A burst of wrong passwords
+(made-up user IDs, so no lockout stops it) then costs a fixed amount of memory.
 """
 
 from __future__ import annotations
@@ -15,13 +20,41 @@ import hmac
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from gateway.errors import LockedOut, Unauthenticated
+from gateway.errors import LockedOut, SignInBusy, Unauthenticated
 from gateway.identity.passwords import dummy_hash, verify_password
 from gateway.identity.registry import ID_PATTERN, UserRegistry
 
 MAX_TRACKED = 10_000
+CHECKERS = 2
+"""scrypt checks run at once (each holds 16 MiB of work area)."""
+MAX_WAITING = 64
+"""Checks waiting for a checker; past that a sign-in is refused (503) at once."""
+
+
+class PasswordChecks:
+    """Runs scrypt checks on a pool of its own, ``workers`` at a time, with at most
+    ``max_waiting`` more queued; one more raises SignInBusy."""
+
+    def __init__(self, workers: int = CHECKERS, max_waiting: int = MAX_WAITING) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="password-check")
+        self._capacity = workers + max_waiting
+        self.in_flight = 0
+
+    async def verify(self, password: str, encoded: str) -> bool:
+        if self.in_flight >= self._capacity:
+            raise SignInBusy(retry_after=1)
+        self.in_flight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, verify_password, password, encoded)
+        finally:
+            self.in_flight -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -76,8 +109,10 @@ class StaffAuthenticator:
         cache_seconds: int,
         clock: Callable[[], float],
         on_failure: Callable[[str], None] = lambda reason: None,
+        checks: PasswordChecks | None = None,
     ) -> None:
         self._users = users
+        self._checks = checks or PasswordChecks()
         self._max_failures = max_failures
         self._lockout = lockout_seconds
         self._cache_seconds = cache_seconds
@@ -137,7 +172,11 @@ class StaffAuthenticator:
         if user is not None and cached_at is not None and now - cached_at < self._cache_seconds:
             ok = True
         else:
-            ok = await asyncio.to_thread(verify_password, password, password_hash)
+            try:
+                ok = await self._checks.verify(password, password_hash)
+            except SignInBusy:
+                report("checks_busy")
+                raise
             ok = ok and user is not None
         if ok and user is not None and user.enabled:
             self._failures.pop(key, None)

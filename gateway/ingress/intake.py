@@ -20,7 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.channels.fields import SAFE_FIELD_NAME, validate_text
 from gateway.channels.policy import ChannelPolicy, FieldRule, check_batch, field_label
-from gateway.errors import Malformed, UnsupportedMediaType, Violation
+from gateway.errors import Malformed, TooManyParts, UnsupportedMediaType, Violation
 from gateway.spool.pending import PendingRecord
 
 MANIFEST_VALUES = frozenset({"batch_id", "record_count", "sha256"})
@@ -125,6 +125,7 @@ class MultipartIntake:
         self._file_hash = hashlib.sha256()
         self._file_over = False
         self._seen: set[str] = set()
+        self._parts = 0
         self._ended = False
         self.manifest: dict[str, str] = {}
 
@@ -161,6 +162,11 @@ class MultipartIntake:
     # ---------------------------------------------------------------- callbacks
 
     def _part_begin(self) -> None:
+        # Counted before the part is read: a body of 60,000 tiny parts is refused at
+        # the first one too many, not parsed (and listed) to its end.
+        self._parts += 1
+        if self._parts > self.policy.max_parts:
+            raise TooManyParts(self.policy.max_parts)
         self._disposition = b""
         self._mode = _Mode.SKIP
         self._rule = None

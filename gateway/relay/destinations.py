@@ -39,6 +39,11 @@ class DestinationParts:
     sealer: Sealer | None = None
     """Seals each payload for the recipient when the destination has payload encryption."""
 
+    def memory_for(self, record: Record) -> int:
+        """What an attempt's body holds in memory: a sealed one is built whole (the
+        plaintext, then about as much ciphertext); a plain one is streamed."""
+        return 2 * record.plaintext_size if self.sealer is not None else 0
+
     async def body(
         self, record: Record, chunks: Iterator[bytes], clock: Callable[[], float]
     ) -> Body:

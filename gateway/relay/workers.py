@@ -30,6 +30,7 @@ from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
 from gateway.relay import policy
 from gateway.relay.breaker import CircuitBreaker
+from gateway.relay.budget import MemoryBudget
 from gateway.relay.destinations import (
     DestinationParts,
     RelayPlan,
@@ -98,6 +99,7 @@ class Relay:
         self._drained = asyncio.Event()  # set once stopping and no attempt is under way
         self._senders = SenderLeases()
         self._outcomes = OutcomeWriter(metrics, sleep)
+        self._memory = MemoryBudget()  # sealed bodies in memory, all destinations
 
     async def start(self) -> None:
         for name, dest in self._config.destinations.items():
@@ -356,12 +358,7 @@ class Relay:
             try:
                 await self._spool.note_failed_attempt(record.id, reason)
             except (StorageFailed, OSError) as exc:  # a note, not an outcome: retry anyway
-                log.warning(
-                    "attempt_unrecorded",
-                    submission_id=record.id,
-                    destination=relay.name,
-                    error=type(exc).__name__,
-                )
+                log.warning("attempt_unrecorded", submission_id=record.id, error=type(exc).__name__)
         log.info(
             "retry",
             submission_id=record.id,
@@ -376,7 +373,8 @@ class Relay:
         if wait is not None:
             raise policy.circuit_open(wait)
         try:
-            receipt = await self._send(relay, record)
+            async with self._memory.hold(relay.parts.memory_for(record)):
+                receipt = await self._send(relay, record)
         except RelayError as exc:
             if exc.local:
                 relay.breaker.abandon_probe()  # says nothing about the upstream

@@ -18,9 +18,9 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
 from gateway.channels.photo import PhotoRules
-from gateway.channels.policy import ChannelPolicy
+from gateway.channels.policy import EXTRA_PARTS, KNOWN_FIELD_NAMES, ChannelPolicy
 from gateway.config import GatewayConfig, load_config
-from gateway.errors import Refusal
+from gateway.errors import Refusal, TooManyParts
 from gateway.ingress.intake import IntakeResult, MultipartIntake, multipart_boundary
 from gateway.ingress.problems import answered
 from gateway.spool.pending import PendingRecord
@@ -629,3 +629,30 @@ def test_missing_or_overlong_boundary_is_400(header: str) -> None:
     with pytest.raises(Refusal) as info:
         multipart_boundary(header)
     assert (answered(info.value).status, answered(info.value).slug) == (400, "malformed")
+
+
+def test_a_body_with_more_parts_than_the_channel_takes_is_refused_at_the_first_too_many(
+    spool: Spool, config: GatewayConfig
+) -> None:
+    """The channel's fields, the known item names and 16 more parts are read (the
+    extras dropped); the part after that is refused 413 before it is parsed, whatever
+    follows it."""
+    policy = policy_for(config, "online-application")
+    limit = len(policy.fields) + len(KNOWN_FIELD_NAMES) + EXTRA_PARTS
+    assert policy.max_parts == limit
+    extras = [part(f"extra_{i}", "x") for i in range(limit - len(online_parts()))]
+    fed = feed(spool, policy, body(online_parts() + extras))
+    assert fed.result.violations == [] and len(fed.result.dropped) == len(extras)
+
+    pending = spool.begin(new_submission_id())
+    OPEN.append(pending)
+    intake = MultipartIntake(policy, pending, BOUNDARY)
+    allowed = body(online_parts() + extras, close=False)
+    intake.feed(allowed)  # every part the channel takes
+    hostile = body([part("one_more", "x")] + [part("x", "y")] * 60_000)
+    with pytest.raises(TooManyParts) as refused:
+        intake.feed(hostile)
+    problem = answered(refused.value)
+    assert (problem.status, problem.slug) == (413, "too-many-parts")
+    assert str(limit) in problem.detail
+    assert len(intake.result.dropped) == len(extras)  # nothing past the limit was listed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 import gateway.identity.auth
 from gateway.errors import Refusal
-from gateway.identity.auth import StaffAuthenticator, basic_authorization
+from gateway.identity.auth import PasswordChecks, StaffAuthenticator, basic_authorization
 from gateway.identity.passwords import hash_password
 from gateway.identity.registry import (
     Device,
@@ -453,3 +454,54 @@ async def test_on_failure_default_is_a_no_op(staff_hash: str) -> None:
     with pytest.raises(Refusal) as info:
         await auth.authenticate("Bearer x")
     assert answered(info.value).status == 401
+
+
+# ------------------------------------------------------- bounded password checks
+
+
+async def test_password_checks_are_bounded_and_one_past_the_bound_is_503(
+    staff_hash: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of wrong passwords for made-up users (no lockout holds it back) runs two
+    scrypt checks at a time with a bounded queue; one more is answered 503 with
+    Retry-After at once, counted as checks_busy, and never reaches scrypt."""
+    entered: list[str] = []
+    release, two_in = threading.Event(), threading.Event()
+
+    def slow(password: str, encoded: str) -> bool:
+        entered.append(password)
+        if len(entered) == 2:
+            two_in.set()
+        release.wait(5)
+        return False
+
+    monkeypatch.setattr(gateway.identity.auth, "verify_password", slow)
+    reasons: list[str] = []
+    auth = StaffAuthenticator(
+        lambda: UserRegistry((User("staff-001", staff_hash),)),
+        max_failures=3,
+        lockout_seconds=900,
+        cache_seconds=300,
+        clock=FakeClock(),
+        on_failure=reasons.append,
+        checks=PasswordChecks(workers=2, max_waiting=3),
+    )
+
+    async def guess(i: int) -> Answered:
+        with pytest.raises(Refusal) as info:
+            await auth.authenticate(basic_authorization(f"made-up-{i:03d}", f"guess-{i}"))
+        return answered(info.value)
+
+    tasks = [asyncio.create_task(guess(i)) for i in range(5)]
+    assert await asyncio.to_thread(two_in.wait, 5)
+    for _ in range(5):  # the other three reach the queue
+        await asyncio.sleep(0)
+    busy = await guess(99)
+    assert (busy.status, busy.slug) == (503, "sign-in-busy")
+    assert busy.retry_after == 1
+    assert "guess-99" not in entered and reasons == ["checks_busy"]
+    assert len(entered) == 2  # two at a time: the other three wait, holding no work area
+    release.set()
+    answers = await asyncio.gather(*tasks)
+    assert {a.status for a in answers} == {401}
+    assert len(entered) == 5

@@ -26,6 +26,7 @@ import pytest
 from conftest import Running, hold, start_gateway
 from PIL import Image
 
+from gateway.channels.policy import EXTRA_PARTS, KNOWN_FIELD_NAMES
 from gateway.crypto.pki import issue_device
 from gateway.crypto.tls import client_context
 from gateway.errors import Refusal
@@ -673,6 +674,19 @@ async def test_chunked_body_over_channel_limit_is_413(gateway: Running) -> None:
     async with gateway.client("callcentre-01") as client:
         doc = problem(await post(client, "issuance-reservation", chunks()), 413)
     assert doc["type"].endswith("/too-large")
+
+
+async def test_a_body_of_thousands_of_tiny_parts_is_413_before_it_is_parsed(
+    gateway: Running,
+) -> None:
+    """A body of more parts than the channel's fields, the known item names and 16 more
+    is refused at the first part too many (not parsed, nor listed, to its end): 413."""
+    parts = [*sample_parts("online-application"), *[text("x", b"y") for _ in range(2_000)]]
+    async with gateway.client() as client:
+        doc = problem(await post(client, "online-application", body_of(parts)), 413)
+    assert doc["type"].endswith("/too-many-parts")
+    limit = len(sample_parts("online-application")) + len(KNOWN_FIELD_NAMES) + EXTRA_PARTS
+    assert f"at most {limit} parts" in doc["detail"]
 
 
 # ------------------------------------------------------------------------- 415
