@@ -44,7 +44,7 @@ from gateway.errors import (
 from gateway.identity.auth import unauthorized
 from gateway.identity.registry import Device
 from gateway.ingress.intake import multipart_boundary
-from gateway.ingress.runtime import RUNTIME, Runtime, listener_of
+from gateway.ingress.runtime import PEER, RUNTIME, Peer, Runtime, listener_of
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
@@ -61,7 +61,9 @@ def identify_device(rt: Runtime, request: web.Request) -> Device:
         count_auth_failure(rt, request, "no_client_certificate")
         raise NoClientCertificate
     rt.registries.refresh()
-    device = rt.registries.devices.by_fingerprint(cert_fingerprint(der))
+    fingerprint = cert_fingerprint(der)
+    device = rt.registries.devices.by_fingerprint(fingerprint)
+    request[PEER] = Peer(fingerprint, device.id if device is not None else None)
     if device is None:
         count_auth_failure(rt, request, "device_unknown")
         raise DeviceUnknown

@@ -36,7 +36,15 @@ from gateway.ingress.problems import (
     refusal_response,
 )
 from gateway.ingress.receive import iso, submit_body
-from gateway.ingress.runtime import LISTENER, RUNTIME, Gate, Runtime, RuntimeRef, listener_of
+from gateway.ingress.runtime import (
+    LISTENER,
+    RUNTIME,
+    Gate,
+    Runtime,
+    RuntimeRef,
+    listener_of,
+    peer_fields,
+)
 from gateway.ops.logs import get_logger
 from gateway.spool.records import is_submission_id
 
@@ -146,9 +154,8 @@ async def _handle(
     except Refusal as refusal:
         context.pop("outcome", None)
         response = refusal_response(refusal, instance=f"urn:request:{request_id}")
-        problem = problem_of(refusal)
-        outcome = problem.slug
-        level = "warning" if problem.status >= 500 else "info"
+        outcome = problem_of(refusal).slug
+        level = "warning"  # journalctl -p warning lists every refusal
     except ConnectionResetError:
         # The device went away mid-request; nothing was stored and nobody reads an answer.
         response = web.Response(status=400)
@@ -182,6 +189,8 @@ async def _handle(
     if isinstance(response, web.Response) and not request.content.at_eof():
         # A refusal before the whole body arrived: close rather than drain the rest.
         response.force_close()
+    if level != "info":  # a refusal or a fault: who and from where, to act on it
+        context = {**peer_fields(request), **context}
     getattr(log, level)(
         "request",
         method=request.method,

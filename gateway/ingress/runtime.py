@@ -86,3 +86,31 @@ LISTENER = web.AppKey("listener", str)
 
 def listener_of(request: web.Request) -> str:
     return request.app[LISTENER]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end, as far as the certificate says (for the request log):
+    the certificate's fingerprint, and the device it belongs to, revoked or not."""
+
+    fingerprint: str
+    device_id: str | None  # None: a certificate the registry does not know
+
+
+PEER = web.RequestKey("peer", Peer)
+
+
+def peer_fields(request: web.Request) -> dict[str, str | int]:
+    """The client's address and port, and its certificate's fingerprint and device (or
+    ``unregistered``) once identified: what security staff need to act on a refusal."""
+    fields: dict[str, str | int] = {}
+    peername = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        fields["remote"], fields["client_port"] = str(peername[0]), int(peername[1])
+    elif request.remote:
+        fields["remote"] = request.remote
+    peer = request.get(PEER)
+    if peer is not None:
+        fields["fingerprint"] = peer.fingerprint
+        fields["device_id"] = peer.device_id or "unregistered"
+    return fields

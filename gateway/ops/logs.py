@@ -4,11 +4,18 @@ structlog processors are pure functions of the event dict. The last one before
 rendering keeps only keys from :data:`SAFE_KEYS`; anything else is replaced by
 ``"[redacted]"``, so a careless ``log.info(..., value=x)`` cannot leak a field value.
 Values of the safe keys are names, ids, counts and reasons chosen by the gateway.
+
+Under systemd, when stderr is the journal's stream (``JOURNAL_STREAM`` names it), each
+line starts with its syslog priority (``<3>`` error, ``<4>`` warning, ``<6>`` info,
+``<7>`` debug), which journald takes as the entry's priority (``SyslogLevelPrefix=``, on
+by default): ``journalctl -p warning`` then lists refusals and ``-p err`` faults.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -57,8 +64,13 @@ SAFE_KEYS = frozenset(
         "version",
         "count",
         "remote",
+        "client_port",
+        "fingerprint",
         "pid",
         "signal",
+        "action",
+        "waiting",
+        "in_flight",
     }
 )
 REDACTED = "[redacted]"
@@ -76,18 +88,43 @@ def keep_safe_keys(
     return event_dict
 
 
+PRIORITIES = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "info": 6, "debug": 7}
+"""syslog priorities by structlog method name, for journald's level prefix."""
+
+
+def with_priority(_logger: Any, method: str, rendered: str) -> str:
+    """The rendered line with journald's ``<N>`` priority prefix."""
+    return f"<{PRIORITIES.get(method, 6)}>{rendered}"
+
+
+def to_journal(stream: TextIO) -> bool:
+    """True when ``stream`` is the journal's stream systemd gave us (``JOURNAL_STREAM``
+    is ``device:inode`` of it)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
-    """JSON lines to ``stream`` (stderr by default), one event per line."""
+    """JSON lines to ``stream`` (stderr by default), one event per line, each with its
+    syslog priority in front when the stream is the journal's."""
+    out = stream or sys.stderr
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        keep_safe_keys,
+        structlog.processors.JSONRenderer(sort_keys=False),
+    ]
+    if to_journal(out):
+        processors.append(with_priority)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            keep_safe_keys,
-            structlog.processors.JSONRenderer(sort_keys=False),
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     # The multipart parser's warnings quote body bytes: silenced outright, its child
