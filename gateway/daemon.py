@@ -28,9 +28,11 @@ from gateway import __version__
 from gateway.config import GatewayConfig, ListenerConfig
 from gateway.crypto.keys import load_master_key, resolve_secret_path
 from gateway.errors import ConfigError, GatewayError
+from gateway.ingress.access import AccessRecorder
 from gateway.ingress.app import Gate, RuntimeRef, build_app
 from gateway.ingress.listener import TlsSite
 from gateway.ingress.photos import PhotoChecker
+from gateway.ops.access_log import AccessLog
 from gateway.ops.admin import admin_app
 from gateway.ops.chain_repair import trim_torn_tail
 from gateway.ops.control import build_control_app, start_control_site
@@ -143,6 +145,7 @@ class Daemon(Parts):
             for path in (
                 self.config.audit_log.log,
                 erasure_ledger(self.config.spool.directory).path,
+                *[f for _, f in AccessLog(self.config.access_log_directory).files()[-1:]],
             )
             if (torn := trim_torn_tail(path, clock=self.clock)) is not None
         ]
@@ -180,6 +183,7 @@ class Daemon(Parts):
             missing_files=report.missing_files,
         )
         self.assemble(spool, sleep=self.sleep)
+        await self.access_exporter.prepare()  # before any request is numbered
         self.metrics.in_flight.set_function(lambda: self.gate.in_flight)
 
     async def serve_admin(self) -> None:
@@ -210,6 +214,7 @@ class Daemon(Parts):
         self.ref = RuntimeRef(self.runtime(self.config, self.photos, self.gate))
         await self.relay.start()
         self.supervisor.start("retention-sweeper", self.sweeper.run)
+        self.supervisor.start("access-log", self.access_exporter.run)
         if self.notifier and (interval := self.notifier.watchdog_interval()):
             notifier = self.notifier
             self.supervisor.start("watchdog", lambda: watchdog_loop(notifier, interval=interval))
@@ -227,7 +232,9 @@ class Daemon(Parts):
                 shutdown_timeout=ingress.shutdown_timeout,
             )
             await runner.setup()
-            self.sites[name] = await _listen(runner, name, listener, tls[name], self.metrics)
+            self.sites[name] = await _listen(
+                runner, name, listener, tls[name], self.metrics, self.access
+            )
         socket = self.config.admin.control_socket
         if socket is not None:
             self.control = web.AppRunner(
@@ -311,6 +318,8 @@ class Daemon(Parts):
         self.photos.close()
         self.password_checks.close()
         if self.assembled:
+            with contextlib.suppress(Exception):  # what stays in the index goes out next start
+                await self.access_exporter.export()
             await self.spool.close()
             self.record_audit("gatewayd.stop", detail={"version": __version__})
         log.info("stopped")
@@ -359,16 +368,16 @@ async def _listen(
     listener: ListenerConfig,
     context: ssl.SSLContext,
     metrics: Metrics,
+    access: AccessRecorder,
 ) -> TlsSite:
     """Open one device listener; an address it cannot take is an error naming its key."""
+
+    def handshake_failed(reason: str, peername: tuple[Any, ...] | None) -> None:
+        metrics.tls_handshake_failures.labels(listener=name, reason=reason).inc()
+        access.handshake_failed(name, peername, reason)
+
     site = TlsSite(
-        runner,
-        listener.host,
-        listener.port,
-        context,
-        on_handshake_failure=lambda reason: metrics.tls_handshake_failures.labels(
-            listener=name, reason=reason
-        ).inc(),
+        runner, listener.host, listener.port, context, on_handshake_failure=handshake_failed
     )
     try:
         await site.start()

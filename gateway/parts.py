@@ -29,10 +29,12 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.identity.auth import PasswordChecks, StaffAuthenticator
 from gateway.identity.registry import staff_problems
 from gateway.identity.watcher import RegistryWatcher
+from gateway.ingress.access import AccessRecorder
 from gateway.ingress.app import Gate, Runtime, RuntimeRef
 from gateway.ingress.listener import TlsSite
 from gateway.ingress.photos import PhotoChecker
 from gateway.ingress.receive import iso
+from gateway.ops.access_log import AccessExporter, AccessLog, Expired
 from gateway.ops.audit import AuditLog
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
@@ -87,6 +89,8 @@ class Parts:
     spool: Spool
     relay: Relay
     sweeper: Sweeper
+    access_exporter: AccessExporter
+    access: AccessRecorder
     ref: RuntimeRef
 
     def assemble(self, spool: Spool, *, sleep: Sleep) -> None:
@@ -118,7 +122,30 @@ class Parts:
             channels=tuple(config.channels),
         )
         self.relay.on_delivered = self.erase_delivered
+        self.access_exporter = AccessExporter(
+            spool,
+            AccessLog(config.access_log_directory),
+            metrics,
+            retention_days=config.access_log.retention_days,
+            on_expired=self.audit_access_expiry,
+            clock=clock,
+            sleep=asyncio.sleep,  # a batching delay on the wall clock, not the relay's time
+        )
+        self.access = AccessRecorder(spool, metrics, clock=clock, wake=self.access_exporter.wake)
         self.assembled = True
+
+    def audit_access_expiry(self, gone: Expired) -> None:
+        """Each day file removed by retention, in the audit log (with the head it ended
+        on, which the oldest file left must continue from)."""
+        self.record_audit(
+            "gatewayd.access_log_expired",
+            target=str(gone.path),
+            detail={
+                "first_seq": gone.first_seq,
+                "last_seq": gone.last_seq,
+                "last_hash": gone.last_hash,
+            },
+        )
 
     async def erase_delivered(self, record: Record) -> None:
         """No delivered copy is kept, on any channel: the relay calls this once the
@@ -138,6 +165,7 @@ class Parts:
             on_accepted=self.relay.enqueue,
             photos=photos,
             gate=gate,
+            access=self.access,
         )
 
     def record_audit(self, action: str, **kwargs: Any) -> None:
@@ -290,6 +318,7 @@ class Parts:
             self.sites[name].context = context
         self.config = new
         self.sweeper.channels = tuple(new.channels)
+        self.access_exporter.retention_days = new.access_log.retention_days
         self.audit = AuditLog(new.audit_log, via="gatewayd", actor="gatewayd", clock=self.clock)
         await self.relay.apply(plan)
         self.export(new)

@@ -21,6 +21,7 @@ RESTART_ONLY: tuple[tuple[str, Callable[[GatewayConfig], object]], ...] = (
     ("admin", lambda c: c.admin),
     ("spool.directory", lambda c: c.spool.directory),
     ("spool.master_key", lambda c: c.spool.master_key),
+    ("access_log.directory", lambda c: c.access_log_directory),
 )
 """Settings a running daemon cannot change in place: a reload that changes one is refused."""
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.cli import registry_commands, spool_commands
+from gateway.cli import access_commands, registry_commands, spool_commands
 from gateway.cli.common import Commands, UsageError, config_of
 from gateway.config import load_config
 from gateway.crypto.pki import PkiExistsError, init_pki
@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 
     registry_commands.register(commands, command)
     spool_commands.register(commands, command)
+    access_commands.register(commands, command)
 
     demo = command(
         "demo",

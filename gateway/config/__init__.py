@@ -8,6 +8,7 @@ holds only where they are (a path, or ``credential:NAME`` for a systemd credenti
 
 from gateway.config.load import RETIRED_KEYS, load_config, parse_config
 from gateway.config.models import (
+    AccessLogConfig,
     AdminConfig,
     AuditConfig,
     AuthConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_BODY_LIMIT",
     "MAX_UNIX_SOCKET_PATH",
     "RETIRED_KEYS",
+    "AccessLogConfig",
     "AdminConfig",
     "AuditConfig",
     "AuthConfig",

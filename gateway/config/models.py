@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from datetime import date
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -91,6 +92,15 @@ class AuditConfig(_Model):
 
     log: RelPath
     anchor: RelPath | None = None
+
+
+class AccessLogConfig(_Model):
+    """The access log (アクセスログ): every request attempt, hash-chained, a file a day
+    (JST), kept ``retention_days`` (then removed, each removal in the audit log)."""
+
+    directory: RelPath | None = None
+    """Where the daily files go; by default ``access/`` beside the spool."""
+    retention_days: Annotated[int, Field(ge=1, le=3650)] = 400
 
 
 class SpoolConfig(_Model):
@@ -251,6 +261,7 @@ class GatewayConfig(_Model):
     spool: SpoolConfig
     auth: AuthConfig
     audit: AuditConfig | None = None
+    access_log: AccessLogConfig = AccessLogConfig()
     destinations: dict[Name, DestinationConfig]
     channels: dict[Name, ChannelConfig]
     channel_groups: dict[Name, tuple[Name, ...]] = {}
@@ -282,6 +293,11 @@ class GatewayConfig(_Model):
             return self.audit
         base = self.spool.directory.parent
         return AuditConfig(log=base / "audit.jsonl", anchor=base / "audit.anchor")
+
+    @property
+    def access_log_directory(self) -> Path:
+        """Where the access log's daily files are: as configured, else beside the spool."""
+        return self.access_log.directory or self.spool.directory.parent / "access"
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:

@@ -43,8 +43,9 @@ from gateway.errors import (
 )
 from gateway.identity.auth import unauthorized
 from gateway.identity.registry import Device
+from gateway.ingress.access import PEER, Peer
 from gateway.ingress.intake import multipart_boundary
-from gateway.ingress.runtime import PEER, RUNTIME, Peer, Runtime, listener_of
+from gateway.ingress.runtime import RUNTIME, Runtime, listener_of
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
@@ -63,7 +64,9 @@ def identify_device(rt: Runtime, request: web.Request) -> Device:
     rt.registries.refresh()
     fingerprint = cert_fingerprint(der)
     device = rt.registries.devices.by_fingerprint(fingerprint)
-    request[PEER] = Peer(fingerprint, device.id if device is not None else None)
+    details = transport.get_extra_info("peercert") if transport else None
+    serial = details.get("serialNumber") if isinstance(details, dict) else None
+    request[PEER] = Peer(fingerprint, serial, device.id if device is not None else None)
     if device is None:
         count_auth_failure(rt, request, "device_unknown")
         raise DeviceUnknown

@@ -25,6 +25,7 @@ from gateway.errors import (
     UnknownSubmission,
     is_disk_full,
 )
+from gateway.ingress.access import LOGGED, outcome_of_status
 from gateway.ingress.admission import admit, authenticate, identify_device
 from gateway.ingress.problems import (
     INTERNAL_ERROR,
@@ -189,6 +190,10 @@ async def _handle(
     if isinstance(response, web.Response) and not request.content.at_eof():
         # A refusal before the whole body arrived: close rather than drain the rest.
         response.force_close()
+    if not context.pop("access_logged", False):  # an accepted one is, with its record
+        rt.access.record(rt.access.entry(request, context, status=response.status, outcome=outcome))
+    request[LOGGED] = True
+    context.pop("bytes", None)
     if level != "info":  # a refusal or a fault: who and from where, to act on it
         context = {**peer_fields(request), **context}
     getattr(log, level)(
@@ -199,6 +204,21 @@ async def _handle(
         duration_ms=round(duration * 1000, 2),
         **context,
     )
+    return response
+
+
+@web.middleware
+async def access_logged(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every request attempt has its access log entry: those the API's handlers did not
+    record (an unknown path, a method the API does not have) are recorded here."""
+    response = await handler(request)
+    if not request.get(LOGGED):
+        rt = request.app[RUNTIME].current
+        context = {"listener": listener_of(request), "request_id": secrets.token_hex(8)}
+        outcome = outcome_of_status(response.status)
+        rt.access.record(rt.access.entry(request, context, status=response.status, outcome=outcome))
     return response
 
 
@@ -230,7 +250,7 @@ def _unexpected(exc: Exception) -> web.Response:
 
 def build_app(runtime: RuntimeRef, listener: str) -> web.Application:
     """The device API as served on one listener (network)."""
-    app = web.Application(middlewares=[last_resort], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[access_logged, last_resort], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
     app[LISTENER] = listener
     app.router.add_post(

@@ -16,6 +16,7 @@ import asyncio
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web, web_protocol
 from aiohttp.web_request import BaseRequest
@@ -80,6 +81,18 @@ def handshake_failure_reason(exc: BaseException) -> str:
     return "other"
 
 
+class _PeerSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol, remembering the client's address (for a failed handshake's
+    access log entry, when no request ever tells it)."""
+
+    peername: tuple[Any, ...] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        name = transport.get_extra_info("peername")
+        self.peername = name if isinstance(name, tuple) else None
+        super().connection_made(transport)
+
+
 class TlsSite(web.BaseSite):
     """A TCP site whose TLS context can be replaced while it listens."""
 
@@ -90,7 +103,7 @@ class TlsSite(web.BaseSite):
         port: int,
         context: ssl.SSLContext,
         *,
-        on_handshake_failure: Callable[[str], None] = lambda _reason: None,
+        on_handshake_failure: Callable[[str, tuple[Any, ...] | None], None] = lambda *_: None,
         handshake_timeout: int = HANDSHAKE_TIMEOUT,
         backlog: int = 512,
     ) -> None:
@@ -114,10 +127,9 @@ class TlsSite(web.BaseSite):
 
         def connection() -> asyncio.BaseProtocol:
             waiter = loop.create_future()
-            waiter.add_done_callback(self._handshake_done)
             handler = app_factory()
             handler.__class__ = _ProblemRequestHandler  # same layout, one method differs
-            return sslproto.SSLProtocol(
+            protocol = _PeerSSLProtocol(
                 loop,
                 handler,
                 self.context,
@@ -125,14 +137,18 @@ class TlsSite(web.BaseSite):
                 server_side=True,
                 ssl_handshake_timeout=self._handshake_timeout,
             )
+            waiter.add_done_callback(lambda w: self._handshake_done(w, protocol.peername))
+            return protocol
 
         self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog, reuse_address=True
         )
 
-    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+    def _handshake_done(
+        self, waiter: asyncio.Future[None], peername: tuple[Any, ...] | None
+    ) -> None:
         if waiter.cancelled():
             return
         exc = waiter.exception()  # retrieved here, so asyncio never logs it
         if exc is not None:
-            self._on_failure(handshake_failure_reason(exc))
+            self._on_failure(handshake_failure_reason(exc), peername)

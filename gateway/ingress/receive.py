@@ -20,6 +20,7 @@ from gateway.errors import (
     TooLarge,
     Violation,
 )
+from gateway.ingress.access import encode
 from gateway.ingress.admission import Admission, admit, still_allowed
 from gateway.ingress.intake import MultipartIntake
 from gateway.ingress.runtime import Runtime
@@ -106,6 +107,7 @@ async def _receive(
     received_at = rt.clock()
     pending = await rt.spool.create(new_submission_id(rt.clock))
     committed = False
+    intake: MultipartIntake | None = None
     try:
         intake = MultipartIntake(policy, pending, boundary)
         async for chunk in _body_chunks(request, rt.config.ingress.body_idle_timeout):
@@ -143,8 +145,12 @@ async def _receive(
             field_names=tuple(result.fields),
             idempotency_key=token,
         )
+        # The access log entry goes into the index with the record: durable before the
+        # 202, at no fsync of its own.
+        entry = {**context, "submission_id": pending.id, "bytes": result.body_bytes}
+        access = rt.access.entry(request, entry, status=202, outcome="accepted")
         try:
-            record = await rt.spool.commit(pending, meta)
+            record = await rt.spool.commit(pending, meta, access=encode(access))
         except DuplicateIdempotencyKey:
             # A concurrent request with the same key won the race.
             existing = await rt.spool.find_idempotent(device.id, token or "")
@@ -153,7 +159,10 @@ async def _receive(
             context["outcome"] = "replayed"
             return _replay(existing, result.content_sha256)
         committed = True
+        context["access_logged"] = True
+        rt.access.wake()
     finally:
+        context["bytes"] = intake.result.body_bytes if intake is not None else 0
         if not committed:
             rt.spool.discard(pending)
     for name in result.dropped:

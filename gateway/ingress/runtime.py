@@ -13,6 +13,7 @@ from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig
 from gateway.identity.auth import StaffAuthenticator
 from gateway.identity.watcher import RegistryWatcher
+from gateway.ingress.access import PEER, AccessRecorder, client_address
 from gateway.ingress.photos import PhotoChecker
 from gateway.ops.metrics import Metrics
 from gateway.spool.records import Record
@@ -70,6 +71,7 @@ class Runtime:
     on_accepted: Callable[[Record], None]
     photos: PhotoChecker
     gate: Gate
+    access: AccessRecorder
 
 
 @dataclass
@@ -88,27 +90,15 @@ def listener_of(request: web.Request) -> str:
     return request.app[LISTENER]
 
 
-@dataclass(frozen=True)
-class Peer:
-    """Who is at the other end, as far as the certificate says (for the request log):
-    the certificate's fingerprint, and the device it belongs to, revoked or not."""
-
-    fingerprint: str
-    device_id: str | None  # None: a certificate the registry does not know
-
-
-PEER = web.RequestKey("peer", Peer)
-
-
 def peer_fields(request: web.Request) -> dict[str, str | int]:
     """The client's address and port, and its certificate's fingerprint and device (or
     ``unregistered``) once identified: what security staff need to act on a refusal."""
     fields: dict[str, str | int] = {}
-    peername = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        fields["remote"], fields["client_port"] = str(peername[0]), int(peername[1])
-    elif request.remote:
-        fields["remote"] = request.remote
+    remote, port = client_address(request)
+    if remote is not None:
+        fields["remote"] = remote
+    if port is not None:
+        fields["client_port"] = port
     peer = request.get(PEER)
     if peer is not None:
         fields["fingerprint"] = peer.fingerprint

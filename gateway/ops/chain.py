@@ -1,14 +1,15 @@
 """An append-only, hash-chained JSON-lines log (改ざん検知付き追記専用ログ).
 
-One mechanism under both the erasure ledger (消去台帳: each crypto-erasure of a spooled
-submission) and the operations audit log (監査ログ). Every line is one entry::
+Under the erasure ledger (消去台帳), the operations audit log (監査ログ) and the access
+log (アクセスログ). Every line is one entry::
 
     {"at":"2025-01-31T09:00:00.000000Z","body":{...},"hash":"<hex>","prev":"<hex>","seq":7}
 
 written in canonical form (sorted keys, no spaces, UTF-8) and ended by a newline. ``hash``
 is the SHA-256 of the canonical bytes of ``{seq, prev, at, body}``; ``prev`` is the
 previous entry's ``hash`` (:data:`GENESIS` for seq 1); ``seq`` counts 1, 2, 3, ...
-Bodies are caller-defined JSON and, by contract, never hold personal data.
+Bodies never hold personal data. A log kept as several files (the access log, a file a
+day) chains each file from the last one's head (``start``).
 
 :meth:`HashChainLog.verify` re-reads the whole file and raises :class:`ChainBroken` at
 the first problem, naming the line and the reason: ``edited`` (the hash does not match,
@@ -29,15 +30,11 @@ Limitations, by design of an unkeyed hash chain:
   rewritten atomically after every append, and ``verify`` reports ``truncated`` when the
   log ends before the anchored seq and ``edited`` when the entry there has another hash.
   A log may run ahead of its anchor (a crash between the two writes); a missing anchor
-  beside a non-empty log is reported as ``truncated``. To anchor an existing log, write
-  its verified :attr:`~HashChainLog.head` into the anchor file.
-- Whoever can write the log (and its anchor) can rewrite the whole chain consistently.
-  The anchor protects only as far as it is kept out of that reach: on another file
-  system, or copied elsewhere (a remote log, a printout) from time to time.
-- Writers and readers take ``flock`` on the log, so a ``verify`` in another process
-  sees whole lines and an anchor that matches them, and a writer that finds the file
-  changed under it reloads the tail before appending: several processes may append
-  (the audit log has the daemon and ``gatewayctl`` as writers).
+  beside a non-empty log is reported as ``truncated``.
+- Whoever can write the log (and its anchor) can rewrite the whole chain consistently:
+  keep the anchor out of that reach, or copy it elsewhere from time to time.
+- Writers and readers take ``flock``: a reader sees whole lines, and several processes
+  may append (the audit log has the daemon and ``gatewayctl`` as writers).
 """
 
 from __future__ import annotations
@@ -160,10 +157,12 @@ class HashChainLog:
         clock: Callable[[], float] = time.time,
         anchor: Path | None = None,
         kind: str = "log",
+        start: tuple[int, str] = (0, GENESIS),
     ) -> None:
         self.path = path
         self.anchor = anchor
         self.kind = kind
+        self.start = start  # (seq, hash) this file continues from: another file's head
         """What this log is (audit, ledger), as the file layer's fault seam names it."""
         self._clock = clock
         self._lock = threading.Lock()
@@ -173,7 +172,7 @@ class HashChainLog:
 
     @property
     def head(self) -> tuple[int, str]:
-        """``(seq, hash)`` of the last entry; ``(0, GENESIS)`` for an empty log.
+        """``(seq, hash)`` of the last entry; :attr:`start` for an empty log.
 
         Raises ChainBroken when the tail or the anchor is not intact.
         """
@@ -181,8 +180,8 @@ class HashChainLog:
             try:
                 fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                self._check_anchor(0, {0: GENESIS}, self._read_anchor())
-                return (0, GENESIS)
+                self._check_anchor(self.start[0], dict([self.start]), self._read_anchor())
+                return self.start
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 size = os.fstat(fd).st_size
@@ -260,7 +259,7 @@ class HashChainLog:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._check_anchor(0, {0: GENESIS}, self._read_anchor())
+            self._check_anchor(self.start[0], dict([self.start]), self._read_anchor())
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -307,14 +306,14 @@ class HashChainLog:
         """The head from the last line alone when it and the anchor agree; else a full scan."""
         anchor = self._read_anchor()
         if size == 0:
-            if self.anchor is None or anchor in (None, (0, GENESIS)):
-                return (0, GENESIS)
+            if self.anchor is None or anchor in (None, self.start):
+                return self.start
         else:
             last = _last_line(fd, size)
             entry = None if last is None else self._parse_quietly(last)
             if entry is not None and (self.anchor is None or anchor == (entry.seq, entry.hash)):
                 return (entry.seq, entry.hash)
-        head = (0, GENESIS)  # something is off, or the log ran ahead of its anchor
+        head = self.start  # something is off, or the log ran ahead of its anchor
         for entry in self._scan(fd, size, anchor):
             head = (entry.seq, entry.hash)
         return head
@@ -326,8 +325,8 @@ class HashChainLog:
             return None
 
     def _scan(self, fd: int, size: int, anchor: tuple[int, str] | None) -> Iterator[ChainEntry]:
-        seq, prev = 0, GENESIS
-        hashes = {0: GENESIS}
+        seq, prev = self.start
+        hashes = dict([self.start])
         wanted = -1 if anchor is None else anchor[0]
         for lineno, (raw, complete, last) in enumerate(_read_lines(fd, size), start=1):
             if not complete:
@@ -339,12 +338,13 @@ class HashChainLog:
                     "cut it off after inspection before appending",
                 )
             entry = self._parse(raw, lineno, last=last)
-            if lineno == 1 and (entry.seq, entry.prev) != (1, GENESIS):
+            if lineno == 1 and (entry.seq, entry.prev) != (seq + 1, prev):
                 raise ChainBroken(
                     self.path,
                     lineno,
                     "bad_genesis",
-                    f"first entry is seq {entry.seq}, not seq 1 after the genesis hash",
+                    f"first entry is seq {entry.seq}, not seq {seq + 1} after "
+                    + ("the genesis hash" if seq == 0 else "the previous file's last entry"),
                 )
             if (entry.seq, entry.prev) != (seq + 1, prev):
                 raise ChainBroken(

@@ -71,6 +71,7 @@ SAFE_KEYS = frozenset(
         "action",
         "waiting",
         "in_flight",
+        "path",
     }
 )
 REDACTED = "[redacted]"

@@ -171,6 +171,22 @@ class Metrics:
             "Outcomes known but not yet on disk (a record delivered but not yet marked so)",
             registry=r,
         )
+        self.access_log_entries = Counter(
+            "gateway_access_log_entries",
+            "Access log entries written to the day files",
+            registry=r,
+        )
+        self.access_log_dropped = Counter(
+            "gateway_access_log_dropped",
+            "Access log entries dropped: the disk refused them longer than memory could keep",
+            registry=r,
+        )
+        self.access_log_suppressed = Counter(
+            "gateway_access_log_suppressed",
+            "Failed TLS handshakes not logged one by one (per-address rate limit)",
+            ["listener"],
+            registry=r,
+        )
         self.task_failures = Counter(
             "gateway_task_failures",
             "Long-lived tasks that raised (each is restarted with backoff)",

@@ -70,6 +70,7 @@ class _Op:
     sync_dirs: tuple[Path, ...] = field(default_factory=tuple)
     checkpoint: bool = False
     retries: int = 0  # a read run again after its batch's commit failed
+    kind: str = "index"  # what the fault seam calls this operation's commit
 
 
 class IndexThread:
@@ -99,6 +100,7 @@ class IndexThread:
         *,
         sync_dirs: Iterable[Path] = (),
         checkpoint: bool = False,
+        kind: str = "index",
     ) -> T:
         """Run ``fn`` in the next batch; returns once the batch is committed.
 
@@ -110,7 +112,7 @@ class IndexThread:
             # that outlived the drain and reaches the spool after it was closed).
             raise SpoolError("the spool index is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put(_Op(fn, future, tuple(sync_dirs), checkpoint))
+        self._queue.put(_Op(fn, future, tuple(sync_dirs), checkpoint, kind=kind))
         return await asyncio.wrap_future(future)
 
     def _connect(self) -> sqlite3.Connection:
@@ -212,7 +214,7 @@ class IndexThread:
         """
         results: list[tuple[_Op, Any, BaseException | None]] = []
         readers: list[_Op] = []
-        changes_before = conn.total_changes
+        writers: set[str] = set()  # the kinds of the operations that changed something
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
@@ -231,11 +233,13 @@ class IndexThread:
                     results.append((op, value, None))
                     if conn.total_changes == before and not op.sync_dirs:
                         readers.append(op)
+                    elif conn.total_changes != before:
+                        writers.add(op.kind)
             for directory in {d for op in batch for d in op.sync_dirs}:
                 fsync_dir(directory, kind="record")
-            if conn.total_changes != changes_before:
+            if writers:
                 try:
-                    fault_point("index", "commit")
+                    fault_point("index" if "index" in writers else min(writers), "commit")
                 except OSError as injected:  # as SQLite would fail its own write
                     raise sqlite_error_for(injected) from None
             conn.execute("COMMIT")

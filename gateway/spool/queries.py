@@ -59,7 +59,14 @@ CREATE UNIQUE INDEX IF NOT EXISTS records_idempotency
     ON records (device_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_queue ON records (state, destination, received_at);
 CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_at) WHERE erased_at IS NULL;
+CREATE TABLE IF NOT EXISTS access_pending (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    body TEXT NOT NULL
+);
 """
+# access_pending (added without a version bump: an older gateway ignores it) holds access
+# log entries until the exporter has them in the day's file; seq is the entry's number
+# in the access log's chain.
 
 _RECORD = ", ".join(RECORD_COLUMNS)
 _DUE = ", ".join(DUE_COLUMNS)
@@ -306,3 +313,34 @@ def select_records(
         "ORDER BY received_at DESC LIMIT ?"
     )
     return [Record.from_columns(row) for row in _all(conn.execute(sql, (*params, limit)))]
+
+
+# ------------------------------------------------------------------ access log
+
+
+def insert_access(conn: sqlite3.Connection, body: str) -> int:
+    """An access log entry, numbered; committed with whatever else its group holds."""
+    cursor = conn.execute("INSERT INTO access_pending (body) VALUES (?)", (body,))
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def pending_access(conn: sqlite3.Connection, limit: int) -> list[tuple[int, str]]:
+    rows = conn.execute(
+        "SELECT seq, body FROM access_pending ORDER BY seq LIMIT ?", (limit,)
+    ).fetchall()
+    return [(int(seq), str(body)) for seq, body in rows]
+
+
+def forget_access(conn: sqlite3.Connection, through: int) -> None:
+    conn.execute("DELETE FROM access_pending WHERE seq <= ?", (through,))
+
+
+def number_access_after(conn: sqlite3.Connection, seq: int) -> None:
+    """Entries from now on are numbered after ``seq`` (the access log's head), whatever
+    this index numbered before (a new spool beside an existing access log)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'access_pending'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('access_pending', ?)", (seq,))
+    elif int(row[0]) < seq:
+        conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'access_pending'", (seq,))

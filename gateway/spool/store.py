@@ -170,8 +170,11 @@ class Spool:
             future.add_done_callback(abandon_unclaimed)  # the file is nobody's now
             raise
 
-    async def commit(self, pending: PendingRecord, meta: NewRecord) -> Record:
-        """Make the record durable, then index it; returns only after both are on disk."""
+    async def commit(
+        self, pending: PendingRecord, meta: NewRecord, *, access: str | None = None
+    ) -> Record:
+        """Make the record durable, then index it; returns only after both are on disk.
+        ``access`` (its access log entry) is committed in the same transaction."""
         try:
             pending.finish()
             await asyncio.shield(self.start_sync(pending))
@@ -192,6 +195,8 @@ class Spool:
                 ciphertext_sha256=ciphertext_sha256,
                 wrapped_key=wrapped,
             )
+            if access is not None:
+                queries.insert_access(conn, access)
 
         # Once the insert is queued it may commit: even if the caller is cancelled (a
         # drain that ran out of time), wait for the outcome so the file is deleted only
@@ -406,6 +411,24 @@ class Spool:
         for record_id in record_ids:
             self._path(record_id).unlink(missing_ok=True)
         fsync_dir(self._records_dir, kind="record")
+
+    # -------------------------------------------------------------- access log
+
+    def record_access(self, body: str) -> asyncio.Future[int]:
+        """Queue an access log entry for the next group commit (not waited for)."""
+        run = self._index.run(lambda c: queries.insert_access(c, body), kind="access-index")
+        future = asyncio.ensure_future(run)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+    async def pending_access(self, limit: int) -> list[tuple[int, str]]:
+        return await self._index.run(lambda c: queries.pending_access(c, limit))
+
+    async def forget_access(self, through: int) -> None:
+        await self._index.run(lambda c: queries.forget_access(c, through), kind="access-index")
+
+    async def number_access_after(self, seq: int) -> None:
+        await self._index.run(lambda c: queries.number_access_after(c, seq))
 
     # --------------------------------------------------------------- capacity
 

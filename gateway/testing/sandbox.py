@@ -270,6 +270,7 @@ async def build_sandbox(
         )
     data["admin"].update(host="127.0.0.1", port=0, control_socket=str(_control_socket(state)))
     data["audit"] = {"log": str(state / "audit.jsonl"), "anchor": str(state / "audit.anchor")}
+    data["access_log"] = {"directory": str(state / "access"), "retention_days": 400}
     data["spool"].update(
         directory=str(state / "spool"),
         master_key=str(master),

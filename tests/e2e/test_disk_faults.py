@@ -210,7 +210,10 @@ class World:
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     sandbox = await build_sandbox(tmp_path)
-    faults = DiskFaults()
+    # The access log's exporter writes in the background, when its timing says: its
+    # writes are left out of the numbered path (tests/component/test_access_log_files.py fails
+    # them in turn on their own).
+    faults = DiskFaults(ignore=frozenset({"access", "access-anchor", "access-index"}))
     sleep = ParkingSleep(faults=faults)
     running = await start_gateway(sandbox, sleep)
     try:
