@@ -244,3 +244,20 @@ def test_failed_handshakes_are_rate_limited_per_address_and_the_rest_summed_up()
     assert last["suppressed"] == 45 and last["problem"] == "unknown_ca"
     assert last["remote"] == "192.0.2.7" and last["port"] == 40002
     assert last["outcome"] == "tls-handshake-failed"
+
+
+async def test_the_exporter_removes_expired_days_and_reports_each_removal(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """Each removal is handed on (the daemon writes it to the audit log) with the head it
+    ended on."""
+    access = AccessLog(tmp_path / "access")
+    write_days(access, 4)
+    expired: list[Expired] = []
+    out = exporter(spool, access, expired)
+    out.retention_days = 1
+    removed = await out.expire(date(2026, 11, 4))
+    assert [e.path.name for e in expired] == [e.path.name for e in removed]
+    assert [e.path.name for e in removed] == ["2026-11-01.jsonl", "2026-11-02.jsonl"]
+    assert removed[-1].last_hash == access.expired_head()[1]
+    assert access.verify().entries == 6
