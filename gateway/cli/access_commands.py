@@ -1,18 +1,26 @@
-"""``gatewayctl access-log``: the access log (アクセスログ), verified.
+"""``gatewayctl access-log`` and ``access-report``: the access log (アクセスログ), verified
+and reviewed.
 
 ``access-log verify [--from DATE] [--to DATE]`` re-reads the day files (all, or those of
 the days given, JST) and their hash chain: any edit, deletion, reordering or cut-off tail
-is reported with the file and the line (exit 1).
+is reported with the file and the line (exit 1). ``access-report --from --to`` is the
+periodic review (:mod:`gateway.ops.access_report`), from verified entries only.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import sys
-from datetime import date
+from datetime import date, timedelta
+from typing import Any
 
-from gateway.cli.common import Commands, SubParsers, UsageError, config_of
+from gateway.cli.common import Commands, SubParsers, UsageError, config_of, positive
+from gateway.identity.registry import load_devices, load_users
 from gateway.ops.access_log import AccessLog
+from gateway.ops.access_report import OfficeHours, as_document, review
 from gateway.ops.chain import ChainBroken
 
 
@@ -40,6 +48,117 @@ def cmd_access_log_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_access_report(args: argparse.Namespace) -> int:
+    if args.to < args.from_:
+        raise UsageError("--to is before --from")
+    config = config_of(args)
+    settings = config.access_log
+    idle_days = args.idle_days or settings.idle_days
+    office = OfficeHours(
+        settings.office_opens, settings.office_closes, frozenset(settings.office_closed_days)
+    )
+    access = AccessLog(config.access_log_directory)
+    since = min(args.from_, args.to - timedelta(days=idle_days))  # for "last seen"
+    try:
+        result = review(
+            ((e.seq, e.hash, e.body) for _, e in access.entries(since, args.to)),
+            first=args.from_,
+            last=args.to,
+            office=office,
+        )
+    except ChainBroken as exc:
+        line = "" if exc.line is None else f" line {exc.line}"
+        print(
+            f"gatewayctl: access log BROKEN in {exc.path.name}{line} ({exc.reason}): "
+            f"{exc.detail}; no report from a log that does not verify",
+            file=sys.stderr,
+        )
+        return 1
+    devices = [d.id for d in load_devices(config.auth.devices_file).devices if not d.revoked]
+    users = [u.id for u in load_users(config.auth.users_file).users if u.enabled]
+    document = as_document(
+        result, devices=devices, users=users, today=args.to, idle_days=idle_days, office=office
+    )
+    if args.format == "json":
+        json.dump(document, sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+    elif args.format == "csv":
+        sys.stdout.write(as_csv(document))
+    else:
+        sys.stdout.write(as_text(document))
+    return 0
+
+
+def as_csv(document: dict[str, Any]) -> str:
+    """One row per figure: section, key, attempts, accepted, refused, count, detail."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["section", "key", "attempts", "accepted", "refused", "count", "detail"])
+    for section in ("per_device", "per_user", "per_channel", "per_listener"):
+        for key, tally in document[section].items():
+            row = [tally["attempts"], tally["accepted"], tally["refused"], "", ""]
+            writer.writerow([section, key, *row])
+    for reason, count in document["refusals_by_reason"].items():
+        writer.writerow(["refusal", reason, "", "", "", count, ""])
+    for cert in document["refused_certificates"]:
+        detail = f"{cert['fingerprint']} from {' '.join(cert['addresses'])}"
+        writer.writerow([cert["outcome"], cert["device_id"], cert["attempts"], "", "", "", detail])
+    for user, count in document["lockouts"].items():
+        writer.writerow(["lockout", user, "", "", "", count, ""])
+    for entry in document["outside_office_hours"]["entries"]:
+        detail = f"{entry['why']}: {entry['channel']} {entry['outcome']}"
+        writer.writerow(["outside_hours", entry["time"], "", "", "", "", detail])
+    for kind in ("devices", "users"):
+        for item in document["idle"][kind]:
+            last = item["last_seen"] or "never"
+            writer.writerow([f"idle_{kind}", item["id"], "", "", "", "", f"last seen {last}"])
+    head = document["chain_head"]
+    if head:
+        writer.writerow(["chain_head", head["seq"], "", "", "", "", head["hash"]])
+    return out.getvalue()
+
+
+def as_text(document: dict[str, Any]) -> str:
+    period = document["period"]
+    lines = [f"Access log review {period['from']} to {period['to']}: {document['entries']} entries"]
+    for section, title in (
+        ("per_device", "Devices"),
+        ("per_user", "Staff users"),
+        ("per_channel", "Channels"),
+        ("per_listener", "Listeners"),
+    ):
+        lines.append(f"\n{title} (attempts / accepted / refused):")
+        for key, tally in document[section].items():
+            counts = f"{tally['attempts']} / {tally['accepted']} / {tally['refused']}"
+            lines.append(f"  {key:<28} {counts}")
+    lines.append("\nRefusals by reason:")
+    lines += [f"  {r:<28} {n}" for r, n in document["refusals_by_reason"].items()]
+    lines.append("\nRevoked or unregistered certificates that tried:")
+    for cert in document["refused_certificates"]:
+        lines.append(
+            f"  {cert['outcome']} {cert['device_id']} {cert['fingerprint']}: "
+            f"{cert['attempts']} from {', '.join(cert['addresses'])} "
+            f"({cert['first']} to {cert['last']})"
+        )
+    lines.append("\nLockouts:")
+    lines += [f"  {user:<28} {n}" for user, n in document["lockouts"].items()]
+    outside = document["outside_office_hours"]
+    lines.append(f"\nOutside office hours ({outside['hours']}): {outside['count']}")
+    lines += [
+        f"  {e['time']} {e['why']}: {e['device_id']} {e['user_id']} {e['channel']} {e['outcome']}"
+        for e in outside["entries"]
+    ]
+    lines.append(f"  holidays: {outside['holidays']}")
+    idle = document["idle"]
+    lines.append(f"\nNot seen for {idle['days']} days (candidates for revocation):")
+    for kind in ("devices", "users"):
+        for item in idle[kind]:
+            lines.append(f"  {kind[:-1]} {item['id']}: last seen {item['last_seen'] or 'never'}")
+    head = document["chain_head"]
+    lines.append(f"\nChain head: {head['seq']} {head['hash']}" if head else "\nChain head: none")
+    return "\n".join(lines) + "\n"
+
+
 def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -> None:
     access = commands.add_parser(
         "access-log", help="the access log (every request attempt)"
@@ -55,3 +174,22 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
         "--from", dest="from_", type=date.fromisoformat, metavar="DATE", help="first day (JST)"
     )
     verify.add_argument("--to", type=date.fromisoformat, metavar="DATE", help="last day (JST)")
+
+    report = command(
+        "access-report",
+        cmd_access_report,
+        "the periodic review of the access log (定期的な分析): counts per device, user, "
+        "channel and listener, refusals by reason, refused certificates, lockouts, "
+        "activity outside office hours, idle devices and users, the chain's head",
+    )
+    report.add_argument(
+        "--from", dest="from_", type=date.fromisoformat, required=True, metavar="DATE"
+    )
+    report.add_argument("--to", type=date.fromisoformat, required=True, metavar="DATE")
+    report.add_argument("--format", choices=["json", "csv", "text"], default="text")
+    report.add_argument(
+        "--idle-days",
+        type=positive,
+        metavar="N",
+        help="devices and users not seen for N days (default: access_log.idle_days, 90)",
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from datetime import date
+from datetime import date, time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -101,6 +101,13 @@ class AccessLogConfig(_Model):
     directory: RelPath | None = None
     """Where the daily files go; by default ``access/`` beside the spool."""
     retention_days: Annotated[int, Field(ge=1, le=3650)] = 400
+    office_opens: time = time(8, 30)
+    """When the office opens (JST); the review lists activity outside its hours."""
+    office_closes: time = time(17, 15)
+    office_closed_days: tuple[date, ...] = ()
+    """The office's own closures, besides weekends, national holidays and 12/29–1/3."""
+    idle_days: Annotated[int, Field(ge=1)] = 90
+    """The review lists devices and users not seen for this long (revocation candidates)."""
 
 
 class SpoolConfig(_Model):
