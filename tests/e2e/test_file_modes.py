@@ -34,7 +34,10 @@ async def test_every_file_in_the_state_directory_is_the_daemons_alone(gateway: R
     spool = config.spool.directory
     loose = []
     for path in state.rglob("*"):
-        mode = stat.S_IMODE(path.lstat().st_mode)
+        try:
+            mode = stat.S_IMODE(path.lstat().st_mode)
+        except FileNotFoundError:
+            continue  # a temporary file renamed into place since the listing
         made_by_daemon = path.is_dir() and (path == spool or spool in path.parents)
         if (path.is_dir() and made_by_daemon and mode & 0o077) or (
             not path.is_dir() and mode & 0o077
