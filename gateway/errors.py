@@ -196,6 +196,26 @@ class PhotoCheckUnavailable(Refusal):
     detail = "the photo could not be checked right now; retry"
 
 
+class ScannerUnavailable(Refusal):
+    """The virus scanner gave no verdict (gone, an error, too slow): refused, never let
+    through unscanned. ``reason`` is for the log; the device gets the fixed detail."""
+
+    detail = "the virus scanner could not check the file right now; retry later"
+
+    def __init__(self, retry_after: int, reason: str) -> None:
+        super().__init__(retry_after=retry_after)
+        self.reason = reason
+
+
+class MalwareDetected(Refusal):
+    """The scanner found a signature in a file part (the detail names both)."""
+
+    def __init__(self, part: str, signature: str) -> None:
+        super().__init__(f"{part}: malware detected ({signature}); the submission was discarded")
+        self.part = part
+        self.signature = signature
+
+
 class UnknownSubmission(Refusal):
     detail = "no submission by that id for this device"
 

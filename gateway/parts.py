@@ -34,6 +34,7 @@ from gateway.ingress.app import Gate, Runtime, RuntimeRef
 from gateway.ingress.listener import TlsSite
 from gateway.ingress.photos import PhotoChecker
 from gateway.ingress.receive import iso
+from gateway.ingress.scanner import ClamdScanner
 from gateway.ops.access_log import AccessExporter, AccessLog, Expired
 from gateway.ops.audit import AuditLog
 from gateway.ops.logs import get_logger
@@ -166,6 +167,7 @@ class Parts:
             photos=photos,
             gate=gate,
             access=self.access,
+            scanner=scanner_for(config),
         )
 
     def record_audit(self, action: str, **kwargs: Any) -> None:
@@ -251,9 +253,11 @@ class Parts:
 
     def export(self, config: GatewayConfig) -> None:
         """The metrics a configuration sets (certificate expiry, quota, erasure labels)."""
-        for channel in config.channels:  # rare events start at 0, so alerts see the first
-            for reason in ERASURE_REASONS:
+        for channel, settings in config.channels.items():  # rare events start at 0, so
+            for reason in ERASURE_REASONS:  # alerts see the first
                 self.metrics.erasures.labels(channel=channel, reason=reason)
+            for result in ("clean", "infected", "unavailable") if settings.scan else ():
+                self.metrics.scans.labels(channel=channel, result=result)
         self.metrics.spool_quota_bytes.set(config.spool.quota_bytes)
         export_certificate_expiry(config, self.metrics)
         self.metrics.last_reload.set(self.clock())
@@ -312,7 +316,12 @@ class Parts:
         old = self.ref.current
         auth = old.auth if new.auth == self.config.auth else self.authenticator(new)
         self.ref.current = replace(
-            old, config=new, policies=policies, registries=registries, auth=auth
+            old,
+            config=new,
+            policies=policies,
+            registries=registries,
+            auth=auth,
+            scanner=scanner_for(new),
         )
         for name, context in tls.items():
             self.sites[name].context = context
@@ -323,6 +332,12 @@ class Parts:
         await self.relay.apply(plan)
         self.export(new)
         return True, f"{len(new.channels)} channels, {len(new.destinations)} destinations"
+
+
+def scanner_for(config: GatewayConfig) -> ClamdScanner | None:
+    """clamd, when the configuration names one."""
+    scanner = config.scanner
+    return None if scanner is None else ClamdScanner(scanner.clamd_socket, scanner.timeout_seconds)
 
 
 def export_certificate_expiry(config: GatewayConfig, metrics: Metrics) -> None:

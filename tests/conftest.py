@@ -13,6 +13,7 @@ import structlog
 
 from gateway.daemon import Bound
 from gateway.ops.metrics import Metrics
+from gateway.testing.clamd import Clamd
 from gateway.testing.client import DeviceClient
 from gateway.testing.fakes import FakeSleep
 from gateway.testing.sandbox import RunningGateway, Sandbox, build_sandbox
@@ -102,6 +103,13 @@ def hold(sim: UpstreamSimulator) -> Gate:
     sim._sleep = gate
     sim.set_delay(1.0)
     return gate
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
+    """One real clamd for the whole test session, with the tests' own signatures."""
+    with Clamd(tmp_path_factory.mktemp("clamd")) as running:
+        yield running
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from gateway.config.models import (
     IngressConfig,
     ListenerConfig,
     RetryConfig,
+    ScannerConfig,
     SpoolConfig,
 )
 from gateway.config.types import (
@@ -45,6 +46,7 @@ __all__ = [
     "IngressConfig",
     "ListenerConfig",
     "RetryConfig",
+    "ScannerConfig",
     "SpoolConfig",
     "load_config",
     "parse_config",

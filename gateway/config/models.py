@@ -94,6 +94,14 @@ class AuditConfig(_Model):
     anchor: RelPath | None = None
 
 
+class ScannerConfig(_Model):
+    """clamd, for the channels that set ``scan``: INSTREAM over its Unix socket."""
+
+    clamd_socket: RelPath
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """A scan that takes longer (or clamd gone) is a 503 with Retry-After: fail closed."""
+
+
 class AccessLogConfig(_Model):
     """The access log (アクセスログ): every request attempt, hash-chained, a file a day
     (JST), kept ``retention_days`` (then removed, each removal in the audit log)."""
@@ -227,6 +235,9 @@ class ChannelConfig(_Model):
     on_unlisted: Literal["drop", "reject"] = "drop"
     retention_days: Annotated[int, Field(ge=1, le=366)] = 7
     max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_BODY_LIMIT)] = 8 * 1024 * 1024
+    scan: bool = False
+    """Stream the file part (the photo) to clamd as it arrives; the verdict comes before
+    the 202 (ウイルス対策)."""
     fields: dict[str, FieldConfig]
 
     @model_validator(mode="after")
@@ -245,6 +256,14 @@ class ChannelConfig(_Model):
             raise ValueError("devices must name at least one device or group:NAME")
         if not self.source_networks:
             raise ValueError("source_networks must name at least one network")
+        if self.scan and not files:
+            raise ValueError("scan = true, but this channel has no file part to scan")
+        if self.scan and any(f.format == "opaque_file" for f in self.fields.values()):
+            raise ValueError(
+                "scan = true on an opaque batch file: it is already encrypted, so a scanner "
+                "would see only ciphertext (scan is for photos; the batch is scanned where "
+                "it is made)"
+            )
         if any(f.format == "opaque_file" for f in self.fields.values()):
             missing = [m for m in BATCH_MANIFEST if m not in self.fields]
             if missing:
@@ -269,6 +288,7 @@ class GatewayConfig(_Model):
     auth: AuthConfig
     audit: AuditConfig | None = None
     access_log: AccessLogConfig = AccessLogConfig()
+    scanner: ScannerConfig | None = None
     destinations: dict[Name, DestinationConfig]
     channels: dict[Name, ChannelConfig]
     channel_groups: dict[Name, tuple[Name, ...]] = {}
@@ -316,6 +336,12 @@ class GatewayConfig(_Model):
             for listener in channel.listeners:
                 if listener not in self.listeners:
                     raise ValueError(f"channels.{name}.listeners: {NO_LISTENER}")
+        scanned = [name for name, channel in self.channels.items() if channel.scan]
+        if scanned and self.scanner is None:
+            raise ValueError(
+                f"scanner: channels {', '.join(scanned)} set scan = true: configure "
+                "[scanner] clamd_socket"
+            )
         for group, members in self.channel_groups.items():
             for member in members:
                 if member not in self.channels:

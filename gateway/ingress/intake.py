@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -90,9 +91,18 @@ def safe_name(name: str, policy: ChannelPolicy) -> str:
 class MultipartIntake:
     """Push-based: :meth:`feed` raw body chunks, then :meth:`finish`."""
 
-    def __init__(self, policy: ChannelPolicy, pending: PendingRecord, boundary: bytes) -> None:
+    def __init__(
+        self,
+        policy: ChannelPolicy,
+        pending: PendingRecord,
+        boundary: bytes,
+        *,
+        on_file_bytes: Callable[[memoryview], None] | None = None,
+    ) -> None:
         self.policy = policy
         self.pending = pending
+        self.on_file_bytes = on_file_bytes
+        """Called with each piece of the file part as it is written (the scan)."""
         self.egress_boundary = "gw-" + secrets.token_hex(16)
         self._eb = self.egress_boundary.encode()
         self.result = IntakeResult()
@@ -248,6 +258,8 @@ class MultipartIntake:
                 return
             piece = memoryview(data)[start:end]
             self.pending.write(piece)
+            if self.on_file_bytes is not None:
+                self.on_file_bytes(piece)  # the virus scanner sees it as the spool does
             self._file_hash.update(piece)
             file.length += size
         elif self._mode is _Mode.TEXT:

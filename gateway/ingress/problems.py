@@ -58,11 +58,13 @@ CATALOGUE: Mapping[type[e.Refusal], ProblemType] = {
     e.UnsupportedMediaType: ProblemType(415, "unsupported-media-type", "Unsupported media type"),
     e.ExpectationFailed: ProblemType(417, "expectation-failed", "Expectation failed"),
     e.InvalidFields: ProblemType(422, "invalid-fields", "Invalid fields"),
+    e.MalwareDetected: ProblemType(422, "malware-detected", "Malware detected"),
     e.LockedOut: ProblemType(429, "locked-out", "Too many failed attempts"),
     e.ShuttingDown: ProblemType(503, "shutting-down", "Gateway is shutting down"),
     e.SignInBusy: ProblemType(503, "sign-in-busy", "Too many sign-ins at once"),
     e.SpoolUnavailable: ProblemType(503, "spool-unavailable", "Spool unavailable"),
     e.PhotoCheckUnavailable: ProblemType(503, "photo-check-unavailable", "Photo check unavailable"),
+    e.ScannerUnavailable: ProblemType(503, "scanner-unavailable", "Virus scanner unavailable"),
     e.SpoolFull: ProblemType(507, "spool-full", "Spool full"),
     e.DiskLow: ProblemType(507, "disk-low", "Disk space low"),
 }

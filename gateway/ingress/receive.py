@@ -17,6 +17,8 @@ from gateway.errors import (
     IdempotencyConflict,
     InvalidFields,
     Malformed,
+    MalwareDetected,
+    ScannerUnavailable,
     TooLarge,
     Violation,
 )
@@ -24,8 +26,12 @@ from gateway.ingress.access import encode
 from gateway.ingress.admission import Admission, admit, still_allowed
 from gateway.ingress.intake import MultipartIntake
 from gateway.ingress.runtime import Runtime
+from gateway.ingress.scanner import ScanSession
+from gateway.ops.logs import get_logger
 from gateway.spool.pending import PendingRecord
 from gateway.spool.records import DuplicateIdempotencyKey, NewRecord, Record, new_submission_id
+
+log = get_logger("gateway.ingress")
 
 
 def iso(ts: float | None) -> str | None:
@@ -67,6 +73,37 @@ async def _body_chunks(request: web.Request, idle_timeout: float) -> AsyncIterat
         yield chunk
 
 
+async def open_scan(rt: Runtime, channel: str) -> ScanSession | None:
+    """A clamd session for a channel that scans (None otherwise); 503 if clamd is not
+    there, before the body is read."""
+    if not rt.config.channels[channel].scan or rt.scanner is None:
+        return None
+    try:
+        return await rt.scanner.open()
+    except ScannerUnavailable as exc:
+        rt.metrics.scans.labels(channel=channel, result="unavailable").inc()
+        log.error("scanner_unavailable", channel=channel, reason=exc.reason)
+        raise
+
+
+async def check_scan(rt: Runtime, channel: str, scan: ScanSession, intake: MultipartIntake) -> None:
+    """The scanner's verdict on the file part, before anything is committed."""
+    try:
+        signature = await scan.verdict()
+    except ScannerUnavailable as exc:
+        rt.metrics.scans.labels(channel=channel, result="unavailable").inc()
+        log.error("scanner_unavailable", channel=channel, reason=exc.reason)
+        raise
+    if signature is None:
+        rt.metrics.scans.labels(channel=channel, result="clean").inc()
+        return
+    rt.metrics.scans.labels(channel=channel, result="infected").inc()
+    file = intake.result.file
+    part = file.rule.name if file is not None else "file"
+    log.warning("malware_detected", channel=channel, reason=signature)
+    raise MalwareDetected(part, signature)
+
+
 async def _check_photo(
     rt: Runtime, pending: PendingRecord, intake: MultipartIntake, policy: ChannelPolicy
 ) -> Violation | None:
@@ -105,17 +142,29 @@ async def _receive(
     # it (bound to device and channel) is ever stored.
     token = None if key is None else rt.spool.idempotency_token(device.id, channel, key)
     received_at = rt.clock()
-    pending = await rt.spool.create(new_submission_id(rt.clock))
+    scan = await open_scan(rt, channel)  # before a file is made: no clamd, no record
+    try:
+        pending = await rt.spool.create(new_submission_id(rt.clock))
+    except BaseException:
+        if scan is not None:
+            scan.close()
+        raise
     committed = False
     intake: MultipartIntake | None = None
     try:
-        intake = MultipartIntake(policy, pending, boundary)
+        intake = MultipartIntake(
+            policy, pending, boundary, on_file_bytes=scan.feed if scan else None
+        )
         async for chunk in _body_chunks(request, rt.config.ingress.body_idle_timeout):
             if intake.result.body_bytes + len(chunk) > policy.max_body_bytes:
                 raise TooLarge(policy.max_body_bytes)
             intake.feed(chunk)
+            if scan is not None:
+                await scan.drain()
         result = intake.finish()
         pending.finish()
+        if scan is not None:
+            await check_scan(rt, channel, scan, intake)
         if token is not None:
             existing = await rt.spool.find_idempotent(device.id, token)
             if existing is not None:
@@ -163,6 +212,8 @@ async def _receive(
         rt.access.wake()
     finally:
         context["bytes"] = intake.result.body_bytes if intake is not None else 0
+        if scan is not None:
+            scan.close()
         if not committed:
             rt.spool.discard(pending)
     for name in result.dropped:

@@ -15,6 +15,7 @@ from gateway.identity.auth import StaffAuthenticator
 from gateway.identity.watcher import RegistryWatcher
 from gateway.ingress.access import PEER, AccessRecorder, client_address
 from gateway.ingress.photos import PhotoChecker
+from gateway.ingress.scanner import ClamdScanner
 from gateway.ops.metrics import Metrics
 from gateway.spool.records import Record
 from gateway.spool.store import Spool
@@ -72,6 +73,7 @@ class Runtime:
     photos: PhotoChecker
     gate: Gate
     access: AccessRecorder
+    scanner: ClamdScanner | None = None
 
 
 @dataclass

@@ -171,6 +171,12 @@ class Metrics:
             "Outcomes known but not yet on disk (a record delivered but not yet marked so)",
             registry=r,
         )
+        self.scans = Counter(
+            "gateway_scans",
+            "Files streamed to the virus scanner, by verdict (clean, infected, unavailable)",
+            ["channel", "result"],
+            registry=r,
+        )
         self.access_log_entries = Counter(
             "gateway_access_log_entries",
             "Access log entries written to the day files",

@@ -208,8 +208,13 @@ async def build_sandbox(
     start_simulators: bool = True,
     simulator_ports: Mapping[str, int] | None = None,
     listener_ports: Mapping[str, int] | None = None,
+    clamd_socket: Path | None = None,
 ) -> Sandbox:
-    """Make the PKI, registries, secrets and config; start one simulator per destination."""
+    """Make the PKI, registries, secrets and config; start one simulator per destination.
+
+    The shipped channels scan their photos with clamd; without ``clamd_socket`` the
+    sandbox turns scanning off (the demo and most tests have no clamd).
+    """
     data = shipped_config_data(base)
     destinations: dict[str, Any] = data["destinations"]
     pki = init_pki(
@@ -302,6 +307,12 @@ async def build_sandbox(
             dest["credential"] = str(credential_file)
     for channel in data["channels"].values():
         channel["source_networks"] = [*channel["source_networks"], "127.0.0.0/8", "::1/128"]
+        if clamd_socket is None:
+            channel["scan"] = False  # no clamd here: scanning only where a test brings one
+    if clamd_socket is None:
+        data.pop("scanner", None)
+    else:
+        data["scanner"] = {"clamd_socket": str(clamd_socket), "timeout_seconds": 5}
     for dotted, value in (overrides or {}).items():
         target = data
         *parents, last = dotted.split(".")
