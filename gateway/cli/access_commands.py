@@ -105,9 +105,10 @@ def as_csv(document: dict[str, Any]) -> str:
         writer.writerow([cert["outcome"], cert["device_id"], cert["attempts"], "", "", "", detail])
     for user, count in document["lockouts"].items():
         writer.writerow(["lockout", user, "", "", "", count, ""])
-    for entry in document["outside_office_hours"]["entries"]:
-        detail = f"{entry['why']}: {entry['channel']} {entry['outcome']}"
-        writer.writerow(["outside_hours", entry["time"], "", "", "", "", detail])
+    for group in document["outside_office_hours"]["groups"]:
+        detail = f"{group['why']}: {_who(group)} {group['first']} to {group['last']}"
+        detail += f" ({_outcomes(group)})"
+        writer.writerow(["outside_hours", group["day"], "", "", "", group["count"], detail])
     for kind in ("devices", "users"):
         for item in document["idle"][kind]:
             last = item["last_seen"] or "never"
@@ -116,6 +117,14 @@ def as_csv(document: dict[str, Any]) -> str:
     if head:
         writer.writerow(["chain_head", head["seq"], "", "", "", "", head["hash"]])
     return out.getvalue()
+
+
+def _who(group: dict[str, Any]) -> str:
+    return f"{group['device_id'] or '-'} {group['user_id'] or '-'} {group['channel'] or '-'}"
+
+
+def _outcomes(group: dict[str, Any]) -> str:
+    return ", ".join(f"{outcome} {n}" for outcome, n in group["outcomes"].items())
 
 
 def as_text(document: dict[str, Any]) -> str:
@@ -145,8 +154,9 @@ def as_text(document: dict[str, Any]) -> str:
     outside = document["outside_office_hours"]
     lines.append(f"\nOutside office hours ({outside['hours']}): {outside['count']}")
     lines += [
-        f"  {e['time']} {e['why']}: {e['device_id']} {e['user_id']} {e['channel']} {e['outcome']}"
-        for e in outside["entries"]
+        f"  {g['day']} {g['why']}: {_who(g)} {g['count']} between {g['first'][11:19]} and "
+        f"{g['last'][11:19]} ({_outcomes(g)})"
+        for g in outside["groups"]
     ]
     lines.append(f"  holidays: {outside['holidays']}")
     idle = document["idle"]

@@ -107,7 +107,8 @@ class Review:
     refusals: Counter[str] = field(default_factory=Counter)
     certificates: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     lockouts: Counter[str] = field(default_factory=Counter)
-    outside: list[dict[str, Any]] = field(default_factory=list)
+    outside: dict[tuple[str | None, ...], dict[str, Any]] = field(default_factory=dict)
+    """Activity outside office hours, by (day, why, device, user, channel)."""
     last_seen: dict[str, dict[str, str]] = field(default_factory=lambda: {"device": {}, "user": {}})
     head: tuple[int, str] | None = None
 
@@ -158,16 +159,13 @@ def review(
             result.lockouts[str(user)] += 1
         why = office.outside(moment)
         if why is not None and body.get("outcome") != "tls-handshake-failed":
-            result.outside.append(
-                {
-                    "time": body["time"],
-                    "why": why,
-                    "device_id": device,
-                    "user_id": user,
-                    "channel": body.get("channel"),
-                    "outcome": body.get("outcome"),
-                }
+            key = (day.isoformat(), why, device, user, body.get("channel"))
+            group = result.outside.setdefault(
+                key, {"count": 0, "first": body["time"], "outcomes": Counter()}
             )
+            group["count"] += 1
+            group["last"] = body["time"]
+            group["outcomes"][str(body.get("outcome"))] += 1
     return result
 
 
@@ -223,8 +221,21 @@ def as_document(
         "outside_office_hours": {
             "hours": f"{office.opens:%H:%M}–{office.closes:%H:%M} JST on working days",
             "holidays": HOLIDAY_SOURCE,
-            "count": len(result.outside),
-            "entries": result.outside,
+            "count": sum(g["count"] for g in result.outside.values()),
+            "groups": [
+                {
+                    **dict(
+                        zip(("day", "why", "device_id", "user_id", "channel"), key, strict=True)
+                    ),
+                    "count": group["count"],
+                    "first": group["first"],
+                    "last": group["last"],
+                    "outcomes": dict(sorted(group["outcomes"].items())),
+                }
+                for key, group in sorted(
+                    result.outside.items(), key=lambda item: [k or "" for k in item[0]]
+                )
+            ],
         },
         "idle": {
             "days": idle_days,

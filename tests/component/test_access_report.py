@@ -17,7 +17,7 @@ from conftest import ctl
 
 from gateway.ingress.access import encode
 from gateway.ops.access_log import JST, AccessLog
-from gateway.ops.access_report import OfficeHours
+from gateway.ops.access_report import OfficeHours, as_document, review
 from gateway.testing.sandbox import Sandbox, build_sandbox
 
 pytestmark = pytest.mark.usefixtures("hermetic_cli")
@@ -151,7 +151,7 @@ def test_every_figure_of_a_month(sandbox: Sandbox, capsys: pytest.CaptureFixture
     assert (unknown["device_id"], unknown["addresses"]) == ("unregistered", ["10.7.7.7"])
     assert doc["lockouts"] == {"staff-001": 2}
     outside = doc["outside_office_hours"]
-    whys = sorted((e["time"][:16], e["why"]) for e in outside["entries"])
+    whys = sorted((g["first"][:16], g["why"]) for g in outside["groups"])
     assert whys == [
         ("2026-11-03T10:00", "holiday (文化の日)"),
         ("2026-11-07T10:00", "weekend"),
@@ -191,7 +191,33 @@ def test_csv_and_text_carry_the_same_figures(
     code, out, _ = report(capsys, sandbox)
     assert code == 0
     assert "Outside office hours (08:30–17:15 JST on working days): 7" in out
+    assert (
+        "2026-11-09 after hours: tablet-01 staff-001 online-application 1 between 17:15:00 "
+        "and 17:15:00 (accepted 1)"
+    ) in out
     assert "device-revoked tablet-lost" in out and "10.9.9.8, 10.9.9.9" in out
+
+
+def test_outside_hours_activity_is_grouped_by_day_device_user_and_channel() -> None:
+    """A weekend's work is one line a device, user and channel, not one per request."""
+    saturday = [entry(at(7, 10, m), outcome="accepted") for m in range(0, 50, 5)]
+    saturday += [entry(at(7, 12), outcome="invalid-fields", problem="invalid-fields", status=422)]
+    saturday += [entry(at(7, 13), device_id="pc-01", user_id="staff-002")]
+    saturday += [entry(at(9, 8, 0))]  # Monday, before hours: a group of its own
+    bodies = [(n, "h", body) for n, body in enumerate(saturday, start=1)]
+    result = review(bodies, first=date(2026, 11, 1), last=date(2026, 11, 30), office=OfficeHours())
+    doc = as_document(result, devices=[], users=[], today=date(2026, 11, 30), idle_days=90,
+                      office=OfficeHours())  # fmt: skip
+    groups = doc["outside_office_hours"]["groups"]
+    assert doc["outside_office_hours"]["count"] == 13
+    assert [(g["day"], g["why"], g["device_id"], g["count"]) for g in groups] == [
+        ("2026-11-07", "weekend", "pc-01", 1),
+        ("2026-11-07", "weekend", "tablet-01", 11),
+        ("2026-11-09", "before hours", "tablet-01", 1),
+    ]
+    tablet = groups[1]
+    assert (tablet["first"][11:16], tablet["last"][11:16]) == ("10:00", "12:00")
+    assert tablet["outcomes"] == {"accepted": 10, "invalid-fields": 1}
 
 
 def test_no_report_from_a_log_that_does_not_verify(
