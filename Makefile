@@ -25,7 +25,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy
 
-# promtool (Debian's prometheus package) and systemd-analyze, for the tests
+# promtool (Debian's prometheus package), systemd-analyze and clamd, for the tests and
+# the bench
 $(TOOLS_STAMP): scripts/install-tools | $(STAMP)
 	bash scripts/install-tools
 	@touch $@
@@ -33,7 +34,7 @@ $(TOOLS_STAMP): scripts/install-tools | $(STAMP)
 test: lint $(TOOLS_STAMP)
 	$(BIN)/pytest --cov=gateway --cov-report=term --cov-fail-under=85
 
-bench: $(STAMP)
+bench: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m bench
 
 clean:

@@ -9,7 +9,9 @@ simulated upstreams in this process, both legs over mutual TLS on loopback. Repo
 * the daemon's peak RSS while 100 devices upload 7 MB photos at once;
 * its peak RSS under hostile input: 1,000 wrong passwords at once, and one body of
   60,000 parts (``bench/hostile.py``);
-* the cost of sealing a 300 KB and a 7 MB payload with each suite (``bench/seal.py``).
+* the cost of sealing a 300 KB and a 7 MB payload with each suite (``bench/seal.py``);
+* the security evidence's cost: the access log per request, the clamd scan of a 300 KB
+  photo, the monthly review of 100,000 entries (``bench/security.py``).
 
 Figures go to stdout and to ``bench-results.json``.
 """
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hostile, retention, seal
+from bench import hostile, retention, seal, security
 from gateway.testing.client import DeviceClient
 from gateway.testing.process import DaemonProcess
 from gateway.testing.samples import multipart_body, photo_of_size, sample_submission
@@ -107,6 +109,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["big_uploads"] = await big_uploads(args, sandbox, directory, fields)
         if "hostile" in args.phases:
             results["hostile"] = await hostile.run(sandbox, directory)
+        if "security" in args.phases:
+            results["security"] = await security.run(directory / "security")
         await sandbox.stop_simulators()
     return results
 
@@ -212,8 +216,8 @@ def main() -> int:
     parser.add_argument(
         "--phases",
         type=lambda text: set(text.split(",")),
-        default={"throughput", "big", "hostile"},
-        help="daemon phases to run, comma-separated: throughput,big,hostile (default: all)",
+        default={"throughput", "big", "hostile", "security"},
+        help="phases to run, comma-separated: throughput,big,hostile,security (default: all)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     parser.add_argument(
