@@ -179,17 +179,42 @@ async def test_a_clamd_that_gives_no_verdict_in_time_is_503(tmp_path: Path) -> N
         server.close()
 
 
+SHIPPED = Path(__file__).resolve().parents[2] / "conf" / "gateway.toml"
+
+
+def refusal(tmp_path: Path, old: str, new: str, about: str) -> str:
+    """The problem check-config finds, naming ``about``, in the shipped config edited."""
+    text = SHIPPED.read_text("utf-8")
+    assert old in text
+    path = tmp_path / "gateway.toml"
+    path.write_text(text.replace(old, new), "utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    return str(next(p for p in refused.value.problems if about in str(p)))
+
+
 def test_check_config_refuses_scan_on_the_opaque_batch_file_and_says_why(
     tmp_path: Path,
 ) -> None:
-    base = Path(__file__).resolve().parents[2] / "conf" / "gateway.toml"
-    text = base.read_text("utf-8").replace(
+    problem = refusal(
+        tmp_path,
         "[channels.card-delegation-batch.fields]",
         "scan = true\n[channels.card-delegation-batch.fields]",
+        "card-delegation-batch",
     )
-    path = tmp_path / "gateway.toml"
-    path.write_text(text, "utf-8")
-    with pytest.raises(ConfigError) as refused:
-        load_config(path)
-    problem = next(p for p in refused.value.problems if "card-delegation-batch" in str(p))
-    assert "already encrypted" in str(problem) and "ciphertext" in str(problem)
+    assert "already encrypted" in problem and "ciphertext" in problem
+
+
+def test_check_config_refuses_scan_without_a_file_part_or_without_a_scanner(
+    tmp_path: Path,
+) -> None:
+    problem = refusal(
+        tmp_path,
+        "[channels.window-reception.fields]",
+        "scan = true\n[channels.window-reception.fields]",
+        "window-reception",
+    )
+    assert "no file part to scan" in problem
+    section = SHIPPED.read_text("utf-8").split("[scanner]", 1)[1].split("\n\n", 1)[0]
+    problem = refusal(tmp_path, "[scanner]" + section, "", "scanner: channels online-application")
+    assert "configure [scanner] clamd_socket" in problem
