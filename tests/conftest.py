@@ -13,6 +13,7 @@ import structlog
 
 from gateway.daemon import Bound
 from gateway.ops.metrics import Metrics
+from gateway.spool.store import Spool
 from gateway.testing.clamd import Clamd
 from gateway.testing.client import DeviceClient
 from gateway.testing.fakes import FakeSleep
@@ -110,6 +111,15 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
     """One real clamd for the whole test session, with the tests' own signatures."""
     with Clamd(tmp_path_factory.mktemp("clamd")) as running:
         yield running
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    """An open spool in a temporary directory, with a fresh master key."""
+    store = Spool(tmp_path / "spool", os.urandom(32))
+    await store.open()
+    yield store
+    await store.close()
 
 
 @pytest.fixture

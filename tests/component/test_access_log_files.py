@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import AsyncIterator
 from datetime import date, datetime
 from pathlib import Path
 
@@ -122,14 +121,6 @@ def test_retention_removes_old_days_and_the_rest_still_proves_it_follows_on(
     marker.write_text(kept, "ascii")
     assert access.expire(date(2030, 1, 1), keep_days=1)[-1:] != []  # never the newest
     assert len(access.files()) == 1
-
-
-@pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    store = Spool(tmp_path / "spool", os.urandom(32))
-    await store.open()
-    yield store
-    await store.close()
 
 
 def exporter(

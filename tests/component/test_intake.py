@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import os
 import random
 import unicodedata
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -46,14 +45,6 @@ def config() -> GatewayConfig:
 
 def policy_for(config: GatewayConfig, channel: str) -> ChannelPolicy:
     return ChannelPolicy.from_config(channel, config.channels[channel])
-
-
-@pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    store = Spool(tmp_path / "spool", os.urandom(32))
-    await store.open()
-    yield store
-    await store.close()
 
 
 # ------------------------------------------------------------------ builders

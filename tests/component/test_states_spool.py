@@ -4,24 +4,12 @@ spool refuses, and a state outside the table is refused at erasure.
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from gateway.errors import SpoolError
 from gateway.spool import queries
 from gateway.spool.records import NewRecord, new_submission_id
 from gateway.spool.store import Spool
-
-
-@pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    spool = Spool(tmp_path / "spool", os.urandom(32))
-    await spool.open()
-    yield spool
-    await spool.close()
 
 
 async def queued(spool: Spool) -> str:
