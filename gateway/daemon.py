@@ -41,7 +41,7 @@ from gateway.ops.metrics import Metrics
 from gateway.ops.sdnotify import Notifier, watchdog_loop
 from gateway.ops.supervisor import Supervisor, TaskGaveUp
 from gateway.parts import Parts
-from gateway.preflight import ROOT, registry_problems
+from gateway.preflight import ROOT, keystore_warnings, registry_problems
 from gateway.relay.workers import Sleep
 from gateway.reload import config_digest
 from gateway.retention.ledger import erasure_ledger
@@ -166,6 +166,8 @@ class Daemon(Parts):
                     "quarantine": str(torn.quarantine),
                 },
             )
+        for warning in keystore_warnings(self.config, str(self.config_path or "<config>")):
+            log.warning("keystore_in_spool", reason=warning)
         staff = registry_problems(self.config, str(self.config_path or "<config>"))
         if staff:
             raise ConfigError(staff)
@@ -173,7 +175,12 @@ class Daemon(Parts):
     async def open_spool(self) -> None:
         """Stage 2: the spool, recovered after a crash, and the parts that use it."""
         master = load_master_key(resolve_secret_path(self.config.spool.master_key, ROOT))
-        spool = Spool(self.config.spool.directory, master, clock=self.clock)
+        spool = Spool(
+            self.config.spool.directory,
+            master,
+            clock=self.clock,
+            keystore=self.config.keystore_directory,
+        )
         report = await spool.open()
         log.info(
             "spool_opened",
@@ -181,6 +188,8 @@ class Daemon(Parts):
             requeued=report.requeued,
             orphans_removed=report.orphans_removed,
             missing_files=report.missing_files,
+            keys_migrated=report.keys_migrated,
+            unreadable=report.unreadable,
         )
         self.assemble(spool, sleep=self.sleep)
         await self.access_exporter.prepare()  # before any request is numbered

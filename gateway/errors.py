@@ -61,6 +61,18 @@ class RecordCorrupt(SpoolError):
     """A stored record failed authentication or is truncated."""
 
 
+class KeystoreError(SpoolError):
+    """The epoch keystore cannot be opened or used (wrong master key, locked, damaged)."""
+
+
+class KeyEpochGone(SpoolError):
+    """A record's key epoch was destroyed (or is missing): the record is unreadable."""
+
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
+        super().__init__(f"unreadable: key epoch {epoch} destroyed")
+
+
 class StorageFailed(SpoolError):
     """A write to the gateway's state failed (EIO, a failing disk): nothing was stored."""
 

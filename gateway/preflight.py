@@ -94,3 +94,18 @@ def _payload_key_problems(config: GatewayConfig, file: str) -> list[ConfigProble
             except (GatewayError, OSError) as exc:
                 problems.append(ConfigProblem(file, f"destinations.{name}.{key}", str(exc)))
     return problems
+
+
+def keystore_warnings(config: GatewayConfig, file: str = "<config>") -> list[str]:
+    """What check-config and gatewayd warn of (not refuse): a keystore a backup of the
+    spool would carry along, which would keep erased records readable in that backup."""
+    keystore = config.keystore_directory.resolve()
+    spool = config.spool.directory.resolve()
+    if keystore == spool or spool in keystore.parents:
+        return [
+            f"{file}: spool.keystore: warning: {keystore} is inside the spool directory "
+            f"{spool}; a backup of the spool would carry the keys whose destruction makes "
+            "its erased records unreadable. Put the keystore elsewhere and keep it out of "
+            "backups (or keep its backups no longer than the retention)"
+        ]
+    return []

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.cli import access_commands, registry_commands, spool_commands
+from gateway.cli import access_commands, key_commands, registry_commands, spool_commands
 from gateway.cli.common import Commands, UsageError, config_of
 from gateway.config import load_config
 from gateway.crypto.pki import PkiExistsError, init_pki
 from gateway.errors import ConfigError, GatewayError
 from gateway.ops.audit import AuditLog
-from gateway.preflight import registry_problems, secret_problems
+from gateway.preflight import keystore_warnings, registry_problems, secret_problems
 
 PROTECTIVE = frozenset({"device.revoke", "user.disable", "user.deny"})
 """Actions done even when the audit log cannot take their entry (exit status 3)."""
@@ -44,6 +44,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({len(config.channels)} channels, "
         f"{len(config.destinations)} destinations)"
     )
+    for warning in keystore_warnings(config, str(args.config)):
+        print(warning, file=sys.stderr)
     for name, listener in config.listeners.items():
         print(f"  listener {name}: {listener.address}, {listener.tls_profile}")
     for name, channel in sorted(config.channels.items()):
@@ -143,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     registry_commands.register(commands, command)
     spool_commands.register(commands, command)
     access_commands.register(commands, command)
+    key_commands.register(commands, command)
 
     demo = command(
         "demo",

@@ -32,6 +32,8 @@ def cmd_erasure_report(args: argparse.Namespace) -> int:
         operator=args.operator,
         organization=args.organization,
         now=datetime.now(UTC),
+        keystore=str(config.keystore_directory),
+        retention_days=max((c.retention_days for c in config.channels.values()), default=None),
     )
     if args.format == "csv":
         sys.stdout.write(as_csv(cert))

@@ -123,6 +123,9 @@ class SpoolConfig(_Model):
 
     directory: RelPath
     master_key: SecretRef
+    keystore: RelPath | None = None
+    """The epoch keystore's directory; by default ``keystore/`` beside the spool. Keep it
+    out of backups (or keep its backups no longer than the retention)."""
     quota_bytes: Annotated[int, Field(gt=0)] = 20 * 1024**3
     min_free_bytes: Annotated[int, Field(ge=0)] = 1024**3
     retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
@@ -320,6 +323,11 @@ class GatewayConfig(_Model):
             return self.audit
         base = self.spool.directory.parent
         return AuditConfig(log=base / "audit.jsonl", anchor=base / "audit.anchor")
+
+    @property
+    def keystore_directory(self) -> Path:
+        """Where the epoch keys are: as configured, else ``keystore/`` beside the spool."""
+        return self.spool.keystore or self.spool.directory.parent / "keystore"
 
     @property
     def access_log_directory(self) -> Path:

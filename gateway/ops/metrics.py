@@ -205,6 +205,15 @@ class Metrics:
             "not yet erased, as of the last sweep",
             registry=r,
         )
+        self.keystore_epochs = Gauge(
+            "gateway_keystore_epochs",
+            "Key epochs in the keystore: live (a key), passed (its day over, its key not yet "
+            "destroyed), destroyed (a tombstone)",
+            ["state"],
+            registry=r,
+        )
+        for state in ("live", "passed", "destroyed"):
+            self.keystore_epochs.labels(state=state).set(0)
         self.last_sweep = Gauge(
             "gateway_retention_last_sweep_timestamp_seconds",
             "When the retention sweeper last finished a sweep",

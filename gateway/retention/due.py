@@ -7,10 +7,15 @@ from typing import Any
 from gateway.spool.records import Due, State
 
 METHOD = "crypto-erase (AES-256-GCM data key destroyed, SQLite secure_delete) + unlink"
-ERASURE_REASONS = ("delivered", "expired_undelivered", "operator")
+EPOCH_METHOD = (
+    "crypto-shred of the key epoch (epoch key overwritten, fsynced, unlinked; directory "
+    "fsynced): every copy of its records, backups included, unreadable"
+)
+ERASURE_REASONS = ("delivered", "expired_undelivered", "operator", "epoch_destroyed")
 """Why a copy is erased: the ledger's ``reason`` and the metric's label. Ledgers written
 before every channel erased on delivery may also hold ``retention`` (a delivered copy
-kept until its deadline); reports still count it."""
+kept until its deadline); reports still count it. ``epoch_destroyed``: a copy whose key
+epoch is gone (a restored backup), or one still live when its epoch was destroyed."""
 
 
 def reason_for(due: Due) -> str:
@@ -29,4 +34,16 @@ def ledger_body(due: Due, reason: str, erased_at: float) -> dict[str, Any]:
         "reason": reason,
         "method": METHOD,
         "ciphertext_sha256": due.ciphertext_sha256,
+        "key_epoch": due.key_epoch,
+    }
+
+
+def epoch_ledger_body(epoch: str, destroyed_at: float, remaining: int) -> dict[str, Any]:
+    """The erasure ledger's entry for a destroyed key epoch."""
+    return {
+        "event": "key_epoch_destroyed",
+        "key_epoch": epoch,
+        "destroyed_at": destroyed_at,
+        "records_erased_with_it": remaining,
+        "method": EPOCH_METHOD,
     }

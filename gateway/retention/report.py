@@ -4,6 +4,11 @@ Built from the hash-chained erasure ledger, which is verified first: a broken ch
 an error that says where it breaks, never a report. Entries are taken per submission,
 the last one winning (a crash between ledger and erasure records one twice). The
 certificate carries the fields NIST SP 800-88 asks of a sanitization record.
+
+For each record it says when its own data key was destroyed (the server copy became
+unreadable) and when its key epoch was destroyed (every backup copy became unreadable),
+or that the epoch is still to be destroyed. It does not claim the spool is not backed
+up: it states the one backup condition the erasure depends on, for the ward to sign.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from gateway.ops.chain import GENESIS, ChainEntry, HashChainLog
 JST = timezone(timedelta(hours=9), "JST")
 RECORD_FIELDS = (
     "submission_id", "channel", "received_at", "delivered_at", "erased_at", "reason",
-    "method", "ciphertext_sha256",
+    "method", "ciphertext_sha256", "key_destroyed_at", "key_epoch", "epoch_destroyed_at",
 )  # fmt: skip
+EPOCH_EVENT = "key_epoch_destroyed"
 
 
 def period_bounds(start: date, end: date) -> tuple[float, float]:
@@ -38,19 +44,35 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def select(entries: Iterable[ChainEntry], start: float, end: float) -> list[dict[str, Any]]:
-    """The period's erasures, one per submission (the last entry wins), oldest first."""
+def select(
+    entries: Iterable[ChainEntry], start: float, end: float
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The period's erasures, one per submission (the last entry wins), oldest first; and
+    when each key epoch was destroyed (any time: an epoch outlives its records' erasure)."""
     latest: dict[str, dict[str, Any]] = {}
+    epochs: dict[str, float] = {}
     for entry in entries:
         body = dict(entry.body)
+        if body.get("event") == EPOCH_EVENT:
+            epochs[str(body["key_epoch"])] = float(body["destroyed_at"])
+            continue
         erased_at = body.get("erased_at")
         if isinstance(erased_at, int | float) and start <= erased_at < end:
             latest[str(body.get("submission_id"))] = body
-    return sorted(latest.values(), key=lambda b: (b["erased_at"], b["submission_id"]))
+    records = sorted(latest.values(), key=lambda b: (b["erased_at"], b["submission_id"]))
+    return records, epochs
 
 
 def certificate(
-    ledger: HashChainLog, start: date, end: date, *, operator: str, organization: str, now: datetime
+    ledger: HashChainLog,
+    start: date,
+    end: date,
+    *,
+    operator: str,
+    organization: str,
+    now: datetime,
+    keystore: str = "the keystore",
+    retention_days: int | None = None,
 ) -> dict[str, Any]:
     """Verify the ledger and build the certificate for [start, end] (JST dates)."""
     low, high = period_bounds(start, end)
@@ -64,7 +86,9 @@ def certificate(
             total, head_seq, head_hash = total + 1, entry.seq, entry.hash
             yield entry
 
-    records = select(verified(), low, high)
+    records, epochs = select(verified(), low, high)
+    pending = sorted({str(r["key_epoch"]) for r in records if r.get("key_epoch")} - set(epochs))
+    kept = f"{retention_days} days" if retention_days else "the longest retention"
     counts: Counter[tuple[str, str]] = Counter((r["channel"], r["reason"]) for r in records)
     by_channel: dict[str, dict[str, int]] = {}
     for (channel, reason), n in sorted(counts.items()):
@@ -92,7 +116,14 @@ def certificate(
             "media": {
                 "type": "spool records: one encrypted file per submission, SQLite index",
                 "source": "secure transmission gateway spool",
-                "data_backup": "none (the spool is not backed up)",
+                "data_backup": (
+                    f"Backups of the spool may exist. Their copies of these records became "
+                    f"unreadable when each record's key epoch was destroyed (epoch_destroyed_at), "
+                    f"provided the keystore {keystore} is excluded from every backup, or any "
+                    f"backup of it is kept no longer than {kept}. The ward states that this "
+                    "condition holds by signing this certificate."
+                ),
+                "key_epochs_pending": pending,
             },
             "sanitization": {
                 "method_type": "Purge",
@@ -102,9 +133,11 @@ def certificate(
                 "verification": "hash-chained erasure ledger verified end to end; each record "
                 "erased only after its ledger entry was written",
                 "post_sanitization_classification": "no personal data remains readable",
-                "notes": "copies of a wrapped data key in blocks the file system has freed are "
-                "beyond the gateway's reach; they are useless without the master key, "
-                "which never leaves its credential store",
+                "notes": "a record's data key is wrapped by its key epoch's key; destroying "
+                "the epoch key (overwritten, fsynced, unlinked, directory fsynced) leaves every "
+                "copy of the record, in backups, free blocks or the index's WAL, unreadable "
+                "with any key that still exists, the master key included. Until then a backup "
+                "copy is readable only with the keystore and the master key together",
             },
             "media_destination": "reused (the spool continues in service)",
         },
@@ -114,6 +147,9 @@ def certificate(
                 "received_at": _iso(r.get("received_at")),
                 "delivered_at": _iso(r.get("delivered_at")),
                 "erased_at": _iso(r["erased_at"]),
+                "key_destroyed_at": _iso(r["erased_at"]),
+                "key_epoch": r.get("key_epoch"),
+                "epoch_destroyed_at": _iso(epochs.get(str(r.get("key_epoch")))),
             }
             for r in records
         ],

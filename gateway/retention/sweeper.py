@@ -7,6 +7,11 @@ A copy that is not delivered by ``received_at + retention`` (資料36: 受信後
 is erased then, under the reason ``expired_undelivered``. A sweep also erases any
 delivered copy still present (a crash between delivery and its erasure), at once.
 
+Key epochs (:mod:`gateway.crypto.keystore`): once an epoch's Japan day is over and its
+records are erased, or at the latest one sweep later (its remaining records erased with
+it, reason ``epoch_destroyed``), the sweep destroys its key, the ledger entry first.
+Backup copies of its records are unreadable from then on.
+
 Order matters for the record-keeping promise (特記事項 11–12): the ledger entry is
 written and fsynced *before* the copy is destroyed. A crash in between leaves a ledger
 entry for a copy that still exists; the next sweep erases it and records it again, so a
@@ -20,10 +25,11 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
+from gateway.crypto.keystore import epoch_end
 from gateway.ops.chain import HashChainLog
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
-from gateway.retention.due import ledger_body, reason_for
+from gateway.retention.due import epoch_ledger_body, ledger_body, reason_for
 from gateway.spool.records import Due
 from gateway.spool.store import Spool
 
@@ -81,7 +87,8 @@ class Sweeper:
                 due = await self._spool.due(now, BATCH)
                 if not due:
                     break
-                total += await self._erase(due, [reason_for(d) for d in due], now)
+                total += await self._erase(due, [self._reason(d) for d in due], now)
+            await self.destroy_epochs(self._clock())
             await self._export_warning(self._clock())
             self._metrics.last_sweep.set(self._clock())
         finally:
@@ -89,6 +96,39 @@ class Sweeper:
                 overdue = await self._spool.overdue(self._clock(), 2 * self._interval)
                 self._metrics.spool_overdue.set(overdue)
         return total
+
+    def _reason(self, due: Due) -> str:
+        epoch = due.key_epoch
+        return (
+            "epoch_destroyed" if epoch and self._spool.keys.get(epoch) is None else reason_for(due)
+        )
+
+    async def destroy_epochs(self, now: float) -> list[str]:
+        """Destroy the key of every epoch whose day is over and whose records are erased
+        (or whose day ended a sweep ago: what is left is erased with it)."""
+        keys = self._spool.keys
+        in_use = await self._spool.live_epochs()
+        destroyed = []
+        for epoch in keys.live():
+            end = epoch_end(epoch)
+            remaining = in_use.get(epoch, 0)
+            if now < end or (remaining and now < end + self._interval):
+                continue
+            if remaining:
+                left = await self._spool.in_epoch(epoch)
+                await self._erase(left, ["epoch_destroyed"] * len(left), now)
+            async with self._lock:
+                body = epoch_ledger_body(epoch, now, remaining)
+                await asyncio.to_thread(self._ledger.append_many, [body])
+                await asyncio.to_thread(keys.destroy, epoch)
+            destroyed.append(epoch)
+            log.info("key_epoch_destroyed", key_epoch=epoch, count=remaining)
+        passed = sum(epoch_end(e) <= now for e in keys.live())
+        gauge = self._metrics.keystore_epochs
+        gauge.labels(state="live").set(len(keys.live()) - passed)
+        gauge.labels(state="passed").set(passed)
+        gauge.labels(state="destroyed").set(len(keys.destroyed()))
+        return destroyed
 
     async def _export_warning(self, now: float) -> None:
         """The early warning: what will expire undelivered within 24 hours, per channel."""

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from gateway.errors import SpoolError, StorageFailed, StorageFull
 from gateway.fsutil import fault_point, fsync_dir
-from gateway.spool.queries import SCHEMA, SCHEMA_VERSION
+from gateway.spool.queries import SCHEMA, SCHEMA_VERSION, upgrade_from_v1
 
 T = TypeVar("T")
 
@@ -131,7 +131,9 @@ class IndexThread:
         conn.execute("PRAGMA foreign_keys=ON")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
-        if tables and version != SCHEMA_VERSION:
+        if tables and version == 1:
+            upgrade_from_v1(conn)  # the rows' keys are wrapped again by Spool.open
+        elif tables and version != SCHEMA_VERSION:
             conn.close()
             raise SpoolError(
                 f"{self._path}: spool index schema version {version}, this gateway reads "

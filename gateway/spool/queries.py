@@ -25,8 +25,9 @@ from gateway.spool.records import (
     sources_of,
 )
 
-SCHEMA_VERSION = 1
-"""Bumped whenever SCHEMA changes; an index of another version is refused, not guessed at."""
+SCHEMA_VERSION = 2
+"""Bumped whenever SCHEMA changes; an index of another version is refused, not guessed at
+(version 1, before key epochs, is upgraded: :func:`upgrade_from_v1`)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS records (
     content_sha256 TEXT NOT NULL,
     field_names TEXT NOT NULL,
     wrapped_key BLOB,
+    key_epoch TEXT,
     idempotency_key TEXT,
     upstream_receipt TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -59,6 +61,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS records_idempotency
     ON records (device_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_queue ON records (state, destination, received_at);
 CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_at) WHERE erased_at IS NULL;
+CREATE INDEX IF NOT EXISTS records_epoch ON records (key_epoch) WHERE wrapped_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS access_pending (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     body TEXT NOT NULL
@@ -107,6 +110,7 @@ def insert_record(
     ciphertext_size: int,
     ciphertext_sha256: str,
     wrapped_key: bytes,
+    key_epoch: str,
 ) -> None:
     """The new record's row, queued; DuplicateIdempotencyKey if its key is taken."""
     row = {
@@ -126,6 +130,7 @@ def insert_record(
         "content_sha256": meta.content_sha256,
         "field_names": json.dumps(list(meta.field_names)),
         "wrapped_key": wrapped_key,
+        "key_epoch": key_epoch,
         "idempotency_key": meta.idempotency_key,
     }
     sql = f"INSERT INTO records ({', '.join(row)}) VALUES ({_marks(row)})"  # noqa: S608
@@ -229,9 +234,58 @@ def queued_ids(conn: sqlite3.Connection, destination: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def wrapped_key(conn: sqlite3.Connection, record_id: str) -> bytes | None:
-    row = conn.execute("SELECT wrapped_key FROM records WHERE id=?", (record_id,)).fetchone()
-    return bytes(row[0]) if row and row[0] is not None else None
+def wrapped_key(conn: sqlite3.Connection, record_id: str) -> tuple[bytes, str | None] | None:
+    """A live record's wrapped data key and its key epoch (None: erased or unknown)."""
+    row = conn.execute(
+        "SELECT wrapped_key, key_epoch FROM records WHERE id=?", (record_id,)
+    ).fetchone()
+    return (bytes(row[0]), row[1]) if row and row[0] is not None else None
+
+
+# --------------------------------------------------------------------- key epochs
+
+
+def upgrade_from_v1(conn: sqlite3.Connection) -> None:
+    """A version 1 index (keys wrapped by the master key) gets its ``key_epoch`` column;
+    :func:`legacy_keys` then finds the rows whose key the spool wraps again."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+    if "key_epoch" not in columns:
+        conn.execute("ALTER TABLE records ADD COLUMN key_epoch TEXT")
+
+
+def legacy_keys(conn: sqlite3.Connection, limit: int) -> list[tuple[str, float, bytes]]:
+    """(id, expires_at, wrapped key) of live records whose key the master key wraps."""
+    rows = conn.execute(
+        "SELECT id, expires_at, wrapped_key FROM records "
+        "WHERE key_epoch IS NULL AND wrapped_key IS NOT NULL LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+
+def set_epoch_keys(conn: sqlite3.Connection, rows: Sequence[tuple[str, str, bytes]]) -> None:
+    """Store each (id, epoch, key wrapped by that epoch's key) of live records."""
+    conn.executemany(
+        "UPDATE records SET wrapped_key=?, key_epoch=? WHERE id=? AND wrapped_key IS NOT NULL",
+        [(wrapped, epoch, record_id) for record_id, epoch, wrapped in rows],
+    )
+
+
+def live_epochs(conn: sqlite3.Connection) -> dict[str | None, int]:
+    """How many live records each key epoch wraps."""
+    rows = conn.execute(
+        "SELECT key_epoch, COUNT(*) FROM records WHERE wrapped_key IS NOT NULL GROUP BY key_epoch"
+    ).fetchall()
+    return dict(rows)
+
+
+def in_epoch(conn: sqlite3.Connection, epoch: str) -> list[Due]:
+    """The erasure facts of the live records of one key epoch."""
+    rows = conn.execute(
+        f"SELECT {_DUE} FROM records WHERE key_epoch=? AND wrapped_key IS NOT NULL",  # noqa: S608
+        (epoch,),
+    )
+    return [Due.from_columns(row) for row in _all(rows)]
 
 
 def due(conn: sqlite3.Connection, now: float, limit: int) -> list[Due]:

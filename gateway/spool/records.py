@@ -129,6 +129,29 @@ class Record:
         values["field_names"] = tuple(json.loads(values["field_names"]))
         return cls(**values)
 
+    @classmethod
+    def queued(
+        cls,
+        record_id: str,
+        meta: NewRecord,
+        *,
+        plaintext_size: int,
+        ciphertext_size: int,
+        ciphertext_sha256: str,
+    ) -> Record:
+        """The record just committed from ``meta``: queued, never tried."""
+        return cls(
+            id=record_id, channel=meta.channel, destination=meta.destination,
+            device_id=meta.device_id, user_id=meta.user_id, state=State.QUEUED,
+            received_at=meta.received_at, expires_at=meta.expires_at, delivered_at=None,
+            held_at=None, erased_at=None, content_type=meta.content_type,
+            plaintext_size=plaintext_size, ciphertext_size=ciphertext_size,
+            ciphertext_sha256=ciphertext_sha256, body_sha256=meta.body_sha256,
+            content_sha256=meta.content_sha256, field_names=meta.field_names,
+            idempotency_key=meta.idempotency_key, upstream_receipt=None, attempts=0,
+            last_error=None,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class NewRecord:
@@ -151,7 +174,9 @@ class DuplicateIdempotencyKey(SpoolError):
     """Another record of this device already holds the Idempotency-Key."""
 
 
-DUE_COLUMNS = ("id", "channel", "state", "received_at", "delivered_at", "ciphertext_sha256")
+DUE_COLUMNS = (
+    "id", "channel", "state", "received_at", "delivered_at", "ciphertext_sha256", "key_epoch",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -164,6 +189,8 @@ class Due:
     received_at: float
     delivered_at: float | None
     ciphertext_sha256: str
+    key_epoch: str | None = None
+    """The Japan day whose epoch key wraps the record's data key (None: from before)."""
 
     @classmethod
     def from_columns(cls, row: Mapping[str, Any]) -> Due:
@@ -190,3 +217,7 @@ class RecoveryReport:
     requeued: int
     orphans_removed: int
     missing_files: int
+    keys_migrated: int = 0
+    """Data keys wrapped again by their epoch's key (a spool from before key epochs)."""
+    unreadable: int = 0
+    """Queued records held because their key epoch is gone (a restored backup)."""

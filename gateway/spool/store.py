@@ -2,7 +2,8 @@
 
 A record exists when, and only when, its index row is committed. Its file is written
 (encrypted with the record's own data key), fsynced, and only then is the row, holding
-the data key wrapped by the master key, committed with the file's directory fsynced.
+the data key wrapped by the key of the record's epoch (:mod:`gateway.crypto.keystore`),
+committed with the file's directory fsynced.
 A crash at any moment leaves either a committed record or an orphan file that
 :meth:`Spool.open` removes: never a half-present record (cf. Postfix's queue).
 
@@ -27,14 +28,15 @@ from typing import Any
 
 from gateway.crypto.envelope import new_data_key, unwrap_key, wrap_key
 from gateway.crypto.envelope_reader import iter_plaintext
-from gateway.errors import SpoolError
+from gateway.crypto.keystore import KeyStore, epoch_of
+from gateway.errors import KeyEpochGone, SpoolError
 from gateway.fsutil import fsync_dir
 from gateway.spool import queries
+from gateway.spool.epochs import hold_unreadable, migrate_legacy_keys
 from gateway.spool.index import IndexThread
 from gateway.spool.pending import PendingRecord, abandon_unclaimed
 from gateway.spool.records import (
     DELIVERING,
-    Due,
     Erased,
     NewRecord,
     Record,
@@ -42,17 +44,25 @@ from gateway.spool.records import (
     State,
     sources_of,
 )
+from gateway.spool.retention_view import RetentionView
 
 
-class Spool:
+class Spool(RetentionView):
     """The local spool backend (SQLite index + one encrypted file per record)."""
 
     def __init__(
-        self, directory: Path, master_key: bytes, *, clock: Callable[[], float] = time.time
+        self,
+        directory: Path,
+        master_key: bytes,
+        *,
+        clock: Callable[[], float] = time.time,
+        keystore: Path | None = None,
     ) -> None:
         self.directory = directory
         self._master = master_key
-        self._idempotency_key = hmac.new(master_key, b"gateway idempotency v1", "sha256").digest()
+        keystore = keystore or directory.with_name(f"{directory.name}-keystore")
+        self.keys = KeyStore(keystore, master_key)
+        """The epoch keys (by default in ``<spool>-keystore`` beside the spool directory)."""
         self._clock = clock
         self._records_dir = directory / "records"
         self._index = IndexThread(directory / "index.sqlite3")
@@ -73,10 +83,17 @@ class Spool:
         """Open the index, remove orphans, forget in-flight claims; safe after a crash."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_spool()
+        try:
+            await asyncio.to_thread(self.keys.open)
+        except BaseException:
+            self._unlock_spool()
+            raise
         self._records_dir.mkdir(exist_ok=True, mode=0o700)
         fsync_dir(self._records_dir)
         fsync_dir(self.directory)
         await self._index.start()
+        migrated = await migrate_legacy_keys(self._index, self.keys, self._master)
+        unreadable = await hold_unreadable(self._index, self.keys, self._clock())
         keep = await self._index.run(queries.live_ids)
         orphans = await asyncio.to_thread(self._remove_orphans, keep)
         missing = [rid for rid in keep if not self._path(rid).exists()]
@@ -97,7 +114,9 @@ class Spool:
         if missing:
             await self._index.run(hold_missing)
         await self._reload_stats()
-        return RecoveryReport(len(keep), self.counts[State.QUEUED], orphans, len(missing))
+        return RecoveryReport(
+            len(keep), self.counts[State.QUEUED], orphans, len(missing), migrated, unreadable
+        )
 
     def _lock_spool(self) -> None:
         """One process per spool: another one's recovery would delete our pending files."""
@@ -144,6 +163,10 @@ class Spool:
     async def close(self) -> None:
         await asyncio.to_thread(self._fsync_pool.shutdown, wait=True)
         await self._index.stop()
+        self.keys.close()
+        self._unlock_spool()
+
+    def _unlock_spool(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -182,7 +205,11 @@ class Spool:
             pending.abandon()
             raise
         writer = pending.writer
-        wrapped = wrap_key(self._master, pending.data_key)
+        epoch = epoch_of(meta.expires_at)
+        epoch_key = self.keys.get(epoch)
+        if epoch_key is None:  # a new epoch: its key is made durable before any row uses it
+            epoch_key = await asyncio.to_thread(self.keys.key_for, epoch)
+        wrapped = wrap_key(epoch_key, pending.data_key)
         ciphertext_sha256 = writer.ciphertext_sha256()
 
         def insert(conn: Any) -> None:
@@ -194,6 +221,7 @@ class Spool:
                 ciphertext_size=writer.ciphertext_size,
                 ciphertext_sha256=ciphertext_sha256,
                 wrapped_key=wrapped,
+                key_epoch=epoch,
             )
             if access is not None:
                 queries.insert_access(conn, access)
@@ -220,29 +248,12 @@ class Spool:
         self._undelivered[pending.id] = meta.received_at
         if cancelled:
             raise asyncio.CancelledError
-        return Record(
-            id=pending.id,
-            channel=meta.channel,
-            destination=meta.destination,
-            device_id=meta.device_id,
-            user_id=meta.user_id,
-            state=State.QUEUED,
-            received_at=meta.received_at,
-            expires_at=meta.expires_at,
-            delivered_at=None,
-            held_at=None,
-            erased_at=None,
-            content_type=meta.content_type,
+        return Record.queued(
+            pending.id,
+            meta,
             plaintext_size=writer.plaintext_size,
             ciphertext_size=writer.ciphertext_size,
             ciphertext_sha256=ciphertext_sha256,
-            body_sha256=meta.body_sha256,
-            content_sha256=meta.content_sha256,
-            field_names=meta.field_names,
-            idempotency_key=meta.idempotency_key,
-            upstream_receipt=None,
-            attempts=0,
-            last_error=None,
         )
 
     def discard(self, pending: PendingRecord) -> None:
@@ -252,7 +263,7 @@ class Spool:
         """What the index keeps of an Idempotency-Key: an HMAC under a key derived from
         the master key, bound to the device and the channel."""
         material = f"{device_id}\0{channel}\0{key}".encode()
-        return hmac.new(self._idempotency_key, material, hashlib.sha256).hexdigest()
+        return hmac.new(self.keys.idempotency_key, material, hashlib.sha256).hexdigest()
 
     # ------------------------------------------------------------------ reading
 
@@ -274,10 +285,16 @@ class Spool:
         return await self._index.run(lambda c: queries.queued_ids(c, destination))
 
     async def _data_key(self, record_id: str) -> bytes:
-        wrapped = await self._index.run(lambda c: queries.wrapped_key(c, record_id))
-        if wrapped is None:
+        found = await self._index.run(lambda c: queries.wrapped_key(c, record_id))
+        if found is None:
             raise SpoolError("record has no data key (erased or unknown)")
-        return unwrap_key(self._master, wrapped)
+        wrapped, epoch = found
+        epoch_key = self.keys.get(epoch) if epoch else None
+        if epoch_key is None:  # its epoch destroyed: unreadable for ever, so held
+            gone = KeyEpochGone(epoch or "(none)")
+            await self.mark_held(record_id, at=self._clock(), reason=str(gone))
+            raise gone
+        return unwrap_key(epoch_key, wrapped)
 
     async def open_plaintext(self, record: Record) -> Iterator[bytes]:
         """Decrypt the record segment by segment; each segment is authenticated."""
@@ -345,30 +362,6 @@ class Spool:
         return bool(changed)
 
     # ---------------------------------------------------------------- erasure
-
-    async def due(self, now: float, limit: int = 1000) -> list[Due]:
-        """Records to erase now: every delivered copy still present (no delivered copy is
-        kept), then those whose retention ends at or before ``now``, earliest first."""
-        return await self._index.run(lambda c: queries.due(c, now, limit))
-
-    async def expiring_undelivered(self, now: float, within: float) -> dict[str, int]:
-        """Per channel, the undelivered records whose deadline falls before now + within."""
-        return await self._index.run(lambda c: queries.expiring_undelivered(c, now + within))
-
-    async def overdue(self, now: float, delivered_grace: float) -> int:
-        """Live copies past their deadline (a delivered one ``delivered_grace`` after its
-        delivery): what a sweep should have erased."""
-        return await self._index.run(lambda c: queries.overdue(c, now, now - delivered_grace))
-
-    async def describe(self, record_id: str) -> Due | None:
-        """The erasure facts of one live record (an operator's erasure)."""
-        found = await self.describe_many([record_id])
-        return found[0] if found else None
-
-    async def describe_many(self, record_ids: Sequence[str]) -> list[Due]:
-        """The erasure facts of those of these records that are still live, in order."""
-        wanted = list(dict.fromkeys(record_ids))
-        return await self._index.run(lambda c: queries.describe(c, wanted))
 
     async def erase(self, record_ids: Sequence[str], *, reason: str, at: float) -> list[Erased]:
         """Crypto-erase and unlink records; returns what was erased, for the ledger.

@@ -278,6 +278,7 @@ async def build_sandbox(
     data["access_log"] = {"directory": str(state / "access"), "retention_days": 400}
     data["spool"].update(
         directory=str(state / "spool"),
+        keystore=str(state / "keystore"),
         master_key=str(master),
         quota_bytes=8 * 1024**3,
         min_free_bytes=64 * 1024**2,

@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import RecordCorrupt, SpoolError, StorageFailed, StorageFull, is_disk_full
+from gateway.crypto.keystore import master_key_id
+from gateway.errors import (
+    KeystoreError,
+    RecordCorrupt,
+    SpoolError,
+    StorageFailed,
+    StorageFull,
+    is_disk_full,
+)
 from gateway.spool.index import IndexThread, sqlite_error_for, storage_error
 from gateway.spool.pending import PendingRecord
 from gateway.spool.records import (
@@ -298,16 +306,33 @@ async def test_swapped_files_do_not_decrypt(store: Store, spool: Spool) -> None:
             await plaintext(spool, record)
 
 
-async def test_wrong_master_key_cannot_read(store: Store, spool: Spool) -> None:
-    """Opened with another master key, the spool refuses to unwrap a record's data key."""
+async def test_wrong_master_key_cannot_open_the_keystore(store: Store, spool: Spool) -> None:
+    """Opened with another master key, the spool refuses to start, naming both keys'
+    ids (never a key), and leaves the spool unlocked for the right key."""
     record, _ = await put(store, spool, payload(1))
     await spool.close()
     store.opened.remove(spool)
-    other = Spool(store.directory, os.urandom(32))
-    await other.open()
-    store.opened.append(other)
+    other_key = os.urandom(32)
+    other = Spool(store.directory, other_key)
+    with pytest.raises(KeystoreError) as refused:
+        await other.open()
+    message = str(refused.value)
+    assert master_key_id(store.master) in message and master_key_id(other_key) in message
+    assert store.master.hex() not in message and other_key.hex() not in message
+    again = Spool(store.directory, store.master)
+    await again.open()
+    store.opened.append(again)
+    assert b"".join(await again.open_plaintext(record)) == payload(1)
+
+
+async def test_a_tampered_wrapped_key_is_record_corrupt(store: Store, spool: Spool) -> None:
+    """A wrapped data key altered in the index fails its integrity check."""
+    record, _ = await put(store, spool, payload(1))
+    await spool._index.run(
+        lambda c: c.execute("UPDATE records SET wrapped_key=zeroblob(40) WHERE id=?", (record.id,))
+    )
     with pytest.raises(RecordCorrupt):
-        await other.open_plaintext(record)
+        await spool.open_plaintext(record)
 
 
 async def test_open_plaintext_of_unknown_record_is_spool_error(store: Store, spool: Spool) -> None:
@@ -606,12 +631,13 @@ async def test_unopened_spool_fails_instead_of_hanging(store: Store) -> None:
 
 async def test_an_index_of_another_schema_version_is_refused(tmp_path: Path) -> None:
     """A spool index written by another schema version is refused with a clear error."""
-    spool = Spool(tmp_path / "spool", os.urandom(32))
+    key = os.urandom(32)
+    spool = Spool(tmp_path / "spool", key)
     await spool.open()
     await spool.close()
     with sqlite3.connect(tmp_path / "spool" / "index.sqlite3") as conn:
         conn.execute("PRAGMA user_version=99")
-    again = Spool(tmp_path / "spool", os.urandom(32))
+    again = Spool(tmp_path / "spool", key)
     with pytest.raises(SpoolError, match="schema version 99"):
         await again.open()
 

@@ -230,14 +230,19 @@ def test_every_path_the_daemon_writes_is_writable(unit: dict[str, list[str]]) ->
     """ProtectSystem=strict: what the shipped configuration writes lies in a directory the
     unit makes writable (State-, Logs-, RuntimeDirectory= or ReadWritePaths=)."""
     assert last(unit, "ProtectSystem") == "strict"
-    writable = [PurePosixPath("/var/lib", d) for d in unit.get("StateDirectory", [])]
-    writable += [PurePosixPath("/var/log", d) for d in unit.get("LogsDirectory", [])]
-    writable += [PurePosixPath("/run", d) for d in unit.get("RuntimeDirectory", [])]
+    def each(key: str) -> list[str]:  # a directive may list several, space-separated
+        return [d for value in unit.get(key, []) for d in value.split()]
+
+    writable = [PurePosixPath("/var/lib", d) for d in each("StateDirectory")]
+    writable += [PurePosixPath("/var/log", d) for d in each("LogsDirectory")]
+    writable += [PurePosixPath("/run", d) for d in each("RuntimeDirectory")]
     for value in unit.get("ReadWritePaths", []):
         writable += [PurePosixPath(p.lstrip("-")) for p in value.split()]
     config = shipped_config()
     written = [
         config["spool"]["directory"],
+        config["spool"]["keystore"],
+        config["access_log"]["directory"],
         config["auth"]["devices_file"],
         config["auth"]["users_file"],
     ]
@@ -311,6 +316,7 @@ def test_sysusers_and_tmpfiles_apply_to_a_scratch_root(tmp_path: Path) -> None:
     expected = {
         "var/lib/gateway": (0o700, uid, gid),
         "var/lib/gateway/spool": (0o700, uid, gid),
+        "var/lib/gateway-keystore": (0o700, uid, gid),
         "var/log/gateway": (0o750, uid, gid),
         "etc/gateway": (0o750, 0, gid),
         "etc/gateway/credentials": (0o700, 0, 0),
@@ -333,6 +339,7 @@ def python_check_of_tmpfiles() -> None:
         paths[path] = (mode, user, group)
     assert paths["/var/lib/gateway"] == ("0700", "gateway", "gateway")
     assert paths["/var/lib/gateway/spool"] == ("0700", "gateway", "gateway")
+    assert paths["/var/lib/gateway-keystore"] == ("0700", "gateway", "gateway")
     assert paths["/etc/gateway"] == ("0750", "root", "gateway")
 
 
