@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway.crypto.keystore import epoch_end, epoch_of
+from gateway.errors import KeystoreError
 from gateway.ops.chain import HashChainLog
 from gateway.ops.metrics import Metrics
 from gateway.retention.report import JST, as_csv, certificate
@@ -246,3 +250,92 @@ async def test_the_certificate_counts_and_lists_the_periods_erasures(rig: Rig) -
         "online-application": {"expired_undelivered": 1},
     }
     assert as_csv(whole).count("\n") == 2 + 1 + 2  # two comment lines, header, two rows
+
+
+# ---------------------------------------------------------------- key epochs
+
+
+def epochs(rig: Rig, state: str) -> float:
+    value = rig.metrics.registry.get_sample_value("gateway_keystore_epochs", {"state": state})
+    return value or 0.0
+
+
+async def test_an_epoch_is_destroyed_once_its_day_is_over_and_its_records_erased(
+    rig: Rig,
+) -> None:
+    """The deadline's Japan day is the epoch; after it, the next sweep erases what is due,
+    writes the destruction to the ledger, then destroys the key."""
+    record_id = await put(rig)
+    epoch = epoch_of(T0 + WEEK)
+    assert rig.spool.keys.live() == [epoch]
+    rig.clock.now = T0 + WEEK  # the record is due; its epoch's day is not over
+    assert await rig.sweeper.sweep() == 1
+    assert rig.spool.keys.live() == [epoch]
+    assert (epochs(rig, "live"), epochs(rig, "passed"), epochs(rig, "destroyed")) == (1, 0, 0)
+    rig.clock.now = epoch_end(epoch)
+    await rig.sweeper.sweep()
+    assert rig.spool.keys.live() == [] and rig.spool.keys.destroyed() == [epoch]
+    assert (epochs(rig, "live"), epochs(rig, "destroyed")) == (0, 1)
+    erased, destroyed = (e.body for e in rig.ledger.entries())
+    assert erased["submission_id"] == record_id and erased["key_epoch"] == epoch
+    assert destroyed["event"] == "key_epoch_destroyed" and destroyed["key_epoch"] == epoch
+    assert destroyed["destroyed_at"] == epoch_end(epoch)
+    assert destroyed["records_erased_with_it"] == 0
+    # A record of the same deadline day cannot be made again under a destroyed key.
+    rig.clock.now = T0
+    with pytest.raises(KeystoreError, match="destroyed"):
+        await put(rig)
+
+
+async def test_at_the_latest_one_sweep_later_an_epoch_goes_with_what_is_left(rig: Rig) -> None:
+    """A record still live when its epoch's day is over (its erasure failed, say) holds the
+    epoch one sweep interval at most; then both go, the record as epoch_destroyed."""
+    record_id = await put(rig)
+    epoch = epoch_of(T0 + WEEK)
+    end = epoch_end(epoch)
+    assert await rig.sweeper.destroy_epochs(end) == []  # the record is still live
+    assert epochs(rig, "passed") == 1
+    assert await rig.sweeper.destroy_epochs(end + 60) == [epoch]  # the interval is 60 s
+    record = await rig.spool.get(record_id)
+    assert record is not None and record.state == "erased"
+    erased, destroyed = (e.body for e in rig.ledger.entries())
+    assert erased["reason"] == "epoch_destroyed"
+    assert destroyed["records_erased_with_it"] == 1
+    assert erasures(rig, "online-application", "epoch_destroyed") == 1
+
+
+async def test_the_certificate_says_when_each_key_and_its_epoch_were_destroyed(
+    rig: Rig,
+) -> None:
+    """Per record: its own key's destruction, its epoch, the epoch's destruction (or that
+    it is pending); the backup condition is stated for the ward to sign."""
+    first = await put(rig)
+    rig.clock.now = T0 + WEEK
+    await rig.sweeper.sweep()
+    day = datetime.fromtimestamp(T0 + WEEK, JST).date()
+
+    def cert() -> dict[str, Any]:
+        return certificate(
+            rig.ledger, day, day, operator="o", organization="w", now=datetime.now(UTC),
+            keystore="/var/lib/gateway-keystore", retention_days=7,
+        )  # fmt: skip
+
+    epoch = epoch_of(T0 + WEEK)
+    pending = cert()
+    (row,) = pending["records"]
+    assert (row["submission_id"], row["key_epoch"], row["epoch_destroyed_at"]) == (
+        first,
+        epoch,
+        None,
+    )
+    assert row["key_destroyed_at"] == row["erased_at"]
+    media = pending["sanitization_record"]["media"]
+    assert media["key_epochs_pending"] == [epoch]
+    assert "not backed up" not in json.dumps(pending) and "none (" not in media["data_backup"]
+    assert "/var/lib/gateway-keystore" in media["data_backup"] and "7 days" in media["data_backup"]
+    rig.clock.now = epoch_end(epoch) + 5
+    await rig.sweeper.sweep()
+    done = cert()
+    assert done["records"][0]["epoch_destroyed_at"] is not None
+    assert done["sanitization_record"]["media"]["key_epochs_pending"] == []
+    assert "epoch_destroyed_at" in as_csv(done).splitlines()[2]  # the CSV header

@@ -230,6 +230,7 @@ def test_every_path_the_daemon_writes_is_writable(unit: dict[str, list[str]]) ->
     """ProtectSystem=strict: what the shipped configuration writes lies in a directory the
     unit makes writable (State-, Logs-, RuntimeDirectory= or ReadWritePaths=)."""
     assert last(unit, "ProtectSystem") == "strict"
+
     def each(key: str) -> list[str]:  # a directive may list several, space-separated
         return [d for value in unit.get(key, []) for d in value.split()]
 
