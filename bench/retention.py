@@ -3,7 +3,8 @@
 Drives the real Spool, erasure ledger and sweeper (the daemon's own code) without HTTP,
 so the figures are the spool's: the time to commit a record (encrypt, fsync, group
 commit) with 1,000 and with 100,000 records already in the spool, and the time for one
-sweep to erase 100,000 due records, each written to the ledger first.
+sweep to erase 100,000 due records, each written to the ledger first, and destroy
+their key epochs (the sweep runs once every deadline's Japan day is over).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.crypto.keystore import epoch_end
 from gateway.ops import logs
 from gateway.ops.chain import HashChainLog
 from gateway.ops.metrics import Metrics
@@ -94,10 +96,12 @@ async def run(directory: Path, records: int) -> dict[str, Any]:
         fill_seconds = time.perf_counter() - started
         at_large = await _accept_cost(spool, clock)
         due = spool.counts["queued"]
-        clock.now += WEEK + 1
+        epochs = spool.keys.live()
+        clock.now = max(epoch_end(e) for e in epochs)  # every deadline's day is over
         started = time.perf_counter()
         erased = await sweeper.sweep()
         sweep_seconds = time.perf_counter() - started
+        destroyed = [e for e in epochs if spool.keys.is_destroyed(e)]
         verify_started = time.perf_counter()
         entries = ledger.verify()
         verify_seconds = time.perf_counter() - verify_started
@@ -112,6 +116,7 @@ async def run(directory: Path, records: int) -> dict[str, Any]:
             "erased": erased,
             "seconds": round(sweep_seconds, 2),
             "records_per_second": round(erased / sweep_seconds, 1),
+            "key_epochs_destroyed": len(destroyed),
             "ledger_entries_verified": entries,
             "ledger_verify_seconds": round(verify_seconds, 2),
         },

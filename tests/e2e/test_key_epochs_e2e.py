@@ -16,8 +16,9 @@ from conftest import ctl, start_gateway
 from gateway.crypto.envelope import unwrap_key, wrap_key
 from gateway.crypto.keys import load_master_key
 from gateway.crypto.keystore import KeyStore, master_key_id
-from gateway.errors import KeystoreError
+from gateway.errors import KeystoreError, StorageFailed
 from gateway.ops.audit import audit_chain
+from gateway.spool import epochs, queries
 from gateway.spool.records import NewRecord, new_submission_id
 from gateway.spool.store import Spool
 from gateway.testing.samples import multipart_body, sample_submission
@@ -147,3 +148,62 @@ async def test_rotate_master_retires_the_old_key(
     status = json.loads(out)
     assert code == 0 and status["master_key_id"] == master_key_id(new)
     assert len(status["live"]) == 1 and status["destroyed"] == []
+
+
+async def test_check_config_warns_of_a_keystore_inside_the_spool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    box = await build_sandbox(tmp_path, start_simulators=False)
+    assert box.config is not None
+    code, _, err = ctl(capsys, "check-config", "--config", box.config_path)
+    assert code == 0 and "warning" not in err  # the sandbox's keystore is beside the spool
+    inside = box.config.spool.directory / "keys"
+    text = box.config_path.read_text("utf-8").replace(
+        str(box.config.keystore_directory), str(inside)
+    )
+    box.config_path.write_text(text, "utf-8")
+    code, out, err = ctl(capsys, "check-config", "--config", box.config_path)
+    assert code == 0 and "OK" in out
+    assert "spool.keystore: warning" in err and "inside the spool directory" in err
+    assert "out of backups" in err
+
+
+async def test_a_migration_cut_short_carries_on_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between two batches (here: the second batch fails), the next start migrates
+    the rest; every record reads back as written."""
+    box = await build_sandbox(tmp_path, start_simulators=False)
+    assert box.config is not None
+    bodies = [(f"body {n} ".encode() * 100, "text/plain") for n in range(3)]
+    ids = await spool_records(box, bodies)
+    make_it_old(box)
+    master = load_master_key(Path(str(box.config.spool.master_key)))
+    monkeypatch.setattr(epochs, "BATCH", 1)
+    real = queries.set_epoch_keys
+    calls = iter(range(100))
+
+    def second_batch_dies(conn: sqlite3.Connection, rows: list[tuple[str, str, bytes]]) -> None:
+        if next(calls) == 1:
+            raise OSError("killed")
+        real(conn, rows)
+
+    monkeypatch.setattr(queries, "set_epoch_keys", second_batch_dies)
+    spool = Spool(box.config.spool.directory, master, keystore=box.config.keystore_directory)
+    with pytest.raises(StorageFailed, match="killed"):
+        await spool.open()
+    await spool.close()
+    monkeypatch.setattr(queries, "set_epoch_keys", real)
+    with sqlite3.connect(box.config.spool.directory / "index.sqlite3") as conn:
+        left = conn.execute("SELECT COUNT(*) FROM records WHERE key_epoch IS NULL").fetchone()
+    assert left == (2,)  # one batch of one committed
+    spool = Spool(box.config.spool.directory, master, keystore=box.config.keystore_directory)
+    report = await spool.open()
+    try:
+        assert report.keys_migrated == 2
+        for record_id, (body, _) in zip(ids, bodies, strict=True):
+            record = await spool.get(record_id)
+            assert record is not None
+            assert b"".join(await spool.open_plaintext(record)) == body
+    finally:
+        await spool.close()
