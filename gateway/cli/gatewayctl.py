@@ -11,7 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.cli import access_commands, key_commands, registry_commands, spool_commands
+from gateway.cli import (
+    access_commands,
+    erasure_commands,
+    key_commands,
+    registry_commands,
+    spool_commands,
+)
 from gateway.cli.common import Commands, UsageError, config_of
 from gateway.config import load_config
 from gateway.crypto.pki import PkiExistsError, init_pki
@@ -144,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 
     registry_commands.register(commands, command)
     spool_commands.register(commands, command)
+    erasure_commands.register(commands, command)
     access_commands.register(commands, command)
     key_commands.register(commands, command)
 
