@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TOOLS_STAMP := $(VENV)/.tools-stamp
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean install lock test-lowest
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -36,6 +36,22 @@ test: lint $(TOOLS_STAMP)
 
 bench: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m bench
+
+# As root on Debian 12/13: /opt/gateway, /usr/bin links, unit, alert rules, documents
+# (scripts/install --help). The configuration is left for the operator.
+install:
+	bash scripts/install
+
+# requirements.lock: the exact, hash-checked dependencies scripts/install uses.
+lock:
+	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q pip-tools
+	.venv-lock/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
+	rm -rf .venv-lock
+
+# The test suite against the lowest versions pyproject.toml declares (uv's lowest-direct).
+test-lowest:
+	bash scripts/test-lowest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

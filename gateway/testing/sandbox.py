@@ -52,9 +52,10 @@ from gateway.identity.registry import (
 )
 from gateway.ops.metrics import Metrics
 from gateway.relay.workers import Sleep
+from gateway.shipped import shipped
 from gateway.testing.upstream import Opener, UpstreamSimulator
 
-SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "gateway.toml"
+SHIPPED_CONFIG = shipped("conf/gateway.toml")
 
 DEVICES: Mapping[str, str] = {
     "tablet-01": "assist-tablet",
