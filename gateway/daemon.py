@@ -48,6 +48,8 @@ from gateway.retention.ledger import erasure_ledger
 from gateway.spool.store import Spool
 
 log = get_logger("gateway.daemon")
+START_EXTENSION = 30.0
+"""Seconds of start-up time (EXTEND_TIMEOUT_USEC) each batch of the start-up sweep earns."""
 
 
 class ListenerError(GatewayError):
@@ -211,9 +213,19 @@ class Daemon(Parts):
     async def sweep_overdue(self) -> None:
         """Stage 4: erase what should already be gone, before anything is served."""
         self.readiness["state"] = "erasing_overdue_copies"
-        if self.notifier:
-            self.notifier.status("erasing copies whose retention ended while stopped")
-        erased = await self.sweeper.sweep()
+        notifier = self.notifier
+        if notifier:
+            notifier.status("erasing copies whose retention ended while stopped")
+        overdue = await self.spool.overdue(self.clock(), 0)
+
+        def progress(erased: int) -> None:
+            # Each batch earns more start-up time: a long list of overdue copies is work
+            # under way, not a hung start (systemd's TimeoutStartSec would kill it).
+            if notifier:
+                notifier.extend_timeout(START_EXTENSION)
+                notifier.status(f"erasing overdue copies: {erased} of {overdue} done")
+
+        erased = await self.sweeper.sweep(progress=progress)
         if erased:
             log.info("erased_at_start", count=erased)
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -50,6 +57,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_* (resident memory, CPU seconds, open files: the memory target is
+        # watched on process_resident_memory_bytes) and python_gc_*.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.submissions = Counter(
             "gateway_submissions",
             "Submissions by listener, channel and outcome",

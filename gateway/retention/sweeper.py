@@ -72,8 +72,9 @@ class Sweeper:
             await self.sweep()
             await self._sleep(self._interval)
 
-    async def sweep(self) -> int:
-        """Erase everything due now; returns how many records were erased.
+    async def sweep(self, progress: Callable[[int], None] | None = None) -> int:
+        """Erase everything due now; returns how many records were erased (``progress``
+        is told the running total after each batch).
 
         Whether it succeeds or not, the copies still overdue afterwards are counted
         (``gateway_spool_overdue_records``); a finished sweep is stamped
@@ -88,6 +89,8 @@ class Sweeper:
                 if not due:
                     break
                 total += await self._erase(due, [self._reason(d) for d in due], now)
+                if progress is not None:
+                    progress(total)
             await self.destroy_epochs(self._clock())
             await self._export_warning(self._clock())
             self._metrics.last_sweep.set(self._clock())
