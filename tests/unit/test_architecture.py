@@ -31,7 +31,7 @@ PURE = (
 IMPURE = {"asyncio", "aiohttp", "sqlite3", "os", "shutil", "pathlib", "io", "tempfile", "socket"}
 
 LAYERS = (
-    ("core", ("gateway", "gateway.errors", "gateway.config", *PURE)),
+    ("core", ("gateway", "gateway.errors", "gateway.config", "gateway.shipped", *PURE)),
     (
         "edges",
         (
