@@ -71,8 +71,14 @@ class AdminConfig(_Model):
 
     enabled: bool = True
     host: str = "127.0.0.1"
+    """Loopback by default; for a central Prometheus, an address of the operators'
+    network together with ``bearer_token``."""
     port: Port = 9464
     control_socket: RelPath | None = None
+    bearer_token: SecretRef | None = None
+    """A 0600 file or ``credential:NAME`` holding the token a scraper must send as
+    ``Authorization: Bearer TOKEN`` for ``/metrics`` (``/healthz`` and ``/readyz`` stay
+    open: they say nothing but up or not)."""
 
     @model_validator(mode="after")
     def _socket_path_fits(self) -> AdminConfig:
@@ -171,6 +177,10 @@ class DestinationConfig(_Model):
     """Seal each payload for the recipient (docs/sealed-payload.md) on top of TLS."""
     payload_kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
     """HPKE's key encapsulation: X25519, or the hybrid post-quantum ML-KEM-768 + X25519."""
+    recipient_id: str | None = None
+    """The recipient's id agreed with it out of band, bound into every sealed payload (its
+    header's ``destination``); required with payload encryption. Not the table's name, so
+    renaming the table changes nothing for the recipient."""
     recipient_key: RelPath | None = None
     """hpke: the recipient's public key (PEM); cms: the recipient's X.509 certificate."""
     recipient_key_not_after: date | None = None
@@ -182,20 +192,40 @@ class DestinationConfig(_Model):
 
     @model_validator(mode="after")
     def _payload_keys(self) -> DestinationConfig:
+        sealing = ("recipient_id", "recipient_key", "signing_key")
         if self.payload_encryption == "none":
-            named = [k for k in ("recipient_key", "signing_key") if getattr(self, k) is not None]
+            named = [k for k in sealing if getattr(self, k) is not None]
             if named:
                 raise ValueError(
                     f'{", ".join(named)} set but payload_encryption is "none": '
                     "say which encryption, or remove them"
                 )
             return self
-        missing = [k for k in ("recipient_key", "signing_key") if getattr(self, k) is None]
+        rid = self.recipient_id
+        if rid is not None and not (
+            1 <= len(rid) <= 64
+            and rid.isascii()
+            and rid[0].isalnum()
+            and all(c.isalnum() or c in "._-" for c in rid)
+        ):
+            raise ValueError(
+                "recipient_id must be 1 to 64 ASCII letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (the id agreed with the recipient, e.g. "
+                '"jlis-express")'
+            )
+        missing = [k for k in sealing if getattr(self, k) is None]
         if self.payload_encryption == "hpke" and self.recipient_key_not_after is None:
             missing.append("recipient_key_not_after")
         if missing:
+            hint = (
+                " (recipient_id: the id agreed with the recipient that every payload is bound "
+                "to, docs/sealed-payload.md)"
+                if rid is None
+                else ""
+            )
             raise ValueError(
                 f"payload_encryption = {self.payload_encryption!r} needs {', '.join(missing)}"
+                + hint
             )
         if self.payload_encryption == "cms" and self.payload_kem != "x25519":
             raise ValueError("payload_kem applies to hpke only (cms uses the certificate's RSA)")

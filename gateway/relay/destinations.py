@@ -53,18 +53,21 @@ class DestinationParts:
         the record.
 
         A fresh seal per attempt (a new HPKE ephemeral key each time): the upstream
-        deduplicates by Idempotency-Key, not by bytes.
+        deduplicates by Idempotency-Key, not by bytes. The payload is bound to the
+        destination's agreed ``recipient_id``, never to its name in this configuration.
         """
         sealer = self.sealer
         if sealer is None:
             return Body(chunks, record.plaintext_size, record.content_type)
+        recipient_id = self.config.recipient_id
+        assert recipient_id is not None  # DestinationConfig requires it with encryption
 
         def seal() -> Sealed:  # reads the whole record, off the event loop
             return sealer.seal(
                 b"".join(chunks),
                 channel=record.channel,
                 submission_id=record.id,
-                destination=self.name,
+                destination=recipient_id,
                 content_type=record.content_type,
                 created=clock(),
             )

@@ -226,7 +226,9 @@ async def build_sandbox(
         credential = UPSTREAM_CREDENTIAL if "credential" in dest else None
         upstream = pki.upstreams[name]
         sim = UpstreamSimulator(
-            name,
+            # A recipient knows itself by the recipient_id it agreed with the gateway (it
+            # expects that in a sealed payload's binding), not by the gateway's table name.
+            dest.get("recipient_id", name),
             cert=upstream.cert,
             key=upstream.key,
             client_ca=pki.gateway_ca.cert,

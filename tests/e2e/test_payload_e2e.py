@@ -2,7 +2,8 @@
 
 The sandbox gives dnp-relay HPKE (X25519), jlis-express HPKE with the hybrid ML-KEM-768 +
 X25519 suite and jlis-overseas CMS, as conf/gateway.toml does; each simulator holds its
-recipient private key and trusts the gateway's signing key (gateway/testing/sandbox.py).
+recipient private key, trusts the gateway's signing key and expects its own recipient_id
+in the binding (gateway/testing/sandbox.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ SEALED = {
     "express-issuance": ("jlis-express", "hpke", KEM_IDS["mlkem768-x25519"]),
     "overseas-application": ("jlis-overseas", "cms", None),
 }
+RECIPIENT_ID = {  # conf/gateway.toml's recipient_id: what the payload is bound to
+    "dnp-relay": "jlis-online-application",
+    "jlis-express": "jlis-express",
+    "jlis-overseas": "jlis-overseas",
+}
 JST = timedelta(hours=9)
 
 
@@ -63,7 +69,7 @@ async def test_each_suite_seals_signs_and_opens_at_the_recipient(
     assert received.sealed is not None
     header = received.sealed
     assert (header.suite, header.kem_id) == (suite, kem_id)
-    assert (header.channel, header.destination) == (channel, destination)
+    assert (header.channel, header.destination) == (channel, RECIPIENT_ID[destination])
     assert header.submission_id == received.idempotency_key
     assert received.content_type.startswith("multipart/form-data; boundary=")
     assert received.fields["application_id"] == fields["application_id"]
@@ -276,7 +282,7 @@ async def test_bad_payload_keys_are_refused_at_load(
     box.edit_config(lambda d: change(d, box))
     status = gatewayctl.main(["check-config", "--config", str(box.config_path)])
     err = capsys.readouterr().err
-    assert status == 1, what
+    assert status == 78, what  # EX_CONFIG
     line = next(line for line in err.splitlines() if key in line)
     assert message in line, line
 
@@ -286,7 +292,7 @@ async def test_a_signing_key_others_can_read_is_refused(
 ) -> None:
     box = await build_sandbox(tmp_path, start_simulators=False)
     os.chmod(box.dir / "secrets" / "payload-signing.key", 0o644)
-    assert gatewayctl.main(["check-config", "--config", str(box.config_path)]) == 1
+    assert gatewayctl.main(["check-config", "--config", str(box.config_path)]) == 78
     err = capsys.readouterr().err
     assert "destinations.dnp-relay.signing_key" in err
 
@@ -315,6 +321,28 @@ async def test_a_rotated_recipient_key_is_picked_up_on_reload(tmp_path: Path) ->
                 not_after=date.today() + timedelta(days=1),
             ).key_id
         )
+    finally:
+        await running.shutdown()
+        await box.stop_simulators()
+
+
+async def test_renaming_the_destination_changes_nothing_for_the_recipient(tmp_path: Path) -> None:
+    """The payload is bound to the agreed recipient_id: the same recipient opens it after the
+    gateway's table is renamed (the binding used to be the table's name)."""
+    box = await build_sandbox(tmp_path)
+
+    def rename(data: dict[str, Any]) -> None:
+        data["destinations"]["contractor-relay"] = data["destinations"].pop("dnp-relay")
+        data["channels"]["online-application"]["destination"] = "contractor-relay"
+
+    box.edit_config(rename)
+    box.reload_config()
+    running = await start_gateway(box)
+    try:
+        received, _ = await deliver(running, "online-application")
+        assert received.sealed is not None
+        assert received.sealed.destination == "jlis-online-application"
+        assert box.simulators["dnp-relay"].sealed_refusals == []
     finally:
         await running.shutdown()
         await box.stop_simulators()

@@ -493,3 +493,69 @@ def test_a_secret_pasted_where_its_path_belongs_is_refused_without_echo(
     problems = [p for p in caught.value.problems if p.key == "spool.master_key"]
     assert problems and "never the secret itself" in problems[0].message
     assert pasted not in str(caught.value)
+
+
+# ------------------------------------------------------------- payload encryption
+
+
+def test_shipped_sealed_destinations_have_agreed_recipient_ids() -> None:
+    """Each destination that seals binds an id agreed with its recipient, not its table name."""
+    config = load_config(SHIPPED)
+    assert {n: d.recipient_id for n, d in config.destinations.items()} == {
+        "dnp-relay": "jlis-online-application",  # sealed for J-LIS, through the relay
+        "jlis-express": "jlis-express",
+        "jlis-overseas": "jlis-overseas",
+        "jlis-card-management": None,
+        "ward-issuance": None,
+    }
+
+
+@pytest.mark.parametrize("destination", ["dnp-relay", "jlis-overseas"])
+def test_sealing_without_a_recipient_id_is_refused(tmp_path: Path, destination: str) -> None:
+    """hpke and cms both need recipient_id; the message names it and what it is."""
+    data = edited(lambda d: d["destinations"][destination].pop("recipient_id"))
+    (problem,) = problems_of(write_config(tmp_path, data))
+    assert problem.key == f"destinations.{destination}"
+    assert "needs recipient_id" in problem.message
+    assert "agreed with the recipient" in problem.message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "jlis express",
+        "-jlis",
+        ".jlis",
+        "x" * 65,
+        "ｊｌｉｓ",
+        "jlis/express",
+        "jlis:1",
+        "jlis\n",
+    ],
+)
+def test_a_recipient_id_that_is_not_a_short_ascii_token_is_refused(
+    tmp_path: Path, value: str
+) -> None:
+    data = edited(lambda d: d["destinations"]["jlis-express"].__setitem__("recipient_id", value))
+    (problem,) = problems_of(write_config(tmp_path, data))
+    assert problem.key == "destinations.jlis-express"
+    assert problem.message.startswith(
+        "recipient_id must be 1 to 64 ASCII letters, digits, '.', '_' or '-', starting with a "
+        "letter or digit"
+    )
+
+
+def test_a_recipient_id_of_64_token_characters_is_kept(tmp_path: Path) -> None:
+    value = "JLIS.Express_01-" + "x" * 48
+    data = edited(lambda d: d["destinations"]["jlis-express"].__setitem__("recipient_id", value))
+    assert load_config(write_config(tmp_path, data)).destinations["jlis-express"].recipient_id == (
+        value
+    )
+
+
+def test_a_recipient_id_without_payload_encryption_is_refused(tmp_path: Path) -> None:
+    data = edited(lambda d: d["destinations"]["ward-issuance"].__setitem__("recipient_id", "ward"))
+    (problem,) = problems_of(write_config(tmp_path, data))
+    assert problem.key == "destinations.ward-issuance"
+    assert 'recipient_id set but payload_encryption is "none"' in problem.message

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
+import re
 import struct
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -22,9 +25,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mlkem, rsa, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
+from gateway.channels.policy import ChannelPolicy
+from gateway.config import load_config
 from gateway.crypto.sealed import keygen
 from gateway.crypto.sealed.errors import SealKeyError, SealOpenError
 from gateway.crypto.sealed.format import MEDIA_TYPE
@@ -51,8 +57,10 @@ from gateway.crypto.sealed.upstream_keys import (
 )
 from gateway.crypto.sealed.vectors import VectorMismatch, check_vector_file, generate_vectors
 from gateway.errors import GatewayError
+from gateway.ingress.intake import MultipartIntake
 
 VECTORS = Path(__file__).resolve().parents[2] / "docs" / "test-vectors"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "gateway.toml"
 SUITES = ("hpke-x25519", "hpke-mlkem768-x25519", "cms")
 SIGNERS = ("ed25519", "ecdsa-p256-sha256")
 PLANTED = "PLANTED-983205673214-秘密"
@@ -61,7 +69,7 @@ CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 BIND = {
     "channel": "online-application",
     "submission_id": "019e6a4c12347a5d3c2b1e0f9a8b7c6d",
-    "destination": "dnp-relay",
+    "destination": "jlis-online-application",  # a destination's recipient_id
 }
 NOW = datetime.now(UTC)
 FAR = NOW + timedelta(days=365)
@@ -293,6 +301,46 @@ def spec_open_party(keys: Keys, suite: str, data: bytes) -> tuple[bytes, dict[st
         trusted={s.key_id: s.public_pem() for s in keys.signers.values()},
         expected=BIND,
     )
+
+
+_PART_NAME = rb'Content-Disposition: form-data; name="([a-z][a-z0-9_]{0,63})"'
+_FILE_PART = _PART_NAME + rb'; filename="([a-z_]+\.[a-z]+)"\r\nContent-Type: ([a-z]+/[a-z-]+)'
+_FIXED_FILES = {b"face_photo.jpg": b"image/jpeg", b"batch_file.bin": b"application/octet-stream"}
+
+
+def spec_parse_plaintext(plaintext: bytes, content_type: str) -> dict[str, Any]:
+    """docs/sealed-payload.md section 4.3, the canonical payload's exact shape, strictly."""
+    match = re.fullmatch(r"multipart/form-data; boundary=(gw-[0-9a-f]{32})", content_type)
+    assert match is not None, content_type
+    delimiter = b"--" + match.group(1).encode()
+    assert plaintext.startswith(delimiter + b"\r\n")
+    assert plaintext.endswith(b"\r\n" + delimiter + b"--\r\n")
+    inner = plaintext[len(delimiter) + 2 : -(len(delimiter) + 6)]
+    fields: dict[str, str] = {}
+    files: dict[str, dict[str, Any]] = {}
+    for part in inner.split(b"\r\n" + delimiter + b"\r\n"):
+        head, blank, value = part.partition(b"\r\n\r\n")
+        assert blank
+        if text := re.fullmatch(_PART_NAME, head):
+            name = text.group(1).decode("ascii")
+            decoded = value.decode("utf-8")  # strict: UTF-8, no charset parameter
+            assert decoded == unicodedata.normalize("NFC", decoded) == decoded.strip()
+            assert decoded and not any(unicodedata.category(c) == "Cc" for c in decoded)
+            assert name not in fields and name not in files
+            fields[name] = decoded
+            continue
+        file = re.fullmatch(_FILE_PART, head)
+        assert file is not None, head
+        name, filename, media = (g.decode("ascii") for g in file.groups())
+        assert _FIXED_FILES[filename.encode()] == media.encode()
+        assert name not in fields and name not in files
+        files[name] = {
+            "filename": filename,
+            "content_type": media,
+            "size": len(value),
+            "sha256": hashlib.sha256(value).hexdigest(),
+        }
+    return {"fields": fields, "files": files}
 
 
 def frame(kid: str, header: bytes, sig: bytes, body: bytes) -> bytes:
@@ -811,6 +859,107 @@ def test_xwing_private_key_format_matches_the_published_test_vector() -> None:
     assert key.key_id == hashlib.sha256(public).hexdigest()
 
 
+# draft-connolly-cfrg-xwing-kem-06, appendix C, the first vector (the same in -05 to -10).
+XWING_SEED = "7f9c2ba4e88f827d616045507605853ed73b8093f6efbc88eb1a6eacfa66ef26"
+XWING_ESEED_X = "35b8cc873c23dc62b8d260169afa2f75ab916a58d974918835d25e6a435085b2"  # eseed[32:]
+XWING_CT = (
+    "b83aa828d4d62b9a83ceffe1d3d3bb1ef31264643c070c5798927e41fb07914a273f8f96e7826cd5"
+    "375a283d7da885304c5de0516a0f0654243dc5b97f8bfeb831f68251219aabdd723bc6512041acba"
+    "ef8af44265524942b902e68ffd23221cda70b1b55d776a92d1143ea3a0c475f63ee6890157c7116d"
+    "ae3f62bf72f60acd2bb8cc31ce2ba0de364f52b8ed38c79d719715963a5dd3842d8e8b43ab704e47"
+    "59b5327bf027c63c8fa857c4908d5a8a7b88ac7f2be394d93c3706ddd4e698cc6ce370101f4d0213"
+    "254238b4a2e8821b6e414a1cf20f6c1244b699046f5a01caa0a1a55516300b40d2048c77cc73afba"
+    "79afeea9d2c0118bdf2adb8870dc328c5516cc45b1a2058141039e2c90a110a9e16b318dfb53bd49"
+    "a126d6b73f215787517b8917cc01cabd107d06859854ee8b4f9861c226d3764c87339ab16c3667d2"
+    "f49384e55456dd40414b70a6af841585f4c90c68725d57704ee8ee7ce6e2f9be582dbee985e038ff"
+    "c346ebfb4e22158b6c84374a9ab4a44e1f91de5aac5197f89bc5e5442f51f9a5937b102ba3beaebf"
+    "6e1c58380a4a5fedce4a4e5026f88f528f59ffd2db41752b3a3d90efabe463899b7d40870c530c88"
+    "41e8712b733668ed033adbfafb2d49d37a44d4064e5863eb0af0a08d47b3cc888373bc05f7a33b84"
+    "1bc2587c57eb69554e8a3767b7506917b6b70498727f16eac1a36ec8d8cfaf751549f2277db277e8"
+    "a55a9a5106b23a0206b4721fa9b3048552c5bd5b594d6e247f38c18c591aea7f56249c72ce7b117a"
+    "fcc3a8621582f9cf71787e183dee09367976e98409ad9217a497df888042384d7707a6b78f5f7fb8"
+    "409e3b535175373461b776002d799cbad62860be70573ecbe13b246e0da7e93a52168e0fb6a9756b"
+    "895ef7f0147a0dc81bfa644b088a9228160c0f9acf1379a2941cd28c06ebc80e44e17aa2f8177010"
+    "afd78a97ce0868d1629ebb294c5151812c583daeb88685220f4da9118112e07041fcc24d5564a99f"
+    "dbde28869fe0722387d7a9a4d16e1cc8555917e09944aa5ebaaaec2cf62693afad42a3f518fce67d"
+    "273cc6c9fb5472b380e8573ec7de06a3ba2fd5f931d725b493026cb0acbd3fe62d00e4c790d965d7"
+    "a03a3c0b4222ba8c2a9a16e2ac658f572ae0e746eafc4feba023576f08942278a041fb82a70a595d"
+    "5bacbf297ce2029898a71e5c3b0d1c6228b485b1ade509b35fbca7eca97b2132e7cb6bc465375146"
+    "b7dceac969308ac0c2ac89e7863eb8943015b24314cafb9c7c0e85fe543d56658c213632599efabf"
+    "c1ec49dd8c88547bb2cc40c9d38cbd3099b4547840560531d0188cd1e9c23a0ebee0a03d5577d66b"
+    "1d2bcb4baaf21cc7fef1e03806ca96299df0dfbc56e1b2b43e4fc20c37f834c4af62127e7dae86c3"
+    "c25a2f696ac8b589dec71d595bfbe94b5ed4bc07d800b330796fda89edb77be0294136139354eb8c"
+    "d37591578f9c600dd9be8ec6219fdd507adf3397ed4d68707b8d13b24ce4cd8fb22851bfe9d63240"
+    "7f31ed6f7cb1600de56f17576740ce2a32fc5145030145cfb97e63e0e41d354274a079d3e6fb2e15"
+)
+XWING_SS = "d2df0522128f09dd8e2c92b1e905c793d8f57a54c3da25861f10bf4ca613e384"
+XWING_LABEL = b"\\.//^\\"
+
+
+def xwing_decapsulate(seed: bytes, ct: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """draft-06 section 5.5 by hand, up to the combiner: (ss_M, ss_X, ct_X, pk_X)."""
+    expanded = hashlib.shake_256(seed).digest(96)
+    sk_x = x25519.X25519PrivateKey.from_private_bytes(expanded[64:])
+    ss_m = mlkem.MLKEM768PrivateKey.from_seed_bytes(expanded[:64]).decapsulate(ct[:1088])
+    ss_x = sk_x.exchange(x25519.X25519PublicKey.from_public_bytes(ct[1088:]))
+    return ss_m, ss_x, ct[1088:], sk_x.public_key().public_bytes_raw()
+
+
+def _hpke_labeled(suite_id: bytes) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
+    """RFC 9180 LabeledExtract and LabeledExpand over HKDF-SHA256."""
+
+    def extract(salt: bytes, label: bytes, ikm: bytes) -> bytes:
+        return hmac.new(salt, b"HPKE-v1" + suite_id + label + ikm, hashlib.sha256).digest()
+
+    def expand(prk: bytes, label: bytes, info: bytes, length: int) -> bytes:
+        full = length.to_bytes(2, "big") + b"HPKE-v1" + suite_id + label + info
+        out, block, counter = b"", b"", 1
+        while len(out) < length:
+            block = hmac.new(prk, block + full + bytes([counter]), hashlib.sha256).digest()
+            out, counter = out + block, counter + 1
+        return out[:length]
+
+    return extract, expand
+
+
+def test_mlkem768_x25519_is_the_xwing_of_draft_06() -> None:
+    """docs/sealed-payload.md section 3, by hand. The draft's first vector decapsulates to
+    its shared secret with the combiner's label last (-05 and later; -00 to -04 put it
+    first). What cryptography seals opens with that combiner and the plain RFC 9180 key
+    schedule (and not with the label first): the suite is the X-Wing of draft -06."""
+    assert XWING_LABEL.hex() == "5c2e2f2f5e5c"
+    seed, ct = bytes.fromhex(XWING_SEED), bytes.fromhex(XWING_CT)
+    ss_m, ss_x, ct_x, pk_x = xwing_decapsulate(seed, ct)
+    assert (
+        ct_x
+        == x25519.X25519PrivateKey.from_private_bytes(bytes.fromhex(XWING_ESEED_X))
+        .public_key()
+        .public_bytes_raw()
+    )
+    assert hashlib.sha3_256(ss_m + ss_x + ct_x + pk_x + XWING_LABEL).hexdigest() == XWING_SS
+
+    private, public = _hybrid_from_seed(seed)
+    assert public[1184:] == pk_x  # pk = pk_M | pk_X
+    info = b"jp-gateway-sealed-payload-v1" + bytes(32)
+    suite = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    sealed = suite.encrypt(b"x-wing", private.public_key(), info)
+    enc, ct = sealed[:1120], sealed[1120:]
+    ss_m, ss_x, ct_x, pk_x = xwing_decapsulate(seed, enc)
+    extract, expand = _hpke_labeled(b"HPKE" + bytes.fromhex("647a00010002"))
+    context = b"\x00" + extract(b"", b"psk_id_hash", b"") + extract(b"", b"info_hash", info)
+
+    def open_with(shared: bytes) -> bytes:
+        secret = extract(shared, b"secret", b"")
+        key = expand(secret, b"key", context, 32)
+        nonce = expand(secret, b"base_nonce", context, 12)
+        return AESGCM(key).decrypt(nonce, ct, b"")
+
+    label_last = hashlib.sha3_256(ss_m + ss_x + ct_x + pk_x + XWING_LABEL).digest()
+    assert open_with(label_last) == b"x-wing"
+    with pytest.raises(InvalidTag):
+        open_with(hashlib.sha3_256(XWING_LABEL + ss_m + ss_x + ct_x + pk_x).digest())
+
+
 def test_genkey_command_writes_usable_files(tmp_path: Path) -> None:
     for kind in ("x25519", "mlkem768-x25519", "ed25519", "ecdsa-p256", "cms-rsa"):
         prefix = tmp_path / kind
@@ -846,6 +995,7 @@ def _check_vectors_with_spec(path: Path) -> int:
         )
         assert plaintext == base64.b64decode(case["plaintext_b64"])
         assert json.dumps(header, sort_keys=True, separators=(",", ":")) == case["header_json"]
+        assert spec_parse_plaintext(plaintext, header["content_type"]) == case["plaintext_parsed"]
     return len(doc["cases"])
 
 
@@ -874,6 +1024,84 @@ def test_committed_vectors_still_open() -> None:
     for path in paths:
         assert check_vector_file(path) >= 2
         assert _check_vectors_with_spec(path) == 2
+
+
+class _Pending:
+    """Where MultipartIntake writes the record's plaintext: memory, for this test."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writer = type("Writer", (), {"plaintext_size": 0})()
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.data += chunk
+        self.writer.plaintext_size = len(self.data)
+
+
+def test_the_gateway_writes_the_plaintext_the_document_describes() -> None:
+    """What a device posts becomes the canonical payload of section 4.3: the device's
+    part order, fixed file name and type, boolean spelled out, text trimmed and NFC, an
+    unlisted part gone, the gateway's own boundary."""
+    config = load_config(SHIPPED_CONFIG)
+    channel = "overseas-application"
+    policy = ChannelPolicy.from_config(channel, config.channels[channel])
+    device = b"----device-boundary-7MA4YWxk"
+    photo = b"\xff\xd8\xff\xe0JFIF\r\n--" + device[:-1] + b"X\r\n" + bytes(range(256)) + b"\xff\xd9"
+    name = "番号\u3000ガ子"
+    sent = [
+        (b'name="face_photo"; filename="IMG_0001.JPG"\r\nContent-Type: image/jpg', photo),
+        (b'name="name"', (" " + unicodedata.normalize("NFD", name) + " ").encode()),
+        (b'name="nickname"', "ノ".encode()),
+        (b'name="wants_braille"', b"0"),
+        (b'name="birth_date"', b"1990-04-01"),
+        (b'name="application_id"', b"12345678901234567890123"),
+    ]
+    body = b"".join(
+        b"--" + device + b"\r\nContent-Disposition: form-data; " + head + b"\r\n\r\n" + value
+        + b"\r\n"
+        for head, value in sent
+    ) + b"--" + device + b"--\r\n"  # fmt: skip
+    pending = _Pending()
+    intake = MultipartIntake(policy, pending, device)  # type: ignore[arg-type]
+    intake.feed(body)
+    assert not intake.finish().violations
+    plaintext = bytes(pending.data)
+    assert spec_parse_plaintext(plaintext, intake.content_type) == {
+        "fields": {
+            "name": name,
+            "wants_braille": "false",
+            "birth_date": "1990-04-01",
+            "application_id": "12345678901234567890123",
+        },
+        "files": {
+            "face_photo": {
+                "filename": "face_photo.jpg",
+                "content_type": "image/jpeg",
+                "size": len(photo),
+                "sha256": hashlib.sha256(photo).hexdigest(),
+            }
+        },
+    }
+    names = re.findall(rb'name="([a-z_]+)"', plaintext)
+    assert names == [b"face_photo", b"name", b"wants_braille", b"birth_date", b"application_id"]
+
+
+def test_committed_vectors_bind_the_shipped_recipient_ids() -> None:
+    """Each vector binds the channel and recipient_id conf/gateway.toml pairs with its suite."""
+    config = load_config(SHIPPED_CONFIG)
+    shipped = {}
+    for channel_name, channel in config.channels.items():
+        dest = config.destinations[channel.destination]
+        if dest.payload_encryption != "none":
+            suite = "cms" if dest.payload_encryption == "cms" else f"hpke-{dest.payload_kem}"
+            shipped[suite] = (channel_name, dest.recipient_id)
+    assert sorted(shipped) == sorted(SUITES)
+    for suite, (channel_name, recipient_id) in shipped.items():
+        doc = json.loads((VECTORS / f"{suite}.json").read_text())
+        for case in doc["cases"]:
+            assert case["expected"]["channel"] == channel_name
+            assert case["expected"]["destination"] == recipient_id
+            assert json.loads(case["header_json"])["destination"] == recipient_id
 
 
 def test_a_drifted_vector_is_detected(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:

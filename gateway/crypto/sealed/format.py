@@ -11,8 +11,9 @@ contractor's relay to J-LIS. The wire format is specified for recipients in
 * ``signer_kid``: SHA-256 of the signing key's SubjectPublicKeyInfo, so a recipient
   picks the key and verifies the signature before it parses anything else.
 * ``header``: canonical JSON (sorted keys, no whitespace, ASCII) naming the suite, the
-  recipient key id, the binding (channel, submission id, destination), the inner
-  content type, the creation time, the HPKE encapsulated key and the SHA-256 of ``body``.
+  recipient key id, the binding (channel, submission id, and as ``destination`` the
+  recipient id agreed with the recipient), the inner content type, the creation time,
+  the HPKE encapsulated key and the SHA-256 of ``body``.
 * ``signature``: Ed25519 or ECDSA P-256/SHA-256 by the gateway over every byte before
   ``sig_len``. It covers the body through ``body_sha256``.
 * ``body``: the RFC 9180 HPKE ciphertext (base mode, single shot, empty aad, ``info``

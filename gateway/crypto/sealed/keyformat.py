@@ -24,6 +24,8 @@ HpkePrivateKey: TypeAlias = x25519.X25519PrivateKey | hpke.MLKEM768X25519Private
 SignerPrivateKey: TypeAlias = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 SignerPublicKey: TypeAlias = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
+# PEM labels of our own: the base64 body is the draft's raw key, no ASN.1 (the draft's
+# SubjectPublicKeyInfo / PKCS#8 forms, OID 1.3.6.1.4.1.62253.25722, wrap the same bytes).
 HYBRID_PUBLIC_LABEL: Final = "MLKEM768-X25519 PUBLIC KEY"
 HYBRID_PRIVATE_LABEL: Final = "MLKEM768-X25519 PRIVATE KEY"
 _MLKEM768_PUBLIC_SIZE = 1184
@@ -108,9 +110,11 @@ def _hpke_suite(kem: str) -> hpke.Suite:
 
 
 def _hybrid_from_seed(seed: bytes) -> tuple[hpke.MLKEM768X25519PrivateKey, bytes]:
-    """X-Wing key derivation: SHAKE256(seed, 96) = ML-KEM-768 seed (64) | X25519 key (32).
+    """X-Wing key derivation: SHAKE256(seed, 96) = ML-KEM-768 seed d | z (64) | X25519 key (32).
 
-    Returns the private key and the 1216-byte public key (ML-KEM-768 | X25519).
+    ``expandDecapsulationKey`` of draft-connolly-cfrg-xwing-kem-06 section 5.2 (the same
+    in -05 to -10): ``seed`` is the draft's 32-byte decapsulation key ``sk``. Returns the
+    private key and the 1216-byte public key, the draft's ``pk = pk_M | pk_X``.
     """
     if len(seed) != HYBRID_SEED_SIZE:
         raise ValueError(f"an MLKEM768-X25519 private key is a {HYBRID_SEED_SIZE}-byte seed")

@@ -69,7 +69,8 @@ def open_sealed(
     """Verify and open a sealed payload, in the order docs/sealed-payload.md prescribes.
 
     ``channel``, ``submission_id`` and ``destination`` are what the recipient expects
-    (the ``Gateway-Channel`` and ``Idempotency-Key`` request headers and its own name).
+    (the ``Gateway-Channel`` and ``Idempotency-Key`` request headers and the recipient id
+    it agreed with the gateway).
     Raises :class:`SealOpenError`; nothing is decrypted before the signature, the
     binding, the recipient key id and the body digest have been checked.
     """

@@ -77,8 +77,10 @@ class Sealer:
     ) -> Sealed:
         """Encrypt ``plaintext`` to the recipient, bound to the three names, and sign it.
 
-        ``content_type`` is the canonical payload's own type (with its boundary);
-        ``created`` an aware datetime or epoch seconds. ValueError for a bad argument.
+        ``destination`` is the recipient id agreed with the recipient (the destination's
+        ``recipient_id``, never its name in the configuration); ``content_type`` is the
+        canonical payload's own type (with its boundary); ``created`` an aware datetime or
+        epoch seconds. ValueError for a bad argument.
         """
         signer_kid = self.signing_key.key_id
         info = hpke_info(

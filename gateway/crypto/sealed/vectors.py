@@ -54,7 +54,35 @@ __all__ = ["VECTOR_FORMAT", "VectorMismatch", "check_vector_file", "generate_vec
 VECTOR_FORMAT = 1
 _VECTOR_CREATED = datetime(2026, 5, 26, 0, 0, 0, tzinfo=UTC)
 _VECTOR_SUITES = ("hpke-x25519", "hpke-mlkem768-x25519", "cms")
-_VECTOR_BOUNDARY = "vector-boundary-7e1f"
+_VECTOR_BINDINGS = {  # suite: (channel, recipient_id), paired as in conf/gateway.toml
+    "hpke-x25519": ("online-application", "jlis-online-application"),
+    "hpke-mlkem768-x25519": ("express-issuance", "jlis-express"),
+    "cms": ("overseas-application", "jlis-overseas"),
+}
+_VECTOR_BOUNDARY = "gw-7e1f0c4d9a2b3c5d6e7f8091a2b3c4d5"  # the gateway's form: gw- + 32 hex
+_COMMON_FIELDS = {
+    "application_id": "12345678901234567890123",
+    "wants_e_certificate": "true",
+    "wants_braille": "false",
+}
+_VECTOR_FIELDS: dict[str, dict[str, str]] = {  # synthetic values; text already in NFC
+    "online-application": _COMMON_FIELDS,
+    "express-issuance": {
+        **_COMMON_FIELDS,
+        "pin_signature_cert": "ABC12345",
+        "pin_user_cert": "1234",
+        "pin_resident_registry": "5678",
+        "pin_card_info_input": "9012",
+    },
+    "overseas-application": {
+        "application_id": _COMMON_FIELDS["application_id"],
+        "name": "番号\u3000花子",
+        "name_kana": "バンゴウ\u3000ハナコ",
+        "birth_date": "1990-04-01",
+        "sex": "2",
+        "registered_domicile": "東京都新宿区架空町一丁目1番地",
+    },
+}
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
@@ -62,20 +90,34 @@ def _seed(label: str) -> bytes:
     return hashlib.sha256(b"jp-gateway sealed-payload test vector: " + label.encode()).digest()
 
 
-def _vector_plaintext() -> tuple[bytes, str]:
-    """A small synthetic canonical payload: no real person's data."""
+def _vector_plaintext(channel: str) -> tuple[bytes, str, dict[str, object]]:
+    """A synthetic canonical payload of ``channel``, shaped exactly as the gateway writes
+    one (docs/sealed-payload.md section 4.3): no real person's data. Returns the bytes,
+    their content type and what a recipient parses out of them."""
     b = _VECTOR_BOUNDARY
-    parts = [
-        f'--{b}\r\nContent-Disposition: form-data; name="application_id"\r\n\r\n'
-        "00000000000000000000000\r\n",
-        f'--{b}\r\nContent-Disposition: form-data; name="wants_e_certificate"\r\n\r\ntrue\r\n',
-        f'--{b}\r\nContent-Disposition: form-data; name="wants_braille"\r\n\r\nfalse\r\n',
-        f'--{b}\r\nContent-Disposition: form-data; name="face_photo"; '
-        'filename="face.jpg"\r\nContent-Type: image/jpeg\r\n\r\n',
-    ]
+    fields = _VECTOR_FIELDS[channel]
+    text = "".join(
+        f'--{b}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    )
     photo = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\n\r\n\x00\x80\xff" + bytes(range(256)) + b"\xff\xd9"
-    body = "".join(parts).encode("ascii") + photo + f"\r\n--{b}--\r\n".encode("ascii")
-    return body, f"multipart/form-data; boundary={b}"
+    file_head = (
+        f'--{b}\r\nContent-Disposition: form-data; name="face_photo"; '
+        'filename="face_photo.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    )
+    body = (text + file_head).encode("utf-8") + photo + f"\r\n--{b}--\r\n".encode("ascii")
+    parsed: dict[str, object] = {
+        "fields": dict(fields),
+        "files": {
+            "face_photo": {
+                "filename": "face_photo.jpg",
+                "content_type": "image/jpeg",
+                "size": len(photo),
+                "sha256": hashlib.sha256(photo).hexdigest(),
+            }
+        },
+    }
+    return body, f"multipart/form-data; boundary={b}", parsed
 
 
 def _vector_keys(
@@ -137,7 +179,10 @@ def _invalid_cases(
     expected: dict[str, str],
     signers: dict[str, SigningKey],
     untrusted: SigningKey,
+    other: tuple[str, str],
 ) -> list[dict[str, object]]:
+    """Payloads that must be refused; ``other`` is another (channel, recipient id)."""
+    other_channel, other_recipient = other
     frame = _split_frame(sealed, DEFAULT_MAX_SIZE)
     header_start = _HEADER_OFFSET
     sig_start = header_start + len(frame.header) + 2
@@ -147,8 +192,8 @@ def _invalid_cases(
          REASON_UNTRUSTED_SIGNER),
         ("flipped byte in the header", _flip(sealed, header_start + 10), expected, "signature"),
         ("header edited to claim another channel, signature kept",
-         _edit_header(sealed, replace(header, channel="express-issuance")),
-         {**expected, "channel": "express-issuance"}, "signature"),
+         _edit_header(sealed, replace(header, channel=other_channel)),
+         {**expected, "channel": other_channel}, "signature"),
         ("flipped byte in the signature", _flip(sealed, sig_start + 5), expected, "signature"),
         ("flipped byte in the body", _flip(sealed, body_start + 40), expected, "body digest"),
         ("flipped last byte of the body", _flip(sealed, len(sealed) - 1), expected, "body digest"),
@@ -157,14 +202,14 @@ def _invalid_cases(
         ("truncated by one byte", sealed[:-1], expected, "malformed"),
         ("one byte appended", sealed + b"\x00", expected, "malformed"),
         ("recipient expects another channel", sealed,
-         {**expected, "channel": "express-issuance"}, REASON_BINDING_CHANNEL),
+         {**expected, "channel": other_channel}, REASON_BINDING_CHANNEL),
         ("recipient expects another submission id", sealed,
          {**expected, "submission_id": "0" * 32}, REASON_BINDING_SUBMISSION),
-        ("recipient expects another destination", sealed,
-         {**expected, "destination": "jlis-express"}, REASON_BINDING_DESTINATION),
+        ("recipient expects another recipient id (destination)", sealed,
+         {**expected, "destination": other_recipient}, REASON_BINDING_DESTINATION),
         ("header edited to another channel and re-signed by an untrusted key",
-         _resign(sealed, replace(header, channel="express-issuance"), untrusted),
-         {**expected, "channel": "express-issuance"}, REASON_UNTRUSTED_SIGNER),
+         _resign(sealed, replace(header, channel=other_channel), untrusted),
+         {**expected, "channel": other_channel}, REASON_UNTRUSTED_SIGNER),
     ]  # fmt: skip
     if header.suite == "hpke":
         enc_in_header = header_start + frame.header.index(b'"enc":"') + 12
@@ -176,11 +221,11 @@ def _invalid_cases(
                 "signature",
             )
         )
-        other = next(s for s in signers.values() if s.key_id != frame.signer_kid)
+        other_signer = next(s for s in signers.values() if s.key_id != frame.signer_kid)
         cases.append(
             (
                 "ciphertext re-signed by another trusted signer (info binds the signer)",
-                _resign(sealed, header, other),
+                _resign(sealed, header, other_signer),
                 expected,
                 REASON_DECRYPT,
             )
@@ -212,9 +257,11 @@ def generate_vectors(directory: Path, *, rsa_key: rsa.RSAPrivateKey | None = Non
     untrusted = _signing_key_from_pem(
         untrusted_pem, not_after=None, now=None, where="untrusted test signer"
     )
-    plaintext, content_type = _vector_plaintext()
     written = []
-    for suite_name in _VECTOR_SUITES:
+    for index, suite_name in enumerate(_VECTOR_SUITES):
+        channel, recipient_id = _VECTOR_BINDINGS[suite_name]
+        other = _VECTOR_BINDINGS[_VECTOR_SUITES[(index + 1) % len(_VECTOR_SUITES)]]
+        plaintext, content_type, parsed = _vector_plaintext(channel)
         private_pem, public_pem = recipients[suite_name]
         suite = "cms" if suite_name == "cms" else "hpke"
         kem = suite_name.removeprefix("hpke-") if suite == "hpke" else KEM_X25519
@@ -230,9 +277,9 @@ def generate_vectors(directory: Path, *, rsa_key: rsa.RSAPrivateKey | None = Non
         invalid: list[dict[str, object]] = []
         for n, (alg, signer) in enumerate(signers.items()):
             expected = {
-                "channel": "online-application",
+                "channel": channel,
                 "submission_id": f"019e6a4c0000{n:04x}7a5d3c2b1e0f9a8b",
-                "destination": "dnp-relay",
+                "destination": recipient_id,  # the destination's agreed recipient_id
             }
             sealed = Sealer(recipient, signer).seal(
                 plaintext, content_type=content_type, created=_VECTOR_CREATED, **expected
@@ -246,6 +293,7 @@ def generate_vectors(directory: Path, *, rsa_key: rsa.RSAPrivateKey | None = Non
                 "header_json": sealed.header.encode().decode("ascii"),
                 "content_type": content_type,
                 "plaintext_b64": base64.b64encode(plaintext).decode("ascii"),
+                "plaintext_parsed": parsed,
                 "sealed_b64": base64.b64encode(sealed.data).decode("ascii"),
             }
             if suite == "hpke":
@@ -254,14 +302,14 @@ def generate_vectors(directory: Path, *, rsa_key: rsa.RSAPrivateKey | None = Non
                 ).hex()
             cases.append(case)
             if alg == SIG_ED25519:
-                invalid = _invalid_cases(sealed.data, sealed.header, expected, signers, untrusted)
+                invalid = _invalid_cases(
+                    sealed.data, sealed.header, expected, signers, untrusted, other
+                )
         doc = {
             "vector_format": VECTOR_FORMAT,
             "media_type": MEDIA_TYPE,
             "suite": suite_name,
-            # The committed vectors name the command as it was when they were written; kept
-            # so that docs/test-vectors stay byte-identical (now gateway.crypto.sealed.keygen).
-            "generated_by": "python -m gateway.crypto.seal --write-vectors DIR",
+            "generated_by": "python -m gateway.crypto.sealed.keygen --write-vectors DIR",
             "recipient": {
                 "key_id": recipient.key_id,
                 "private_key_pem": private_pem.decode("ascii"),
