@@ -1,14 +1,19 @@
-"""The certificate of erasure for a period (特記事項 11–12: 消去証明書).
+"""The certificate of erasure for a period (特記事項 11–12: 消去証明書), and its CSV.
 
 Built from the hash-chained erasure ledger, which is verified first: a broken chain is
 an error that says where it breaks, never a report. Entries are taken per submission,
 the last one winning (a crash between ledger and erasure records one twice). The
-certificate carries the fields NIST SP 800-88 asks of a sanitization record.
+certificate carries the fields NIST SP 800-88 asks of a sanitization record. Every time
+in it is Japan time, ISO 8601 with ``+09:00``, like the period it covers.
 
 For each record it says when its own data key was destroyed (the server copy became
 unreadable) and when its key epoch was destroyed (every backup copy became unreadable),
 or that the epoch is still to be destroyed. It does not claim the spool is not backed
 up: it states the one backup condition the erasure depends on, for the ward to sign.
+
+The CSV is one rectangular table for Excel and ``pandas.read_csv``: UTF-8 with a BOM,
+Japanese headers with the English key, one row per record, the certificate's summary
+repeated on each row (one row of summary alone when the period has no erasures).
 """
 
 from __future__ import annotations
@@ -16,19 +21,108 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Iterable
-from datetime import UTC, date, datetime, time, timedelta, timezone
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 from gateway import __version__
 from gateway.ops.chain import GENESIS, ChainEntry, HashChainLog
 
 JST = timezone(timedelta(hours=9), "JST")
-RECORD_FIELDS = (
-    "submission_id", "channel", "received_at", "delivered_at", "erased_at", "reason",
-    "method", "ciphertext_sha256", "key_destroyed_at", "key_epoch", "epoch_destroyed_at",
-)  # fmt: skip
 EPOCH_EVENT = "key_epoch_destroyed"
+TITLE = "消去証明書（サーバー上の一時保存データ） / Certificate of erasure of server copies"
+
+CHANNEL_NAMES = {
+    "online-application": "オンライン申請（申請補助端末）",
+    "express-issuance": "特急発行申請",
+    "overseas-application": "国外転出者向け申請",
+    "card-delegation-batch": "カード管理業務委任データ",
+    "issuance-reservation": "交付予約",
+    "window-reception": "交付窓口受付",
+}
+"""The channels' Japanese names; a channel not listed is shown by its configured name."""
+REASON_NAMES = {
+    "delivered": "配送時消去",
+    "expired_undelivered": "保存期間満了（未配送）",
+    "operator": "運用者による消去",
+    "epoch_destroyed": "鍵エポック破棄",
+    "retention": "保存期間満了",
+}
+"""Why a copy was erased, in Japanese; an unknown reason is shown as written."""
+
+RECORD_COLUMNS = {
+    "submission_id": "受付番号",
+    "channel": "業務",
+    "channel_name": "業務名",
+    "received_at": "受付日時",
+    "delivered_at": "配送日時",
+    "erased_at": "消去日時",
+    "reason": "消去理由",
+    "reason_name": "消去理由（名称）",
+    "method": "消去方法",
+    "ciphertext_sha256": "暗号文のSHA-256",
+    "key_destroyed_at": "データ鍵の破棄日時",
+    "key_epoch": "鍵エポック",
+    "epoch_destroyed_at": "鍵エポックの破棄日時",
+}
+SUMMARY_COLUMNS = {
+    "title": "表題",
+    "period_from": "対象期間（開始日）",
+    "period_to": "対象期間（終了日）",
+    "organization": "発行者（組織）",
+    "operator": "確認者",
+    "performed_by": "消去実施者",
+    "generated_at": "作成日時",
+    "total": "消去件数",
+    "counts": "業務別・理由別件数",
+    "ledger_verified": "消去台帳の検証",
+    "ledger_entries": "消去台帳の記録数",
+    "ledger_head_seq": "消去台帳の最終番号",
+    "ledger_head_hash": "消去台帳の最終ハッシュ",
+    "method_type": "消去の種別",
+    "sanitization_method": "消去手法",
+    "tool": "使用ツール",
+    "verification": "検証方法",
+    "post_sanitization_classification": "消去後の区分",
+    "data_backup": "バックアップの条件",
+    "data_backup_ja": "バックアップの条件（日本語）",
+    "key_epochs_pending": "未破棄の鍵エポック",
+}
+CSV_COLUMNS = {**RECORD_COLUMNS, **SUMMARY_COLUMNS}
+"""Every CSV column: its key and its Japanese header, shown as ``受付番号 (submission_id)``."""
+
+PERFORMER = "gatewayd (automatic retention sweeper)"
+MEDIA_TYPE = "spool records: one encrypted file per submission, SQLite index"
+MEDIA_SOURCE = "secure transmission gateway spool"
+VERIFICATION = (
+    "hash-chained erasure ledger verified end to end; each record erased only after its "
+    "ledger entry was written"
+)
+CLASSIFICATION = "no personal data remains readable"
+NOTES = (
+    "a record's data key is wrapped by its key epoch's key; destroying the epoch key "
+    "(overwritten, fsynced, unlinked, directory fsynced) leaves every copy of the record, in "
+    "backups, free blocks or the index's WAL, unreadable with any key that still exists, the "
+    "master key included. Until then a backup copy is readable only with the keystore and "
+    "the master key together"
+)
+DESTINATION = "reused (the spool continues in service)"
+JA = {
+    "Purge": "除去（パージ）",
+    "Cryptographic Erase": "暗号化消去",
+    PERFORMER: "gatewayd（保存期間を管理する自動消去処理）",
+    MEDIA_TYPE: "スプールの記録：申請ごとに暗号化した1ファイルとSQLiteの索引",
+    MEDIA_SOURCE: "セキュア伝送ゲートウェイのスプール（一時保存領域）",
+    VERIFICATION: "ハッシュチェーンで連結した消去台帳を始めから終わりまで検証済み。各記録は、"
+    "その台帳記録を書き込んだ後にのみ消去している",
+    CLASSIFICATION: "読み取り可能な個人情報は残っていない",
+    NOTES: "各記録のデータ鍵は、その鍵エポックの鍵で暗号化（ラップ）している。エポック鍵を"
+    "破棄する（上書き・fsync・削除・ディレクトリのfsync）と、バックアップ、未使用領域、索引の"
+    "WAL にある記録の複製も、マスター鍵を含め現存するどの鍵でも読み取れなくなる。それまでは、"
+    "バックアップの複製は鍵保管庫とマスター鍵の両方がそろった場合に限り読み取れる",
+    DESTINATION: "再利用（スプールは引き続き使用）",
+}
+"""The Japanese of the certificate's fixed English texts, kept beside them."""
 
 
 def period_bounds(start: date, end: date) -> tuple[float, float]:
@@ -38,10 +132,21 @@ def period_bounds(start: date, end: date) -> tuple[float, float]:
     return first.timestamp(), after.timestamp()
 
 
-def _iso(ts: float | None) -> str | None:
+def jst_iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 in Japan time (``2027-01-15T17:00:00+09:00``)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, JST).isoformat(timespec="seconds")
+
+
+def channel_name(channel: str) -> str:
+    """A channel's Japanese name, or its configured name when it has none."""
+    return CHANNEL_NAMES.get(channel, channel)
+
+
+def reason_name(reason: str) -> str:
+    """A reason's Japanese name, or the reason as written when it has none."""
+    return REASON_NAMES.get(reason, reason)
 
 
 def select(
@@ -63,6 +168,29 @@ def select(
     return records, epochs
 
 
+def backup_condition(keystore: str | None, retention_days: int | None) -> tuple[str, str]:
+    """The one backup condition the erasure depends on, in English and in Japanese."""
+    kept = f"{retention_days} days" if retention_days else "the longest retention"
+    kept_ja = f"{retention_days}日" if retention_days else "最長の保存期間"
+    store = f"keystore {keystore}" if keystore else "keystore"
+    store_ja = f"鍵保管庫 {keystore} " if keystore else "鍵保管庫"
+    english = (
+        f"Backups of the spool may exist. Their copies of these records became unreadable "
+        f"when each record's key epoch was destroyed (epoch_destroyed_at), provided the "
+        f"{store} is excluded from every backup, or any backup of it is kept no "
+        f"longer than {kept}. The ward states that this condition holds by signing this "
+        "certificate."
+    )
+    japanese = (
+        "スプールのバックアップが存在する場合がある。バックアップにあるこれらの記録の複製は、"
+        "各記録の鍵エポックが破棄された時点（鍵エポックの破棄日時、epoch_destroyed_at）で"
+        f"読み取り不能となる。ただし、{store_ja}をすべてのバックアップの対象外と"
+        f"していること、又はそのバックアップを{kept_ja}を超えて保存しないことを条件とする。"
+        "区は、本証明書に記名押印することにより、この条件が満たされていることを表明する。"
+    )
+    return english, japanese
+
+
 def certificate(
     ledger: HashChainLog,
     start: date,
@@ -71,7 +199,7 @@ def certificate(
     operator: str,
     organization: str,
     now: datetime,
-    keystore: str = "the keystore",
+    keystore: str | None = None,
     retention_days: int | None = None,
 ) -> dict[str, Any]:
     """Verify the ledger and build the certificate for [start, end] (JST dates)."""
@@ -88,16 +216,16 @@ def certificate(
 
     records, epochs = select(verified(), low, high)
     pending = sorted({str(r["key_epoch"]) for r in records if r.get("key_epoch")} - set(epochs))
-    kept = f"{retention_days} days" if retention_days else "the longest retention"
     counts: Counter[tuple[str, str]] = Counter((r["channel"], r["reason"]) for r in records)
     by_channel: dict[str, dict[str, int]] = {}
     for (channel, reason), n in sorted(counts.items()):
         by_channel.setdefault(channel, {})[reason] = n
     methods = sorted({str(r.get("method")) for r in records}) or ["(no erasures)"]
+    backup, backup_ja = backup_condition(keystore, retention_days)
     return {
-        "title": "Certificate of erasure of server copies (サーバー上の一時保存データの消去証明書)",
+        "title": TITLE,
         "period": {"from": start.isoformat(), "to": end.isoformat(), "timezone": "Asia/Tokyo"},
-        "generated_at": now.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "generated_at": now.astimezone(JST).isoformat(timespec="seconds"),
         "ledger": {
             "verified": True,
             "entries": total,
@@ -109,20 +237,15 @@ def certificate(
         "total": len(records),
         "sanitization_record": {  # the fields of NIST SP 800-88's certificate of sanitization
             "person_performing": {
-                "name": "gatewayd (automatic retention sweeper)",
+                "name": PERFORMER,
                 "reviewed_by": operator,
                 "organization": organization,
             },
             "media": {
-                "type": "spool records: one encrypted file per submission, SQLite index",
-                "source": "secure transmission gateway spool",
-                "data_backup": (
-                    f"Backups of the spool may exist. Their copies of these records became "
-                    f"unreadable when each record's key epoch was destroyed (epoch_destroyed_at), "
-                    f"provided the keystore {keystore} is excluded from every backup, or any "
-                    f"backup of it is kept no longer than {kept}. The ward states that this "
-                    "condition holds by signing this certificate."
-                ),
+                "type": MEDIA_TYPE,
+                "source": MEDIA_SOURCE,
+                "data_backup": backup,
+                "data_backup_ja": backup_ja,
                 "key_epochs_pending": pending,
             },
             "sanitization": {
@@ -130,43 +253,79 @@ def certificate(
                 "method": "Cryptographic Erase",
                 "details": methods,
                 "tool": f"jp-mynumber-gateway {__version__}",
-                "verification": "hash-chained erasure ledger verified end to end; each record "
-                "erased only after its ledger entry was written",
-                "post_sanitization_classification": "no personal data remains readable",
-                "notes": "a record's data key is wrapped by its key epoch's key; destroying "
-                "the epoch key (overwritten, fsynced, unlinked, directory fsynced) leaves every "
-                "copy of the record, in backups, free blocks or the index's WAL, unreadable "
-                "with any key that still exists, the master key included. Until then a backup "
-                "copy is readable only with the keystore and the master key together",
+                "verification": VERIFICATION,
+                "post_sanitization_classification": CLASSIFICATION,
+                "notes": NOTES,
             },
-            "media_destination": "reused (the spool continues in service)",
+            "media_destination": DESTINATION,
         },
         "records": [
             {
                 **r,
-                "received_at": _iso(r.get("received_at")),
-                "delivered_at": _iso(r.get("delivered_at")),
-                "erased_at": _iso(r["erased_at"]),
-                "key_destroyed_at": _iso(r["erased_at"]),
+                "received_at": jst_iso(r.get("received_at")),
+                "delivered_at": jst_iso(r.get("delivered_at")),
+                "erased_at": jst_iso(r["erased_at"]),
+                "key_destroyed_at": jst_iso(r["erased_at"]),
                 "key_epoch": r.get("key_epoch"),
-                "epoch_destroyed_at": _iso(epochs.get(str(r.get("key_epoch")))),
+                "epoch_destroyed_at": jst_iso(epochs.get(str(r.get("key_epoch")))),
             }
             for r in records
         ],
     }
 
 
-def as_csv(cert: dict[str, Any]) -> str:
-    """The records as CSV, after comment lines carrying the certificate's summary."""
-    out = io.StringIO()
-    ledger = cert["ledger"]
-    out.write(f"# {cert['title']}\n")
-    out.write(
-        f"# period {cert['period']['from']} to {cert['period']['to']} (JST); "
-        f"{cert['total']} erasures; ledger verified, {ledger['entries']} entries, "
-        f"head {ledger['head_seq']} {ledger['head_hash']}\n"
+def counts_text(counts: Mapping[str, Mapping[str, int]]) -> str:
+    """The counts by channel and reason, compactly: ``channel/reason=n; ...``."""
+    return "; ".join(
+        f"{channel}/{reason}={n}"
+        for channel, reasons in counts.items()
+        for reason, n in reasons.items()
     )
-    writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(cert["records"])
-    return out.getvalue()
+
+
+def summary_row(cert: Mapping[str, Any]) -> dict[str, Any]:
+    """The certificate's summary, flat: the columns repeated on every CSV row."""
+    record = cert["sanitization_record"]
+    media, sanitization = record["media"], record["sanitization"]
+    ledger = cert["ledger"]
+    return {
+        "title": cert["title"],
+        "period_from": cert["period"]["from"],
+        "period_to": cert["period"]["to"],
+        "organization": record["person_performing"]["organization"],
+        "operator": record["person_performing"]["reviewed_by"],
+        "performed_by": record["person_performing"]["name"],
+        "generated_at": cert["generated_at"],
+        "total": cert["total"],
+        "counts": counts_text(cert["counts"]),
+        "ledger_verified": "検証済み (verified)" if ledger["verified"] else "",
+        "ledger_entries": ledger["entries"],
+        "ledger_head_seq": ledger["head_seq"],
+        "ledger_head_hash": ledger["head_hash"],
+        "method_type": sanitization["method_type"],
+        "sanitization_method": sanitization["method"],
+        "tool": sanitization["tool"],
+        "verification": sanitization["verification"],
+        "post_sanitization_classification": sanitization["post_sanitization_classification"],
+        "data_backup": media["data_backup"],
+        "data_backup_ja": media.get("data_backup_ja", ""),
+        "key_epochs_pending": " ".join(media["key_epochs_pending"]),
+    }
+
+
+def as_csv(cert: Mapping[str, Any]) -> bytes:
+    """The certificate as one table in UTF-8 with a BOM (Excel reads it as UTF-8): a row
+    per record with the summary repeated; a summary-only row when there is no record."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out)  # \r\n line ends, as Excel writes them
+    writer.writerow(f"{japanese} ({key})" for key, japanese in CSV_COLUMNS.items())
+    summary = summary_row(cert)
+    rows: list[Mapping[str, Any]] = cert["records"] or [{}]
+    for record in rows:
+        named = {
+            "channel_name": channel_name(record["channel"]) if record.get("channel") else None,
+            "reason_name": reason_name(record["reason"]) if record.get("reason") else None,
+        }
+        values = {**{key: record.get(key) for key in RECORD_COLUMNS}, **named, **summary}
+        writer.writerow("" if values.get(key) is None else values[key] for key in CSV_COLUMNS)
+    return out.getvalue().encode("utf-8-sig")
