@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gateway.config import GatewayConfig
 from gateway.crypto.keys import (
+    CREDENTIAL_PREFIX,
     load_master_key,
     load_upstream_credential,
     read_secret_file,
@@ -25,8 +26,14 @@ from gateway.relay.destinations import payload_recipient, payload_signing_key
 ROOT = Path("/")
 
 
-def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[ConfigProblem]:
-    """Every secret the configuration names must exist and be readable by us alone."""
+def secret_problems(
+    config: GatewayConfig, file: str = "<config>", *, credentials_dir: Path | None = None
+) -> list[ConfigProblem]:
+    """Every secret the configuration names must exist and be readable by us alone.
+
+    ``credential:NAME`` secrets are looked for in ``credentials_dir`` when one is given
+    (checking a unit's credentials before it runs), else in ``$CREDENTIALS_DIRECTORY``.
+    """
     problems = []
 
     def secret(what: str) -> Callable[[Path], object]:
@@ -45,7 +52,7 @@ def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[Confi
             )
     for key, spec, load in secrets_:
         try:
-            load(resolve_secret_path(spec, ROOT))
+            load(resolve_secret_path(spec, ROOT, credentials_dir))
         except Exception as exc:
             problems.append(ConfigProblem(file, key, str(exc)))
     files = []
@@ -62,7 +69,7 @@ def secret_problems(config: GatewayConfig, file: str = "<config>") -> list[Confi
     for key, path in files:
         if not path.is_file():
             problems.append(ConfigProblem(file, key, f"{path}: file not found"))
-    return problems + _payload_key_problems(config, file)
+    return problems + _payload_key_problems(config, file, credentials_dir)
 
 
 def registry_problems(config: GatewayConfig, file: str = "<config>") -> list[ConfigProblem]:
@@ -79,12 +86,22 @@ def registry_problems(config: GatewayConfig, file: str = "<config>") -> list[Con
     ]
 
 
-def _payload_key_problems(config: GatewayConfig, file: str) -> list[ConfigProblem]:
+def _payload_key_problems(
+    config: GatewayConfig, file: str, credentials_dir: Path | None
+) -> list[ConfigProblem]:
     """Every payload encryption key loads: algorithm, size, expiry, file permissions."""
     problems = []
     for name, dest in config.destinations.items():
         if dest.payload_encryption == "none":
             continue
+        spec = dest.signing_key
+        if credentials_dir is not None and spec and spec.startswith(CREDENTIAL_PREFIX):
+            try:  # the same file the unit will pass, looked for where it is now
+                found = resolve_secret_path(spec, ROOT, credentials_dir)
+            except GatewayError as exc:
+                problems.append(ConfigProblem(file, f"destinations.{name}.signing_key", str(exc)))
+                continue
+            dest = dest.model_copy(update={"signing_key": str(found)})
         for key, load in (
             ("recipient_key", payload_recipient),
             ("signing_key", payload_signing_key),

@@ -2,7 +2,8 @@
 
 The only module that knows about signals: SIGTERM and SIGINT drain and stop, SIGHUP
 reloads (a supervised one-shot task). Exit status: 0 after a drain, 1 when the start
-failed or a supervised task kept failing, 2 for a configuration that cannot be used.
+failed or a supervised task kept failing, 78 (EX_CONFIG) for a configuration that cannot
+be used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gateway.ops.sdnotify import Notifier
 from gateway.ops.supervisor import TaskGaveUp
 from gateway.preflight import registry_problems, secret_problems
 
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: systemd's RestartPreventExitStatus=78
 log = get_logger("gateway.daemon")
 
 
@@ -49,13 +51,13 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"gatewayd: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     try:
         asyncio.run(_serve_with_signals(config, config_path))
     except ConfigError as exc:  # the registries changed between the check and the start
         for problem in exc.problems:
             print(f"gatewayd: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except TaskGaveUp as exc:  # drained already; systemd restarts us
         print(f"gatewayd: {exc}", file=sys.stderr)
         return 1

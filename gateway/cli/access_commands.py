@@ -12,12 +12,21 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
-from datetime import date, timedelta
+from datetime import timedelta
 from typing import Any
 
-from gateway.cli.common import Commands, SubParsers, UsageError, config_of, positive
+from gateway.cli.common import (
+    CommandFailed,
+    Commands,
+    SubParsers,
+    UsageError,
+    add_format,
+    config_of,
+    iso_date,
+    positive,
+    print_json,
+)
 from gateway.identity.registry import load_devices, load_users
 from gateway.ops.access_log import AccessLog
 from gateway.ops.access_report import OfficeHours, as_document, review
@@ -28,6 +37,13 @@ def cmd_access_log_verify(args: argparse.Namespace) -> int:
     if args.from_ and args.to and args.to < args.from_:
         raise UsageError("--to is before --from")
     access = AccessLog(config_of(args).access_log_directory)
+    if not access.directory.is_dir():
+        raise CommandFailed(
+            f"the access log directory {access.directory} does not exist: nothing was ever "
+            "logged there (is access_log.directory right?)"
+        )
+    period = {"from": args.from_ and str(args.from_), "to": args.to and str(args.to)}
+    document: dict[str, Any] = {"directory": str(access.directory), **period}
     try:
         verified = access.verify(args.from_, args.to)
     except ChainBroken as exc:
@@ -36,8 +52,15 @@ def cmd_access_log_verify(args: argparse.Namespace) -> int:
             f"gatewayctl: access log BROKEN in {exc.path.name}{line} ({exc.reason}): {exc.detail}",
             file=sys.stderr,
         )
+        if args.format == "json":
+            document.update(intact=False, file=exc.path.name, line=exc.line, reason=exc.reason)
+            print_json({**document, "detail": exc.detail})
         return 1
     seq, digest = verified.head
+    if args.format == "json":
+        document.update(intact=True, entries=verified.entries, files=verified.files)
+        print_json({**document, "head": {"seq": seq, "hash": digest}})
+        return 0
     days = (
         "every day" if not (args.from_ or args.to) else f"{args.from_ or '…'} to {args.to or '…'}"
     )
@@ -80,8 +103,7 @@ def cmd_access_report(args: argparse.Namespace) -> int:
         result, devices=devices, users=users, today=args.to, idle_days=idle_days, office=office
     )
     if args.format == "json":
-        json.dump(document, sys.stdout, ensure_ascii=False, indent=2)
-        sys.stdout.write("\n")
+        print_json(document)
     elif args.format == "csv":
         sys.stdout.write(as_csv(document))
     else:
@@ -181,9 +203,12 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
         parent=access,
     )
     verify.add_argument(
-        "--from", dest="from_", type=date.fromisoformat, metavar="DATE", help="first day (JST)"
+        "--from", dest="from_", type=iso_date, metavar="DATE", help="first day, YYYY-MM-DD (JST)"
     )
-    verify.add_argument("--to", type=date.fromisoformat, metavar="DATE", help="last day (JST)")
+    verify.add_argument(
+        "--to", type=iso_date, metavar="DATE", help="last day, YYYY-MM-DD (JST), included"
+    )
+    add_format(verify)
 
     report = command(
         "access-report",
@@ -193,9 +218,11 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
         "activity outside office hours, idle devices and users, the chain's head",
     )
     report.add_argument(
-        "--from", dest="from_", type=date.fromisoformat, required=True, metavar="DATE"
+        "--from", dest="from_", type=iso_date, required=True, metavar="DATE", help="YYYY-MM-DD"
     )
-    report.add_argument("--to", type=date.fromisoformat, required=True, metavar="DATE")
+    report.add_argument(
+        "--to", type=iso_date, required=True, metavar="DATE", help="YYYY-MM-DD, included"
+    )
     report.add_argument("--format", choices=["json", "csv", "text"], default="text")
     report.add_argument(
         "--idle-days",

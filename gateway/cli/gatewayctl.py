@@ -18,34 +18,58 @@ from gateway.cli import (
     registry_commands,
     spool_commands,
 )
-from gateway.cli.common import Commands, UsageError, config_of
-from gateway.config import load_config
+from gateway.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_NOT_RECORDED,
+    EXIT_STATUS_HELP,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    CommandFailed,
+    Commands,
+    UsageError,
+    add_global_options,
+    config_of,
+    config_path,
+    load_plainly,
+    say,
+)
 from gateway.crypto.pki import PkiExistsError, init_pki
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, SecretFileError
 from gateway.ops.audit import AuditLog
+from gateway.ops.control import DaemonUnavailable
 from gateway.preflight import keystore_warnings, registry_problems, secret_problems
 
 PROTECTIVE = frozenset({"device.revoke", "user.disable", "user.deny"})
 """Actions done even when the audit log cannot take their entry (exit status 3)."""
 
+COMPLETION_FILES = {
+    "bash": "/usr/share/bash-completion/completions/gatewayctl",
+    "zsh": "/usr/share/zsh/vendor-completions/_gatewayctl",
+}
+
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Exit 0 when the configuration is usable, 78 (EX_CONFIG) when it is not."""
+    credentials: Path | None = args.credentials_dir
+    if credentials is not None and not credentials.is_dir():
+        raise UsageError(f"--credentials-dir {credentials} is not a directory")
     try:
-        config = load_config(args.config)
+        config = load_plainly(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s) in {args.config}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     problems = []
     if not args.structure_only:
-        problems = secret_problems(config, str(args.config))
+        problems = secret_problems(config, str(args.config), credentials_dir=credentials)
         problems += registry_problems(config, str(args.config))
     for problem in problems:
-        print(problem, file=sys.stderr)
+        print(say(problem), file=sys.stderr)
     if problems:
         print(f"{len(problems)} problem(s) in {args.config}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     print(
         f"{args.config}: OK ({len(config.channels)} channels, "
         f"{len(config.destinations)} destinations)"
@@ -104,9 +128,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    sys.stdout.write(shtab.complete(_parser(), shell=args.shell))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gatewayctl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gatewayctl",
+        description=__doc__,
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_global_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     command = Commands(commands)
@@ -114,12 +151,19 @@ def _parser() -> argparse.ArgumentParser:
     check = command(
         "check-config",
         cmd_check_config,
-        "validate the configuration and every file and secret it names",
+        "validate the configuration and every file and secret it names (exit 78 if unusable)",
     )
     check.add_argument(
         "--structure-only",
         action="store_true",
         help="check keys and values only, not the files they name",
+    )
+    check.add_argument(
+        "--credentials-dir",
+        type=Path,
+        metavar="DIR",
+        help="check each credential:NAME secret as DIR/NAME (e.g. /etc/credstore, as root "
+        "before the unit runs); default $CREDENTIALS_DIRECTORY",
     )
 
     pki = commands.add_parser("pki", help="development PKI").add_subparsers(
@@ -166,6 +210,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="keep the demo's files (PKI, config, spool, logs) in DIR",
     )
+    completion = command(
+        "completion",
+        cmd_completion,
+        "print the shell completion script, e.g. gatewayctl completion bash > "
+        f"{COMPLETION_FILES['bash']}",
+        config=False,
+    )
+    completion.add_argument("shell", choices=sorted(COMPLETION_FILES))
     return parser
 
 
@@ -173,6 +225,9 @@ def _run(args: argparse.Namespace) -> int:
     """Run the command; a state-changing one only once the audit log can take its entry,
     and with that entry written after it (outcome ``ok`` or ``failed``)."""
     action: str | None = args.audit_action
+    ask = getattr(args, "confirm", None)
+    if ask is not None:
+        ask(args)  # before anything, the audit log included: a refusal changes nothing
     if action is None:
         return int(args.handler(args))
     audit = AuditLog(config_of(args).audit_log, via="gatewayctl")
@@ -180,18 +235,18 @@ def _run(args: argparse.Namespace) -> int:
         audit.check()
     except (GatewayError, OSError) as exc:
         if action not in PROTECTIVE:
-            raise UsageError(
-                f"the audit log cannot record this change, so it was not made: {exc} "
+            raise CommandFailed(
+                f"the audit log cannot record this change, so it was not made: {say(exc)} "
                 "(see 'gatewayctl audit verify')"
             ) from None
         # Disabling a lost tablet or a user must never wait for a repaired log.
         args.audit_detail = {}
         args.handler(args)
         print(
-            f"gatewayctl: {action} done, but NOT recorded in the audit log: {exc}",
+            f"gatewayctl: {action} done, but NOT recorded in the audit log: {say(exc)}",
             file=sys.stderr,
         )
-        return 3
+        return EXIT_NOT_RECORDED
     args.audit = audit
     args.audit_detail = {}
     if getattr(args, "audit_self", False):
@@ -200,24 +255,36 @@ def _run(args: argparse.Namespace) -> int:
     try:
         status = int(args.handler(args))
     except (GatewayError, OSError) as exc:
-        audit.record(action, target=target, outcome="failed", detail={"reason": str(exc)})
+        audit.record(action, target=target, outcome="failed", detail={"reason": say(exc)})
         raise
     ok = status == 0 or getattr(args, "audit_outcome", None) == "ok"
     audit.record(action, target=target, outcome="ok" if ok else "failed", detail=args.audit_detail)
     return status
 
 
+def _failure(exc: BaseException) -> int:
+    """The exit status for an error (see EXIT_STATUS_HELP)."""
+    if isinstance(exc, ConfigError | SecretFileError):
+        return EXIT_CONFIG
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, DaemonUnavailable):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.config = config_path(getattr(args, "config", None))
     try:
         return _run(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"gatewayctl: {problem}", file=sys.stderr)
-        return 2
+            print(f"gatewayctl: {say(problem)}", file=sys.stderr)
+        return EXIT_CONFIG
     except (GatewayError, OSError) as exc:
-        print(f"gatewayctl: {exc}", file=sys.stderr)
-        return 1
+        print(f"gatewayctl: {say(exc)}", file=sys.stderr)
+        return _failure(exc)
 
 
 if __name__ == "__main__":

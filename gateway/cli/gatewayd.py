@@ -1,4 +1,9 @@
-"""``gatewayd --config FILE``: run the gateway until SIGTERM (drain) or SIGINT.
+"""``gatewayd [--config FILE]``: run the gateway until SIGTERM (drain) or SIGINT.
+
+The configuration is ``--config FILE``, else ``$GATEWAY_CONFIG``, else
+/etc/gateway/gateway.toml. Exit status: 0 after a drain, 1 when the start failed or a
+supervised task kept failing, 2 for a usage error, 78 (EX_CONFIG) for a configuration
+that cannot be used (systemd: ``RestartPreventExitStatus=78``).
 
 This module imports almost nothing at the top on purpose: the photo-check worker
 processes re-import the program's main module when they start, and each would
@@ -14,19 +19,31 @@ from pathlib import Path
 
 from gateway import __version__
 
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
+
+EPILOG = """\
+exit status:
+   0  stopped after a drain (SIGTERM or SIGINT)
+   1  the start failed, or a supervised task kept failing (systemd restarts it)
+   2  usage error
+  78  the configuration is unusable: its file is missing or invalid, or a secret or
+      file it names is (EX_CONFIG; restarting does not help)"""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gatewayd",
         description="Secure transmission gateway daemon: accepts submissions from ward "
         "devices over mutual TLS, spools them encrypted, relays them upstream.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config",
-        required=True,
         type=Path,
         metavar="FILE",
-        help="the gateway's TOML configuration (see conf/gateway.toml)",
+        help="the gateway's TOML configuration (see conf/gateway.toml); default "
+        "$GATEWAY_CONFIG, else /etc/gateway/gateway.toml",
     )
     parser.add_argument(
         "--log-level",
@@ -40,9 +57,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Imported here, not above: see the module's docstring.
+    from gateway.cli.common import config_path, plain_os_error
     from gateway.signals import run_until_signalled
 
-    return run_until_signalled(args.config, args.log_level)
+    path = config_path(args.config)
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        pass  # said by the configuration check, as every other problem of the file
+    except OSError as exc:
+        print(f"gatewayd: {plain_os_error(exc, path)}", file=sys.stderr)
+        return EXIT_CONFIG
+    status = run_until_signalled(path, args.log_level)
+    return status
 
 
 if __name__ == "__main__":

@@ -10,15 +10,22 @@ it again: it finishes or starts over), and is written to the audit log.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.cli.common import Commands, SubParsers, config_of
+from gateway.cli.common import (
+    CommandFailed,
+    Commands,
+    SubParsers,
+    UsageError,
+    add_format,
+    config_of,
+    confirm,
+    print_json,
+)
 from gateway.crypto.keys import load_master_key, resolve_secret_path, write_new_master_key
 from gateway.crypto.keystore import KeyStore, epoch_end, master_key_id
-from gateway.errors import KeystoreError
+from gateway.errors import KeystoreError, SecretFileError
 from gateway.preflight import ROOT
 
 
@@ -33,7 +40,7 @@ def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
     config = config_of(args)
     directory = config.keystore_directory
     old = load_master_key(resolve_secret_path(config.spool.master_key, ROOT))
-    new = load_master_key(args.new)
+    new = _new_key(args)
     old_id, new_id = master_key_id(old), master_key_id(new)
     args.audit_detail.update(keystore=str(directory), to_master_key_id=new_id)
     if _current(directory) == new_id:
@@ -61,6 +68,18 @@ def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_key(args: argparse.Namespace) -> bytes:
+    try:
+        return load_master_key(args.new)
+    except SecretFileError as exc:
+        raise UsageError(f"--new: {exc}") from None
+
+
+def _confirm_rotation(args: argparse.Namespace) -> None:
+    _new_key(args)  # a bad --new is said before the question
+    confirm(args, f"wrap the keystore by {args.new} and destroy the old master key's files")
+
+
 def _open(store: KeyStore) -> None:
     try:
         store.open()
@@ -78,7 +97,10 @@ def _next_steps(new: Path) -> str:
 
 
 def cmd_keys_new_master(args: argparse.Namespace) -> int:
-    write_new_master_key(args.out)
+    try:
+        write_new_master_key(args.out)
+    except SecretFileError as exc:  # --out names an existing file: not a configuration's
+        raise CommandFailed(str(exc)) from None
     print(f"wrote a new master key to {args.out} (0600; never replaces a file)")
     return 0
 
@@ -87,7 +109,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     """The keystore as its files say (no key is opened; works while gatewayd runs)."""
     directory = config_of(args).keystore_directory
     if not directory.is_dir():
-        raise KeystoreError(f"keystore {directory} does not exist (gatewayd makes it)")
+        raise CommandFailed(f"keystore {directory} does not exist (gatewayd makes it)")
     now = datetime.now(UTC).timestamp()
     live = sorted(
         {p.name.split(".")[0].removeprefix("epoch-") for p in directory.glob("epoch-*.key")}
@@ -100,9 +122,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     }
     kid = _current(directory)
     if args.format == "json":
-        document = {"keystore": str(directory), "master_key_id": kid, **epochs}
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json({"keystore": str(directory), "master_key_id": kid, **epochs})
         return 0
     print(f"keystore {directory}, under master key {kid}")
     for state, days in epochs.items():
@@ -119,10 +139,12 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
         "rotate-master",
         cmd_keys_rotate_master,
         "wrap every epoch key by a new master key and destroy the old key's files "
-        "(stop gatewayd first); audited",
+        "(stop gatewayd first; asks first, --yes does not); audited",
         parent=keys,
         audited="keys.rotate_master",
+        destructive=True,
     )
+    rotate.set_defaults(confirm=_confirm_rotation)
     rotate.add_argument(
         "--new", type=Path, required=True, metavar="FILE", help="the new master key (0600)"
     )
@@ -137,4 +159,4 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
     status = command(
         "status", cmd_keys_status, "the key epochs: live, passed, destroyed", parent=keys
     )
-    status.add_argument("--format", choices=["text", "json"], default="text")
+    add_format(status)

@@ -7,13 +7,22 @@ import argparse
 import asyncio
 import difflib
 import getpass
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from gateway.cli.common import Commands, SubParsers, UsageError, config_of
+from gateway.cli.common import (
+    EXIT_FAILED,
+    EXIT_UNAVAILABLE,
+    CommandFailed,
+    Commands,
+    SubParsers,
+    UsageError,
+    add_format,
+    config_of,
+    print_json,
+)
 from gateway.config import GatewayConfig
 from gateway.crypto.certs import cert_fingerprint, load_cert_der
 from gateway.errors import GatewayError
@@ -33,7 +42,7 @@ from gateway.identity.registry import (
     upsert_user,
 )
 from gateway.ops.audit import current_actor
-from gateway.ops.control import control_request
+from gateway.ops.control import DaemonUnavailable, control_request
 from gateway.spool.reader import spool_in_use
 
 
@@ -54,7 +63,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         fingerprint = cert_fingerprint(load_cert_der(args.cert))
     if load_devices(config.auth.devices_file).by_id(args.id) is not None:
         # Re-adding must never quietly un-revoke a lost tablet: a new id is a new device.
-        raise UsageError(f"device {args.id!r} exists; a replacement device needs a new id")
+        raise CommandFailed(f"device {args.id!r} exists; a replacement device needs a new id")
     device = Device(args.id, fingerprint, args.group, revoked=False)
     upsert_device(config.auth.devices_file, device)
     args.audit_detail.update(group=args.group, fingerprint=fingerprint)
@@ -65,7 +74,16 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 def cmd_device_list(args: argparse.Namespace) -> int:
     config = config_of(args)
     registry = load_devices(config.auth.devices_file)
-    for device in sorted(registry.devices, key=lambda d: d.id):
+    devices = sorted(registry.devices, key=lambda d: d.id)
+    if args.format == "json":
+        print_json(
+            [
+                {"id": d.id, "group": d.group, "revoked": d.revoked, "fingerprint": d.fingerprint}
+                for d in devices
+            ]
+        )
+        return 0
+    for device in devices:
         state = "REVOKED" if device.revoked else "active"
         print(f"{device.id:<24} {device.group:<20} {state:<8} {device.fingerprint}")
     return 0
@@ -76,7 +94,7 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     registry = load_devices(config.auth.devices_file)
     device = registry.by_id(args.id)
     if device is None:
-        raise UsageError(f"no device {args.id!r} in {config.auth.devices_file}")
+        raise CommandFailed(f"no device {args.id!r} in {config.auth.devices_file}")
     devices = tuple(replace(d, revoked=True) if d.id == args.id else d for d in registry.devices)
     save_devices(config.auth.devices_file, DeviceRegistry(devices))
     return _applied(
@@ -116,7 +134,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     _check_id("staff user", args.id)
     channels = _scopes(config, args.channel)
     if load_users(config.auth.users_file).get(args.id) is not None:
-        raise UsageError(f"user {args.id!r} exists; use 'gatewayctl user passwd'")
+        raise CommandFailed(f"user {args.id!r} exists; use 'gatewayctl user passwd'")
     user = User(args.id, hash_password(_read_password(args)), channels=channels)
     upsert_user(config.auth.users_file, user)
     args.audit_detail.update(channels=list(channels))
@@ -137,8 +155,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
         for u in users
     ]
     if args.format == "json":
-        json.dump(rows, sys.stdout, ensure_ascii=False, indent=2)
-        sys.stdout.write("\n")
+        print_json(rows)
         return 0
     for row in rows:
         state = "active" if row["enabled"] else "DISABLED"
@@ -159,7 +176,7 @@ def _change_channels(args: argparse.Namespace, allow: bool) -> int:
     registry = load_users(config.auth.users_file)
     user = registry.get(args.id)
     if user is None:
-        raise UsageError(f"no staff user {args.id!r}")
+        raise CommandFailed(f"no staff user {args.id!r}")
     current = list(user.channels or ())
     if allow:
         wanted = _scopes(config, args.channel)  # denying needs no check: it fixes typos too
@@ -193,7 +210,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
     config = config_of(args)
     user = load_users(config.auth.users_file).get(args.id)
     if user is None:
-        raise UsageError(f"no staff user {args.id!r}")
+        raise CommandFailed(f"no staff user {args.id!r}")
     upsert_user(
         config.auth.users_file, replace(user, password_hash=hash_password(_read_password(args)))
     )
@@ -206,7 +223,7 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     registry = load_users(config.auth.users_file)
     user = registry.get(args.id)
     if user is None:
-        raise UsageError(f"no staff user {args.id!r}")
+        raise CommandFailed(f"no staff user {args.id!r}")
     users = tuple(replace(u, enabled=False) if u.id == args.id else u for u in registry.users)
     save_users(config.auth.users_file, UserRegistry(users))
     return _applied(
@@ -216,35 +233,36 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     )
 
 
-def _applied(args: argparse.Namespace, done: str, told: tuple[bool, str]) -> int:
+def _applied(args: argparse.Namespace, done: str, told: tuple[int, str]) -> int:
     """Report a registry change and what the running daemon made of it: exit 0 once the
-    daemon has applied it (or none runs), 1 when a running daemon did not confirm."""
-    confirmed, how = told
+    daemon has applied it (or none runs), 69 when a running daemon cannot be asked, 1
+    when it was asked but did not confirm."""
+    status, how = told
     if isinstance(getattr(args, "audit_detail", None), dict):
         args.audit_detail.update(daemon=how)
-    if confirmed:
+    if status == 0:
         print(f"{done}: {how}")
         return 0
     args.audit_outcome = "ok"  # the registry file did change; the daemon's part is detail
     print(f"gatewayctl: {done} in the registry file, but {how}", file=sys.stderr)
-    return 1
+    return status
 
 
 def _tell_daemon(
     config: GatewayConfig, kind: str, ident: str, key: str, expected: object
-) -> tuple[bool, str]:
-    """Make the running daemon apply a registry change now: (confirmed, how it went).
+) -> tuple[int, str]:
+    """Make the running daemon apply a registry change now: (exit status, how it went).
 
-    Confirmed once the daemon answers that it holds ``key == expected`` for the entry.
-    Without a running daemon (its spool is not locked) the change waits in the file for
-    the next start, which counts as confirmed. A running daemon that cannot be asked or
-    does not confirm is not: it still reads the file within a second, but this command
-    cannot say it has.
+    0 once the daemon answers that it holds ``key == expected`` for the entry. Without
+    a running daemon (its spool is not locked) the change waits in the file for the
+    next start, which counts as done. A running daemon that cannot be asked (69) or does
+    not confirm (1) still reads the file within a second, but this command cannot say
+    it has.
     """
     if not spool_in_use(config.spool.directory):
-        return True, "gatewayd is not running; it reads the change when it starts"
+        return 0, "gatewayd is not running; it reads the change when it starts"
     if config.admin.control_socket is None:
-        return False, (
+        return EXIT_UNAVAILABLE, (
             "admin.control_socket is not configured, so the running gatewayd cannot confirm "
             "it; it reads the file within a second"
         )
@@ -258,15 +276,17 @@ def _tell_daemon(
                 query={kind: ident},
             )
         )
+    except DaemonUnavailable as exc:
+        return EXIT_UNAVAILABLE, f"the running gatewayd cannot be asked to confirm it: {exc}"
     except GatewayError as exc:
-        return False, f"the running gatewayd did not confirm it ({exc})"
+        return EXIT_FAILED, f"the running gatewayd did not confirm it: {exc}"
     held = answer.get(kind)
     if not isinstance(held, dict) or held.get(key) != expected:
-        return False, (
+        return EXIT_FAILED, (
             "the running gatewayd still holds the old entry; check its log "
             "(registry_unreadable) and run 'gatewayctl reload'"
         )
-    return True, "the running gatewayd has applied it; it is refused from now on"
+    return 0, "the running gatewayd has applied it; it is refused from now on"
 
 
 def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -> None:
@@ -285,7 +305,7 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
     source = add.add_mutually_exclusive_group(required=True)
     source.add_argument("--cert", type=Path, help="the device's certificate (PEM)")
     source.add_argument("--fingerprint", help="sha256:<hex> of the certificate")
-    command("list", cmd_device_list, "list registered devices", parent=device)
+    add_format(command("list", cmd_device_list, "list registered devices", parent=device))
     revoke = command(
         "revoke",
         cmd_device_revoke,
@@ -324,7 +344,7 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
     users_list = command(
         "list", cmd_user_list, "list staff users and the channels they are named for", parent=user
     )
-    users_list.add_argument("--format", choices=["text", "json"], default="text")
+    add_format(users_list)
     for name, handler, text in (
         ("allow", cmd_user_allow, "name a staff user for more channels or channel groups"),
         ("deny", cmd_user_deny, "take channels or channel groups away from a staff user"),

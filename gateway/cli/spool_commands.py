@@ -7,21 +7,37 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime, tzinfo
+from pathlib import Path
+from typing import Any
 
-from gateway.cli.common import Commands, SubParsers, UsageError, config_of, positive
+from gateway.cli.common import (
+    EXIT_FAILED,
+    EXIT_UNAVAILABLE,
+    CommandFailed,
+    Commands,
+    SubParsers,
+    UsageError,
+    add_format,
+    config_of,
+    confirm,
+    local_time,
+    positive,
+    print_json,
+    zone_of,
+)
+from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.ops.audit import AuditLog, audit_chain, current_actor
 from gateway.ops.chain import ChainBroken
-from gateway.ops.control import control_request
+from gateway.ops.control import DaemonUnavailable, control_request
 from gateway.spool.reader import read_records
 from gateway.spool.records import Record, State, is_submission_id
 
+_TIMES = ("received_at", "expires_at", "delivered_at", "held_at", "erased_at")
 
-def _spool_rows(records: Sequence[Record]) -> list[dict[str, object]]:
-    def iso(ts: float | None) -> str | None:
-        return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
+def _spool_rows(records: Sequence[Record], zone: tzinfo) -> list[dict[str, Any]]:
     return [
         {
             "submission_id": r.id,
@@ -30,11 +46,7 @@ def _spool_rows(records: Sequence[Record]) -> list[dict[str, object]]:
             "state": r.state,
             "device_id": r.device_id,
             "user_id": r.user_id,
-            "received_at": iso(r.received_at),
-            "expires_at": iso(r.expires_at),
-            "delivered_at": iso(r.delivered_at),
-            "held_at": iso(r.held_at),
-            "erased_at": iso(r.erased_at),
+            **{name: local_time(getattr(r, name), zone) for name in _TIMES},
             "attempts": r.attempts,
             "last_error": r.last_error,
             "upstream_receipt": r.upstream_receipt,
@@ -45,21 +57,26 @@ def _spool_rows(records: Sequence[Record]) -> list[dict[str, object]]:
     ]
 
 
+def _short(value: str | None) -> str:
+    """A row's time (ISO 8601 with its offset) to the second, for text."""
+    return "-" if value is None else datetime.fromisoformat(value).isoformat(timespec="seconds")
+
+
 def cmd_spool_list(args: argparse.Namespace) -> int:
     config = config_of(args)
     states = () if args.state == "all" else (args.state,)
     records = read_records(
         config.spool.directory, states=states, channel=args.channel, limit=args.limit
     )
-    rows = _spool_rows(records)
+    rows = _spool_rows(records, zone_of(args))
     if args.format == "json":
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(rows)
         return 0
     for row in rows:
         print(
             f"{row['submission_id']}  {row['state']:<9} {row['channel']:<22} "
-            f"{row['received_at']}  attempts={row['attempts']}  {row['last_error'] or ''}"
+            f"{_short(row['received_at'])}  attempts={row['attempts']}  "
+            f"{row['last_error'] or ''}".rstrip()
         )
     print(f"{len(rows)} record(s)", file=sys.stderr)
     return 0
@@ -70,9 +87,17 @@ def cmd_spool_show(args: argparse.Namespace) -> int:
     _check_submission_ids([args.id])
     records = read_records(config.spool.directory, record_id=args.id, limit=1)
     if not records:
-        raise UsageError(f"no record {args.id} in {config.spool.directory}")
-    json.dump(_spool_rows(records)[0], sys.stdout, indent=2)
-    sys.stdout.write("\n")
+        raise CommandFailed(f"no record {args.id} in {config.spool.directory}")
+    row = _spool_rows(records, zone_of(args))[0]
+    if args.format == "json":
+        print_json(row)
+        return 0
+    for key, value in row.items():
+        if key in _TIMES:
+            value = _short(value)
+        elif key == "fields":
+            value = ", ".join(value) or "-"
+        print(f"{key + ':':<17} {'-' if value is None else value}")
     return 0
 
 
@@ -82,23 +107,35 @@ def _check_submission_ids(ids: Sequence[str]) -> None:
             raise UsageError(f"{value!r} is not a submission id")
 
 
+def _control_socket(config: GatewayConfig, instead: str) -> Path:
+    if config.admin.control_socket is None:
+        raise DaemonUnavailable(
+            f"admin.control_socket is not configured, so the running gatewayd cannot be "
+            f"asked{instead}"
+        )
+    return config.admin.control_socket
+
+
 def _spool_action(args: argparse.Namespace, action: str) -> int:
-    """Ask the running daemon to requeue or erase each record; one audit entry per record."""
+    """Ask the running daemon to requeue or erase each record; one audit entry per record.
+    Exit 1 if any was refused, 69 if the daemon could not be reached."""
     config = config_of(args)
     _check_submission_ids(args.ids)
-    if config.admin.control_socket is None:
-        raise UsageError("admin.control_socket is not configured: the daemon cannot be asked")
     audit: AuditLog = args.audit
-    failures = 0
+    try:
+        socket = _control_socket(config, "")
+    except DaemonUnavailable as exc:
+        for submission_id in args.ids:
+            audit.record(f"spool.{action}", target=submission_id, outcome="failed",
+                         detail={"reason": str(exc)})  # fmt: skip
+        raise
+    status = 0
     for submission_id in args.ids:
         try:
-            asyncio.run(
-                control_request(
-                    config.admin.control_socket, "POST", f"/v1/spool/{submission_id}/{action}"
-                )
-            )
+            asyncio.run(control_request(socket, "POST", f"/v1/spool/{submission_id}/{action}"))
         except GatewayError as exc:
-            failures += 1
+            unavailable = isinstance(exc, DaemonUnavailable)
+            status = EXIT_UNAVAILABLE if unavailable or status == EXIT_UNAVAILABLE else EXIT_FAILED
             audit.record(
                 f"spool.{action}",
                 target=submission_id,
@@ -110,7 +147,7 @@ def _spool_action(args: argparse.Namespace, action: str) -> int:
         audit.record(f"spool.{action}", target=submission_id)
         done = "queued again" if action == "requeue" else "erased (ledger reason: operator)"
         print(f"{submission_id} {done}")
-    return 1 if failures else 0
+    return status
 
 
 def cmd_spool_requeue(args: argparse.Namespace) -> int:
@@ -121,17 +158,20 @@ def cmd_spool_erase(args: argparse.Namespace) -> int:
     return _spool_action(args, "erase")
 
 
+def _confirm_erase(args: argparse.Namespace) -> None:
+    _check_submission_ids(args.ids)
+    count = len(dict.fromkeys(args.ids))
+    confirm(args, f"crypto-erase {count} spooled record(s) for good")
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the running daemon to reload; it writes the audit entry (with the outcome)."""
     config = config_of(args)
-    if config.admin.control_socket is None:
-        raise UsageError("admin.control_socket is not configured: send SIGHUP to gatewayd")
+    socket = _control_socket(config, ": send SIGHUP to gatewayd instead")
     try:
-        answer = asyncio.run(
-            control_request(
-                config.admin.control_socket, "POST", "/v1/reload", actor=current_actor()
-            )
-        )
+        answer = asyncio.run(control_request(socket, "POST", "/v1/reload", actor=current_actor()))
+    except DaemonUnavailable:
+        raise
     except GatewayError as exc:
         print(f"gatewayctl: reload refused, the old configuration stays: {exc}", file=sys.stderr)
         return 1
@@ -141,24 +181,52 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     chain = audit_chain(config_of(args).audit_log)
+    document: dict[str, Any] = {"log": str(chain.path), "intact": False}
     try:
+        if not chain.path.exists():
+            document.update(reason="missing")
+            raise CommandFailed(
+                f"the audit log {chain.path} does not exist: nothing was ever recorded "
+                "there (is audit.log the right file?)"
+            )
         count = chain.verify()
     except ChainBroken as exc:
         line = "" if exc.line is None else f" at line {exc.line}"
+        document.update(line=exc.line, reason=exc.reason, detail=exc.detail)
         print(f"gatewayctl: audit log BROKEN{line} ({exc.reason}): {exc}", file=sys.stderr)
+        if args.format == "json":
+            print_json(document)
         return 1
+    except CommandFailed:
+        if args.format == "json":
+            print_json(document)
+        raise
     seq, digest = chain.head
+    if args.format == "json":
+        document.update(intact=True, entries=count, head={"seq": seq, "hash": digest})
+        print_json(document)
+        return 0
     print(f"audit log intact: {count} entries, head {seq} {digest} ({chain.path})")
     return 0
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
     chain = audit_chain(config_of(args).audit_log)
+    if not chain.path.exists():
+        raise CommandFailed(f"the audit log {chain.path} does not exist: nothing recorded yet")
     entries = list(chain.entries())  # verified as read: a broken chain raises ChainBroken
-    for entry in entries[-args.last :] if args.last else entries:
+    zone = zone_of(args)
+    shown = entries[-args.last :] if args.last else entries
+    if args.format == "json":
+        print_json(
+            [{"seq": e.seq, **e.body, "at": local_time(e.at, zone), "hash": e.hash} for e in shown]
+        )
+        return 0
+    for entry in shown:
         body = entry.body
         print(
-            f"{entry.seq:>6} {entry.at} {body.get('actor')}@{body.get('host')} "
+            f"{entry.seq:>6} {local_time(entry.at, zone, text=True)} "
+            f"{body.get('actor')}@{body.get('host')} "
             f"{body.get('via')} {body.get('action')} {body.get('target') or '-'} "
             f"{body.get('outcome')}"
             + (f" {json.dumps(body['detail'], ensure_ascii=False)}" if body.get("detail") else "")
@@ -183,19 +251,24 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
     listing.add_argument(
         "--limit", type=positive, default=100, help="at most this many (default 100)"
     )
-    listing.add_argument("--format", choices=["text", "json"], default="text")
-    show = command("show", cmd_spool_show, "one record's metadata, as JSON", parent=spool)
+    add_format(listing)
+    show = command("show", cmd_spool_show, "one record's metadata (no field values)", parent=spool)
     show.add_argument("id", metavar="SUBMISSION_ID")
+    add_format(show)
     for name, handler, text in (
         ("requeue", cmd_spool_requeue, "send held records again (through the running daemon)"),
         (
             "erase",
             cmd_spool_erase,
-            "crypto-erase records now, recorded in the erasure ledger with reason 'operator'",
+            "crypto-erase records now, recorded in the erasure ledger with reason 'operator' "
+            "(asks first; --yes does not)",
         ),
     ):
-        sub = command(name, handler, text, parent=spool, audited=f"spool.{name}")
-        sub.set_defaults(audit_self=True)
+        destructive = name == "erase"
+        sub = command(
+            name, handler, text, parent=spool, audited=f"spool.{name}", destructive=destructive
+        )
+        sub.set_defaults(audit_self=True, confirm=_confirm_erase if destructive else None)
         sub.add_argument("ids", nargs="+", metavar="SUBMISSION_ID")
 
     command(
@@ -208,16 +281,18 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
     audit = commands.add_parser("audit", help="operations audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
     )
-    command(
+    verify = command(
         "verify",
         cmd_audit_verify,
         "check the audit log's hash chain and anchor: any edit, deletion, reordering or "
-        "truncation is reported with its line",
+        "truncation is reported with its line (a missing log is an error)",
         parent=audit,
     )
+    add_format(verify)
     audit_list = command(
         "list", cmd_audit_list, "print the (verified) audit log, one entry a line", parent=audit
     )
     audit_list.add_argument(
         "--last", type=positive, metavar="N", help="only the last N entries (N ≥ 1)"
     )
+    add_format(audit_list)

@@ -146,20 +146,26 @@ def read_secret_file(path: Path, *, what: str) -> bytes:
         os.close(fd)
 
 
-def resolve_secret_path(spec: str, base: Path) -> Path:
+def resolve_secret_path(spec: str, base: Path, credentials_dir: Path | None = None) -> Path:
     """Turn a configured secret location into a path.
 
-    ``credential:NAME`` names a systemd credential: ``$CREDENTIALS_DIRECTORY/NAME``.
-    Anything else is a path; a relative one is taken relative to ``base``.
+    ``credential:NAME`` names a systemd credential: ``credentials_dir/NAME`` when a
+    directory is given (``gatewayctl check-config --credentials-dir``), else
+    ``$CREDENTIALS_DIRECTORY/NAME``. Anything else is a path; a relative one is taken
+    relative to ``base``.
     """
     if spec.startswith(CREDENTIAL_PREFIX):
         name = spec[len(CREDENTIAL_PREFIX) :]
         if not name or name in (".", "..") or "/" in name or "\0" in name:
             raise SecretFileError(f"{spec!r} does not name a credential")
+        if credentials_dir is not None:
+            return credentials_dir / name
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
             raise SecretFileError(
-                f"{spec!r} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is not set"
+                f"{spec!r} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is "
+                "not set; outside the unit, check it with 'gatewayctl check-config "
+                "--credentials-dir DIR'"
             )
         return Path(directory) / name
     if not spec or "\0" in spec:

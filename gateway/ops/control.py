@@ -12,6 +12,8 @@ or user). Answers carry identifiers and states only.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import socket
 import struct
@@ -34,6 +36,10 @@ log = get_logger("gateway.control")
 
 class ControlError(GatewayError):
     """The daemon could not be reached or refused the operation; the message says why."""
+
+
+class DaemonUnavailable(ControlError):
+    """The daemon could not be reached at all (not running, a stale socket, no right)."""
 
 
 def peer_uid(request: web.Request) -> int | None:
@@ -144,7 +150,8 @@ async def control_request(
     actor: str | None = None,
     query: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One request to the running daemon; ControlError when it is not there or refuses."""
+    """One request to the running daemon: DaemonUnavailable when it cannot be reached,
+    ControlError when it refuses (the message says why, in words)."""
     headers = {"X-Actor": actor} if actor else {}
     try:
         async with (
@@ -153,13 +160,41 @@ async def control_request(
                 method, f"http://gatewayd{path}", headers=headers, params=query or {}
             ) as response,
         ):
-            body: dict[str, Any] = await response.json(content_type=None)
-            if response.status >= 400:
-                reason = body.get("error") or body.get("reason") or f"refused ({response.status})"
-                raise ControlError(str(reason))
-            return body
-    except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
-        raise ControlError(
-            f"gatewayd is not answering on {socket_path} ({type(exc).__name__}): requeue "
-            "and erase go through the running daemon; start it, or check admin.control_socket"
-        ) from None
+            text = await response.text()
+            status = response.status
+    except (aiohttp.ClientError, OSError) as exc:
+        raise DaemonUnavailable(unreachable(socket_path, exc)) from None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {"error": text.strip()[:200]}
+    if status >= 400:
+        reason = body.get("error") or body.get("reason") or f"refused (HTTP {status})"
+        raise ControlError(str(reason))
+    return body
+
+
+def unreachable(socket_path: Path, exc: BaseException) -> str:
+    """Why the control socket could not be used, in words (never the exception's name)."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    start = "start it (systemctl start gatewayd), or check admin.control_socket"
+    if isinstance(cause, FileNotFoundError):
+        return f"gatewayd is not answering on {socket_path}: there is no such socket; {start}"
+    if isinstance(cause, ConnectionRefusedError) or (
+        isinstance(cause, OSError) and cause.errno in (errno.ECONNREFUSED, errno.ENOTSOCK)
+    ):
+        return (
+            f"gatewayd is not answering on {socket_path}: nothing listens there (it is not "
+            f"running, or this is not its socket); {start}"
+        )
+    if isinstance(cause, PermissionError):
+        return (
+            f"gatewayd cannot be reached on {socket_path}: permission denied; run gatewayctl "
+            "as the gateway's user or root"
+        )
+    return (
+        f"gatewayd is not answering on {socket_path}: the connection failed before it "
+        f"answered; {start}"
+    )

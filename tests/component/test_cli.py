@@ -55,7 +55,7 @@ def test_check_config_names_missing_files_and_secrets_by_dotted_key(
 ) -> None:
     """Without --structure-only the shipped file fails, naming each missing file by key."""
     code, out, err = ctl(capsys, "check-config", "--config", SHIPPED_CONFIG)
-    assert code == 1
+    assert code == 78  # EX_CONFIG
     assert out == ""
     for key in (
         "spool.master_key",
@@ -73,13 +73,13 @@ def test_check_config_names_missing_files_and_secrets_by_dotted_key(
 def test_check_config_suggests_the_close_match_of_a_misspelt_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A misspelt key exits 1 naming the file and dotted key, with 'did you mean'."""
+    """A misspelt key exits 78 naming the file and dotted key, with 'did you mean'."""
     text = SHIPPED_CONFIG.read_text("utf-8")
     assert "keepalive_timeout = 75" in text
     config = tmp_path / "gateway.toml"
     config.write_text(text.replace("keepalive_timeout = 75", "keepalive_timout = 75"), "utf-8")
     code, out, err = ctl(capsys, "check-config", "--config", config, "--structure-only")
-    assert code == 1
+    assert code == 78
     assert out == ""
     assert f"{config}: ingress.keepalive_timout: " in err
     assert "did you mean 'keepalive_timeout'" in err
@@ -128,20 +128,20 @@ def test_pki_init_refuses_to_overwrite_without_force(
 def test_pki_init_refuses_a_bad_device_name_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A device name that breaks the naming rule exits 1 stating the rule."""
+    """A device name that breaks the naming rule is a usage error (2) stating the rule."""
     code, _out, err = ctl(capsys, "pki", "init", "--dir", tmp_path / "pki", "--device", "Tab 1")
-    assert code == 1
+    assert code == 2
     assert_clean_error(err)
     assert "must match" in err
 
 
-async def test_registry_command_with_missing_config_exits_2(
+async def test_registry_command_with_missing_config_exits_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A registry command given a configuration file that does not exist exits 2."""
+    """A registry command given a configuration file that does not exist exits 78."""
     missing = tmp_path / "nowhere.toml"
     code, _out, err = ctl(capsys, "device", "list", "--config", missing)
-    assert code == 2
+    assert code == 78
     assert_clean_error(err)
     assert f"{missing}: file not found" in err
 
@@ -149,14 +149,14 @@ async def test_registry_command_with_missing_config_exits_2(
 # ------------------------------------------------------------------------ gatewayd
 
 
-def test_gatewayd_with_missing_config_exits_2(
+def test_gatewayd_with_missing_config_exits_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """gatewayd --config <missing file> exits 2 with the problem on stderr."""
+    """gatewayd --config <missing file> exits 78 (EX_CONFIG) with the problem on stderr."""
     missing = tmp_path / "nowhere.toml"
     code = gatewayd.main(["--config", str(missing)])
     out, err = capsys.readouterr()
-    assert code == 2
+    assert code == 78
     assert out == ""
     assert f"gatewayd: {missing}: file not found" in err
 

@@ -47,11 +47,11 @@ async def test_check_config_accepts_sandbox_config(
 async def test_check_config_reports_group_readable_secret_with_its_mode(
     sandbox: Sandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A secret file with mode 0644 is reported by key with '0644': exit 1."""
+    """A secret file with mode 0644 is reported by key with '0644': exit 78 (EX_CONFIG)."""
     assert sandbox.config is not None
     os.chmod(sandbox.config.spool.master_key, 0o644)
     code, _out, err = ctl(capsys, "check-config", "--config", sandbox.config_path)
-    assert code == 1
+    assert code == 78
     line = next(x for x in err.splitlines() if "spool.master_key" in x)
     assert "0644" in line
 
@@ -167,7 +167,8 @@ async def test_device_add_refuses_entries_the_registry_could_not_load(
     fingerprint: str,
     message: str,
 ) -> None:
-    """A bad device id or fingerprint exits 1 and never breaks the registry file."""
+    """A bad device id or fingerprint is a usage error (exit 2) and never breaks the
+    registry file."""
     assert sandbox.config is not None
     path = sandbox.config.auth.devices_file
     before = path.read_bytes()
@@ -176,7 +177,7 @@ async def test_device_add_refuses_entries_the_registry_could_not_load(
         "device", "add", "--config", sandbox.config_path, "--id", device_id,
         "--group", "assist-tablet", "--fingerprint", fingerprint,
     )  # fmt: skip
-    assert code == 1
+    assert code == 2
     assert_clean_error(err)
     assert message in err
     assert path.read_bytes() == before
@@ -222,7 +223,8 @@ async def test_user_add_stores_an_scrypt_hash_of_the_stdin_password(
 async def test_user_add_refuses_a_short_password_stating_the_rule(
     sandbox: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A password under ten characters is refused with the rule; no user is added."""
+    """A password under ten characters is refused with the rule (exit 2); no user is
+    added."""
     assert sandbox.config is not None
     path = sandbox.config.auth.users_file
     before = path.read_bytes()
@@ -231,7 +233,7 @@ async def test_user_add_refuses_a_short_password_stating_the_rule(
         capsys, "user", "add", "--config", sandbox.config_path, "--id", "staff-003",
         "--channel", "window-reception", "--password-stdin",
     )  # fmt: skip
-    assert code == 1
+    assert code == 2
     assert_clean_error(err)
     assert "at least 10 characters" in err
     assert "short" not in err
@@ -259,14 +261,14 @@ async def test_user_add_of_existing_id_is_refused(
 async def test_user_add_refuses_an_id_the_registry_could_not_load(
     sandbox: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A staff ID outside the id rule exits 1 and the users file still loads."""
+    """A staff ID outside the id rule exits 2 and the users file still loads."""
     assert sandbox.config is not None
     stdin(monkeypatch, NEW_PASSWORD + "\n")
     code, _out, err = ctl(
         capsys, "user", "add", "--config", sandbox.config_path, "--id", "Staff 003",
         "--channel", "window-reception", "--password-stdin",
     )  # fmt: skip
-    assert code == 1
+    assert code == 2
     assert_clean_error(err)
     assert "must match" in err
     assert load_users(sandbox.config.auth.users_file).get("Staff 003") is None
@@ -298,7 +300,7 @@ async def test_user_passwd_replaces_the_hash_and_keeps_the_user_enabled(
 async def test_user_passwd_refuses_a_short_password(
     sandbox: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """user passwd with a short password exits 1 stating the rule; the old hash stays."""
+    """user passwd with a short password exits 2 stating the rule; the old hash stays."""
     assert sandbox.config is not None
     path = sandbox.config.auth.users_file
     before = path.read_bytes()
@@ -307,7 +309,7 @@ async def test_user_passwd_refuses_a_short_password(
         capsys, "user", "passwd", "--config", sandbox.config_path, "--id", "staff-001",
         "--password-stdin",
     )  # fmt: skip
-    assert code == 1
+    assert code == 2
     assert_clean_error(err)
     assert "at least 10 characters" in err
     assert path.read_bytes() == before
@@ -359,13 +361,13 @@ async def test_user_action_on_unknown_id_is_an_error(
 async def test_gatewayd_refuses_a_master_key_readable_by_others(
     sandbox: Sandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """gatewayd exits 2 naming spool.master_key when the key file is 0644."""
+    """gatewayd exits 78 (EX_CONFIG) naming spool.master_key when the key file is 0644."""
     assert sandbox.config is not None
     os.chmod(sandbox.config.spool.master_key, 0o644)
     capsys.readouterr()
     code = gatewayd.main(["--config", str(sandbox.config_path)])
     out, err = capsys.readouterr()
-    assert code == 2
+    assert code == 78
     assert out == ""
     problems = err.splitlines()
     assert problems and all(p.startswith("gatewayd: ") for p in problems)

@@ -119,11 +119,15 @@ async def test_rotate_master_retires_the_old_key(
     try:
         async with running.client("tablet-01") as client:
             assert (await client.submit(CHANNEL, fields, files)).status == 202
-        code, _, err = ctl(capsys, "keys", "rotate-master", "--new", new_file, "--config", config)
+        code, _, err = ctl(
+            capsys, "keys", "rotate-master", "--new", new_file, "--config", config, "--yes"
+        )
         assert code == 1 and "stop gatewayd" in err
     finally:
         await running.shutdown()
-    code, out, err = ctl(capsys, "keys", "rotate-master", "--new", new_file, "--config", config)
+    code, out, err = ctl(
+        capsys, "keys", "rotate-master", "--new", new_file, "--config", config, "--yes"
+    )
     assert code == 0, err
     assert master_key_id(new) in out and master_key_id(old) in out
     assert old.hex() not in out + err and new.hex() not in out + err

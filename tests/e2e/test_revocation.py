@@ -145,8 +145,8 @@ async def test_a_running_daemon_that_cannot_be_told_is_an_error(
     live: Live, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With the control socket gone, revoke still changes the registry (the file watch
-    applies it within a second) but exits 1 saying the daemon did not confirm; the audit
-    entry records the change and the daemon's silence."""
+    applies it within a second) but exits 69 (EX_UNAVAILABLE) saying the daemon cannot
+    be asked; the audit entry records the change and the daemon's silence."""
     config = live.sandbox.config
     assert config is not None and config.admin.control_socket is not None
     config.admin.control_socket.unlink()
@@ -156,12 +156,14 @@ async def test_a_running_daemon_that_cannot_be_told_is_an_error(
         ["device", "revoke", "--config", str(live.sandbox.config_path), "--id", "tablet-01"],
     )
     _out, err = capsys.readouterr()
-    assert code == 1
+    assert code == 69
     assert "gatewayctl: device tablet-01 revoked in the registry file, but" in err
-    assert "did not confirm" in err
+    assert "the running gatewayd cannot be asked to confirm it" in err
+    assert "there is no such socket" in err
+    assert "Error" not in err
     device = load_devices(config.auth.devices_file).by_id("tablet-01")
     assert device is not None and device.revoked
     where = config.audit_log
     last = list(HashChainLog(where.log, anchor=where.anchor).entries())[-1].body
     assert (last["action"], last["outcome"]) == ("device.revoke", "ok")
-    assert "did not confirm" in last["detail"]["daemon"]
+    assert "cannot be asked" in last["detail"]["daemon"]

@@ -207,7 +207,9 @@ async def test_spool_show_prints_field_names_never_values(
         (held, "held", set(PLANTED)),
         (delivered, "erased", {"application_id", "face_photo"}),
     ):
-        code, out, err = await actl(capsys, "spool", "show", "--config", config, submission_id)
+        code, out, err = await actl(
+            capsys, "spool", "show", "--config", config, submission_id, "--format", "json"
+        )
         assert code == 0, err
         assert_no_values(out + err)
         shown = json_out(out)
@@ -215,8 +217,16 @@ async def test_spool_show_prints_field_names_never_values(
         assert shown["state"] == state
         assert names <= set(shown["fields"]), shown["fields"]
 
+        code, out, err = await actl(capsys, "spool", "show", "--config", config, submission_id)
+        assert code == 0, err  # text: one "key: value" line each, the same metadata
+        assert_no_values(out + err)
+        lines = dict(line.split(":", 1) for line in out.splitlines())
+        assert lines["submission_id"].strip() == submission_id
+        assert lines["state"].strip() == state
+        assert names <= {n.strip() for n in lines["fields"].split(",")}
+
     code, out, err = await actl(capsys, "spool", "show", "--config", config, "not-an-id")
-    assert code == 1
+    assert code == 2  # a usage error: not a submission id at all
     assert err.startswith("gatewayctl: 'not-an-id' is not a submission id"), err
     assert "Traceback" not in err
 
@@ -251,7 +261,9 @@ async def test_spool_requeue_delivers_a_held_record_and_is_audited(
     assert code == 1
     assert "not made" in err
     assert "queued again" not in out
-    code, out, err = await actl(capsys, "spool", "show", "--config", config, held)
+    code, out, err = await actl(
+        capsys, "spool", "show", "--config", config, held, "--format", "json"
+    )
     assert json_out(out)["state"] == "held"
     os.truncate(audit_log, intact)  # what an operator does after inspecting the torn line
 
@@ -288,7 +300,7 @@ async def test_spool_requeue_delivers_a_held_record_and_is_audited(
     assert len(gateway.sandbox.simulators["dnp-relay"].received) == 1  # not sent again
 
     code, _out, err = await actl(capsys, "spool", "requeue", "--config", config, "xyz")
-    assert code == 1
+    assert code == 2
     assert "is not a submission id" in err
 
 
@@ -307,7 +319,16 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     assert not (records / delivered).exists()
     assert [e.body["reason"] for e in ledger(sandbox)] == ["delivered"]
 
+    # Not a terminal, no --yes: refused as a usage error, nothing erased or recorded.
+    audited = len(audit_entries(sandbox))
     code, out, err = await actl(capsys, "spool", "erase", "--config", config, held)
+    assert code == 2
+    assert out == ""
+    assert "add --yes" in err
+    assert (records / held).is_file()
+    assert len(audit_entries(sandbox)) == audited
+
+    code, out, err = await actl(capsys, "spool", "erase", "--yes", "--config", config, held)
     assert code == 0, err
     assert f"{held} erased" in out
     assert not (records / held).exists()
@@ -315,7 +336,9 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     assert spool_states(gateway) == {"queued": 0, "held": 1, "delivered": 0}
     assert gauge(gateway, "gateway_spool_oldest_undelivered_age_seconds") == 0
 
-    code, out, err = await actl(capsys, "spool", "show", "--config", config, held)
+    code, out, err = await actl(
+        capsys, "spool", "show", "--config", config, held, "--format", "json"
+    )
     assert code == 0, err
     shown = json_out(out)
     assert shown["state"] == "erased"
@@ -340,7 +363,7 @@ async def test_spool_erase_crypto_erases_records_ledger_metric_and_audit(
     assert last.body["actor"] == OPERATOR
 
     # Again, together with a live one: the erased one fails, the live one is erased.
-    code, out, err = await actl(capsys, "spool", "erase", "--config", config, held, other)
+    code, out, err = await actl(capsys, "spool", "erase", "--config", config, "--yes", held, other)
     assert code == 1
     assert f"{held}: " in err
     assert "already erased" in err
@@ -379,9 +402,10 @@ async def test_without_a_daemon_requeue_fails_clearly_and_list_still_works(
         if not left_behind:
             socket.unlink(missing_ok=True)
         code, out, err = await actl(capsys, "spool", "requeue", "--config", config, held)
-        assert code == 1
+        assert code == 69  # EX_UNAVAILABLE
         assert "queued again" not in out
         assert "gatewayd is not answering" in err
+        assert "Error" not in err  # no exception class names
         assert "Traceback" not in err
         last = audit_entries(gateway.sandbox)[-1]
         assert (last.body["action"], last.body["target"]) == ("spool.requeue", held)

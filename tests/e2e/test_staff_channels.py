@@ -102,7 +102,7 @@ async def test_check_config_refuses_a_registry_whose_users_name_no_channel(
     run for each of them, check-config passes."""
     make_legacy(sandbox)
     code, _out, err = ctl(capsys, "check-config", "--config", sandbox.config_path)
-    assert code == 1
+    assert code == 78  # EX_CONFIG: the configuration (its staff registry) is unusable
     assert "staff-001, staff-002, staff-counter are not named for any channel" in err
     for user in ("staff-001", "staff-002", "staff-counter"):
         assert f"gatewayctl user allow --id {user} --channel CHANNEL" in err
@@ -119,13 +119,13 @@ async def test_check_config_refuses_a_registry_whose_users_name_no_channel(
 async def test_the_daemon_refuses_to_start_on_a_registry_from_before(
     sandbox: Sandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """gatewayd exits 2 with the same message; serve() refuses too."""
+    """gatewayd exits 78 (EX_CONFIG) with the same message; serve() refuses too."""
     make_legacy(sandbox)
     assert sandbox.config is not None
     capsys.readouterr()
     code = gatewayd.main(["--config", str(sandbox.config_path)])
     _out, err = capsys.readouterr()
-    assert code == 2
+    assert code == 78
     assert "are not named for any channel" in err and "gatewayctl user allow" in err
     with pytest.raises(ConfigError):
         await start_gateway(sandbox.config)
@@ -200,7 +200,7 @@ async def test_user_add_requires_known_channels(
         capsys, "user", "add", "--config", config, "--id", "s-9",
         "--channel", "group:assist-dsk", "--password-stdin",
     )  # fmt: skip
-    assert code == 1
+    assert code == 2  # a usage error: no such channel
     assert "--channel 'group:assist-dsk'" in err and "did you mean 'group:assist-desk'?" in err
     assert sandbox.config is not None
     assert load_users(sandbox.config.auth.users_file).get("s-9") is None
@@ -263,7 +263,7 @@ async def test_user_allow_and_deny_change_the_list_and_are_audited(
         capsys, "user", "allow", "--config", config, "--id", "staff-counter",
         "--channel", "nowhere",
     )  # fmt: skip
-    assert code == 1 and "no channel or channel group by that name" in err
+    assert code == 2 and "no channel or channel group by that name" in err
     code, _out, err = ctl(
         capsys, "user", "allow", "--config", config, "--id", "nobody",
         "--channel", "window-reception",
