@@ -26,7 +26,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.config import GatewayConfig, ListenerConfig
-from gateway.crypto.keys import load_master_key, resolve_secret_path
+from gateway.crypto.keys import load_master_key, read_secret_file, resolve_secret_path
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingress.access import AccessRecorder
 from gateway.ingress.app import Gate, RuntimeRef, build_app
@@ -202,8 +202,14 @@ class Daemon(Parts):
         admin = self.config.admin
         if not admin.enabled:
             return
+        token = None
+        if admin.bearer_token is not None:
+            path = resolve_secret_path(admin.bearer_token, ROOT)
+            token = read_secret_file(path, what="admin bearer token").strip()
         self.admin = web.AppRunner(
-            admin_app(lambda: self.gate.accepting, self.metrics, self.readiness),
+            admin_app(
+                lambda: self.gate.accepting, self.metrics, self.readiness, bearer_token=token
+            ),
             handle_signals=False,
             access_log=None,
         )

@@ -3,6 +3,7 @@ data; loopback by default)."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
@@ -13,13 +14,28 @@ from gateway.ops.metrics import Metrics
 
 
 def admin_app(
-    accepting: Callable[[], bool], metrics: Metrics, readiness: Mapping[str, str]
+    accepting: Callable[[], bool],
+    metrics: Metrics,
+    readiness: Mapping[str, str],
+    *,
+    bearer_token: bytes | None = None,
 ) -> web.Application:
     """``/readyz`` is 200 only while the daemon accepts and its state is ``ready``; it
     says the state otherwise (``starting``, ``erasing_overdue_copies``, ``draining``,
-    ``failing`` with the ``task`` that kept failing)."""
+    ``failing`` with the ``task`` that kept failing). With ``bearer_token``, ``/metrics``
+    answers 401 to a request without ``Authorization: Bearer`` and that token."""
 
-    async def metrics_handler(_request: web.Request) -> web.Response:
+    async def metrics_handler(request: web.Request) -> web.Response:
+        if bearer_token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), bearer_token
+            ):
+                return web.Response(
+                    status=401,
+                    text="metrics need Authorization: Bearer (admin.bearer_token)\n",
+                    headers={"WWW-Authenticate": 'Bearer realm="gatewayd metrics"'},
+                )
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
