@@ -41,7 +41,7 @@ def multipart_boundary(content_type: str) -> bytes:
         media, params = parse_options_header(content_type)
     except UnicodeError:  # not Latin-1: no media type of ours
         media, params = b"", {}
-    if media != b"multipart/form-data":
+    if media.lower() != b"multipart/form-data":  # case-insensitive (RFC 9110 8.3.1)
         raise UnsupportedMediaType
     boundary = params.get(b"boundary", b"")
     if not 1 <= len(boundary) <= 70:

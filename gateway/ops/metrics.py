@@ -16,8 +16,8 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
 )
-from prometheus_client.gc_collector import GCCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.registry import Collector
 
 from gateway import __version__

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -28,10 +29,10 @@ async def test_the_daemon_stops_non_zero_when_a_task_keeps_failing(
     real_sweep = Sweeper.sweep
     calls: list[int] = []
 
-    async def sweep(self: Sweeper) -> int:
+    async def sweep(self: Sweeper, progress: Callable[[int], None] | None = None) -> int:
         calls.append(1)
         if len(calls) == 1:
-            return await real_sweep(self)  # the start-up sweep
+            return await real_sweep(self, progress)  # the start-up sweep
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(Sweeper, "sweep", sweep)

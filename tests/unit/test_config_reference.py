@@ -15,8 +15,9 @@ def test_the_reference_matches_the_models() -> None:
 
 def test_every_table_and_key_is_in_it() -> None:
     text = render()
-    for table in ("[listeners.NAME]", "[spool]", "[destinations.NAME]", "[channels.NAME]",
-                  "[channels.NAME.fields.NAME]", "[destinations.NAME.retry]", "[scanner]"):  # fmt: skip
+    tables = ("[listeners.NAME]", "[spool]", "[destinations.NAME]", "[channels.NAME]",
+              "[channels.NAME.fields.NAME]", "[destinations.NAME.retry]", "[scanner]")  # fmt: skip
+    for table in tables:
         assert f"## `{table}`" in text, table
     for model in (models.SpoolConfig, models.ChannelConfig, models.DestinationConfig):
         for key in model.model_fields:
