@@ -35,6 +35,7 @@ test: lint $(TOOLS_STAMP)
 	$(BIN)/pytest --cov=gateway --cov-report=term --cov-fail-under=85
 
 bench: $(STAMP) $(TOOLS_STAMP)
+	bash scripts/install-tools --bench
 	$(BIN)/python -m bench
 
 # As root on Debian 12/13: /opt/gateway, /usr/bin links, unit, alert rules, documents

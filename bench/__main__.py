@@ -3,6 +3,9 @@
 The real daemon (``gatewayd``) runs as its own process with a throw-away PKI and
 simulated upstreams in this process, both legs over mutual TLS on loopback. Reported:
 
+* the yardstick (``bench/yardstick.py``): nginx as a bare mTLS relay beside gatewayd on
+  the same request, client and upstream: req/s, p50, p99, CPU per request, ÷ nginx;
+
 * sustained submissions/s with 300 KB photos (closed loop, 16 concurrent devices), with
   the daemon's CPU time per relayed submission;
 * p50/p99 time-to-202 at a steady 50 and 100 submissions/s (open loop);
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hostile, retention, seal, security
+from bench import hostile, retention, seal, security, yardstick
 from gateway.testing.client import DeviceClient
 from gateway.testing.process import DaemonProcess
 from gateway.testing.samples import multipart_body, photo_of_size, sample_submission
@@ -103,6 +106,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         body, ctype = multipart_body(fields, {"face_photo": photo})
         results["photo_bytes"] = len(photo)
         results["body_bytes"] = len(body)
+        if "yardstick" in args.phases:
+            progress("yardstick: nginx and gatewayd on the same request, client and upstream")
+            rows = await yardstick.run(
+                sandbox, directory, body, ctype, total=args.total, concurrency=args.concurrency
+            )
+            results["yardstick"] = rows
+            print(yardstick.table(rows), file=sys.stderr)
         if "throughput" in args.phases:
             results.update(await throughput(args, sandbox, directory, body, ctype))
         if "big" in args.phases:
@@ -216,8 +226,9 @@ def main() -> int:
     parser.add_argument(
         "--phases",
         type=lambda text: set(text.split(",")),
-        default={"throughput", "big", "hostile", "security"},
-        help="phases to run, comma-separated: throughput,big,hostile,security (default: all)",
+        default={"yardstick", "throughput", "big", "hostile", "security"},
+        help="phases to run, comma-separated: yardstick,throughput,big,hostile,security "
+        "(default: all)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     parser.add_argument(

@@ -1,0 +1,260 @@
+"""The yardstick: nginx as a bare mutual-TLS relay beside gatewayd, in one run.
+
+The same 300 KB multipart POST, the same device client (its certificate, 16 keep-alive
+connections, closed loop), the same upstream simulator (mutual TLS, keep-alive) for:
+
+* **nginx** (Debian's package, 2 workers): TLS with the device CA, the body buffered in
+  memory, proxied over a keep-alive upstream connection pool with the gateway's client
+  certificate. It checks nothing and stores nothing: the cost of relaying alone.
+* **gatewayd**, the destination unsealed: validation, photo check, fsync, encryption at
+  rest, delivery and erasure.
+* **gatewayd** as shipped: the same, with the payload sealed for its recipient (HPKE).
+
+CPU per request is read from /proc (utime + stime) of nginx's master and workers, and of
+gatewayd and its child processes, over the measured run, including the delivery of every
+accepted submission (the run ends when the upstream has them all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from gateway.testing.client import DeviceClient
+from gateway.testing.process import DaemonProcess
+from gateway.testing.sandbox import Sandbox
+
+CHANNEL = "online-application"
+DESTINATION = "dnp-relay"
+NGINX = "/usr/sbin/nginx"
+SEALING_KEYS = (
+    "payload_kem", "recipient_id", "recipient_key", "recipient_key_not_after",
+    "signing_key", "signing_key_not_after",
+)  # fmt: skip
+
+
+def progress(text: str) -> None:
+    print(f"  … {text}", file=sys.stderr, flush=True)
+
+
+def _ticks(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Nginx:
+    """nginx relaying device posts to ``upstream`` with the gateway's own certificates."""
+
+    def __init__(self, sandbox: Sandbox, directory: Path, upstream_port: int) -> None:
+        self.directory = directory
+        self.port = _free_port()
+        pki = sandbox.pki
+        client = pki.clients[DESTINATION]
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "nginx.conf").write_text(
+            f"""worker_processes 2;
+daemon off;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    client_max_body_size 16m;
+    client_body_buffer_size 16m;
+    proxy_request_buffering on;
+    upstream relay {{ server 127.0.0.1:{upstream_port}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{self.port} ssl;
+        ssl_certificate {pki.gateway_server.cert};
+        ssl_certificate_key {pki.gateway_server.key};
+        ssl_client_certificate {pki.device_ca.cert};
+        ssl_verify_client on;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        keepalive_requests 100000;
+        location / {{
+            proxy_pass https://relay/submissions;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Idempotency-Key $request_id;
+            proxy_set_header Gateway-Channel {CHANNEL};
+            proxy_ssl_certificate {client.cert};
+            proxy_ssl_certificate_key {client.key};
+            proxy_ssl_trusted_certificate {pki.upstream_ca.cert};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+""",
+            "utf-8",
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [NGINX, "-p", str(self.directory), "-c", str(self.directory / "nginx.conf")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    async def __aenter__(self) -> Nginx:
+        self.process = self.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                assert self.process.stderr is not None
+                raise RuntimeError(f"nginx did not start: {self.process.stderr.read().decode()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise RuntimeError("nginx did not listen within 10 s")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            await asyncio.to_thread(self.process.wait, 10)
+
+    def cpu_seconds(self) -> float:
+        assert self.process is not None
+        master = self.process.pid
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        return _ticks(master) + sum(_ticks(int(pid)) for pid in children)
+
+
+def _cpu_of(daemon: DaemonProcess) -> Callable[[], float]:
+    return lambda: daemon.cpu_seconds() + daemon.helpers_cpu_seconds()
+
+
+def unsealed_config(sandbox: Sandbox) -> Path:
+    """The sandbox's configuration with the bench's destination unsealed."""
+    data = tomllib.loads(sandbox.config_path.read_text("utf-8"))
+    destination = data["destinations"][DESTINATION]
+    destination["payload_encryption"] = "none"
+    for key in SEALING_KEYS:
+        destination.pop(key, None)
+    path = sandbox.config_path.with_name("gateway-unsealed.toml")
+    path.write_text(tomli_w.dumps(data), "utf-8")
+    return path
+
+
+async def _closed_loop(
+    poster: DeviceClient, body: bytes, ctype: str, total: int, concurrency: int
+) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(total))
+
+    async def device() -> None:
+        nonlocal failures
+        for _ in counter:
+            started = time.perf_counter()
+            status = await poster.post_raw(CHANNEL, body, ctype)
+            latencies.append(time.perf_counter() - started)
+            failures += status not in (200, 201, 202)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(device() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies, failures
+
+
+async def _measure(
+    label: str,
+    sandbox: Sandbox,
+    port: int,
+    cpu: Callable[[], float],
+    body: bytes,
+    ctype: str,
+    total: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    sim = sandbox.simulators[DESTINATION]
+    async with DeviceClient(sandbox, "tablet-01", port=port, limit=concurrency) as poster:
+        progress(f"{label}: warming up")
+        await _closed_loop(poster, body, ctype, 100, concurrency)
+        await sim.wait_for(len(sim.received), timeout=60)
+        await asyncio.sleep(1)  # the warm-up's deliveries and erasures settle
+        progress(f"{label}: {total} × {len(body) // 1000} KB, {concurrency} connections")
+        before, cpu_before = len(sim.received), cpu()
+        elapsed, latencies, failures = await _closed_loop(poster, body, ctype, total, concurrency)
+        await sim.wait_for(before + total - failures, timeout=180)
+        used = cpu() - cpu_before
+    latencies.sort()
+    return {
+        "relay": label,
+        "requests": total,
+        "failures": failures,
+        "per_second": round(total / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+        "cpu_ms_per_request": round(used / total * 1000, 3),
+    }
+
+
+async def run(
+    sandbox: Sandbox, directory: Path, body: bytes, ctype: str, *, total: int, concurrency: int
+) -> list[dict[str, Any]]:
+    sim = sandbox.simulators[DESTINATION]
+    load = (body, ctype, total, concurrency)
+    opener, sim.opener = sim.opener, None  # nginx and the unsealed gatewayd post plain bodies
+    rows = []
+    try:
+        upstream_port = int(sim.url.split(":")[2].split("/")[0])
+        async with Nginx(sandbox, directory / "nginx", upstream_port) as nginx:
+            label = "nginx (mTLS relay, 2 workers)"
+            rows.append(await _measure(label, sandbox, nginx.port, nginx.cpu_seconds, *load))
+        unsealed = unsealed_config(sandbox)
+        async with DaemonProcess(unsealed, directory / "daemon-unsealed.log") as daemon:
+            label = "gatewayd (validation, fsync, encryption)"
+            port = daemon.port_of("tablet-01")
+            rows.append(await _measure(label, sandbox, port, _cpu_of(daemon), *load))
+    finally:
+        sim.opener = opener
+    async with DaemonProcess(sandbox.config_path, directory / "daemon-sealed.log") as daemon:
+        label = "gatewayd with HPKE sealing (shipped)"
+        port = daemon.port_of("tablet-01")
+        rows.append(await _measure(label, sandbox, port, _cpu_of(daemon), *load))
+    base = rows[0]["cpu_ms_per_request"] or 1e-9
+    for row in rows:
+        row["cpu_vs_nginx"] = round(row["cpu_ms_per_request"] / base, 1)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| relay | req/s | p50 ms | p99 ms | CPU ms per request | ÷ nginx |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['relay']} | {r['per_second']} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r['cpu_ms_per_request']} | {r['cpu_vs_nginx']} |"
+        )
+    return "\n".join(lines)
