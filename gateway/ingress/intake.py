@@ -63,6 +63,7 @@ class FilePart:
     start: int
     length: int = 0
     sha256: str = ""
+    """The file's SHA-256, for a batch file checked against its manifest (else empty)."""
 
 
 @dataclass
@@ -98,8 +99,12 @@ class MultipartIntake:
         boundary: bytes,
         *,
         on_file_bytes: Callable[[memoryview], None] | None = None,
+        content_digest: bool = True,
     ) -> None:
         self.policy = policy
+        self._digest = content_digest
+        """Digest each part for the Idempotency-Key replay check (only needed, and only
+        paid for, when the device sent a key)."""
         self.pending = pending
         self.on_file_bytes = on_file_bytes
         """Called with each piece of the file part as it is written (the scan)."""
@@ -158,7 +163,7 @@ class MultipartIntake:
     def finish(self) -> IntakeResult:
         result = self.result
         result.body_sha256 = self._body_hash.hexdigest()
-        result.content_sha256 = self._content_hash.hexdigest()
+        result.content_sha256 = self._content_hash.hexdigest() if self._digest else ""
         if not self._ended:
             raise malformed("the multipart body ends before its closing boundary")
         result.violations.extend(self.policy.missing(self._seen))
@@ -202,9 +207,10 @@ class MultipartIntake:
             name = raw_name.decode("utf-8")
         except UnicodeDecodeError:
             raise malformed("a part name is not valid UTF-8") from None
-        encoded = name.encode()
-        self._content_hash.update(len(encoded).to_bytes(4, "big") + encoded)
-        self._part_hash = hashlib.sha256()
+        if self._digest:
+            encoded = name.encode()
+            self._content_hash.update(len(encoded).to_bytes(4, "big") + encoded)
+            self._part_hash = hashlib.sha256()
         result = self.result
         if name in self._seen:
             result.violations.append(
@@ -248,7 +254,8 @@ class MultipartIntake:
         self.pending.write(head + b"\r\n")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        self._part_hash.update(memoryview(data)[start:end])
+        if self._digest:
+            self._part_hash.update(memoryview(data)[start:end])
         if self._mode is _Mode.FILE:
             file = self.result.file
             assert file is not None and self._rule is not None
@@ -260,7 +267,8 @@ class MultipartIntake:
             self.pending.write(piece)
             if self.on_file_bytes is not None:
                 self.on_file_bytes(piece)  # the virus scanner sees it as the spool does
-            self._file_hash.update(piece)
+            if self._rule.format == "opaque_file":  # checked against the batch's manifest
+                self._file_hash.update(piece)
             file.length += size
         elif self._mode is _Mode.TEXT:
             assert self._rule is not None
@@ -270,7 +278,8 @@ class MultipartIntake:
                 self._text += data[start:end]
 
     def _part_end(self) -> None:
-        self._content_hash.update(self._part_hash.digest())
+        if self._digest:
+            self._content_hash.update(self._part_hash.digest())
         rule, mode = self._rule, self._mode
         self._mode = _Mode.SKIP
         if rule is None:
@@ -279,7 +288,8 @@ class MultipartIntake:
         if mode is _Mode.FILE:
             self.pending.write(b"\r\n")
             assert result.file is not None
-            result.file.sha256 = self._file_hash.hexdigest()
+            if rule.format == "opaque_file":
+                result.file.sha256 = self._file_hash.hexdigest()
             result.fields.append(rule.name)
             if self._file_over:
                 result.violations.append(

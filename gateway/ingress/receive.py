@@ -153,7 +153,11 @@ async def _receive(
     intake: MultipartIntake | None = None
     try:
         intake = MultipartIntake(
-            policy, pending, boundary, on_file_bytes=scan.feed if scan else None
+            policy,
+            pending,
+            boundary,
+            on_file_bytes=scan.feed if scan else None,
+            content_digest=token is not None,
         )
         async for chunk in _body_chunks(request, rt.config.ingress.body_idle_timeout):
             if intake.result.body_bytes + len(chunk) > policy.max_body_bytes:

@@ -117,11 +117,13 @@ def feed(
     data: bytes,
     chunk: int = 1 << 30,
     boundary: bytes = BOUNDARY,
+    *,
+    content_digest: bool = True,
 ) -> Fed:
     """Stream ``data`` through a fresh intake in ``chunk``-byte pieces and finish it."""
     pending = spool.begin(new_submission_id())
     OPEN.append(pending)
-    intake = MultipartIntake(policy, pending, boundary)
+    intake = MultipartIntake(policy, pending, boundary, content_digest=content_digest)
     for i in range(0, len(data), chunk):
         intake.feed(data[i : i + chunk])
     result = intake.finish()
@@ -217,12 +219,13 @@ async def test_large_photo_spanning_segments_is_unchanged(
 
 
 def test_file_part_window_holds_the_photo_bytes(spool: Spool, config: GatewayConfig) -> None:
-    """result.file locates the photo inside the record; its sha256 is the photo's."""
+    """result.file locates the photo inside the record (a photo is not hashed again: only a
+    batch file, checked against its manifest, carries its own SHA-256)."""
     fed = feed(spool, policy_for(config, "online-application"), body(online_parts()), 7)
     file = fed.result.file
     assert file is not None
     assert file.length == len(PHOTO)
-    assert file.sha256 == hashlib.sha256(PHOTO).hexdigest()
+    assert file.sha256 == ""
     with fed.pending.window(file.start, file.length) as stream:
         assert stream.read() == PHOTO
 
@@ -574,6 +577,41 @@ def test_content_digest_changes_with_a_value(spool: Spool, config: GatewayConfig
     first = feed(spool, policy, body(online_parts(memo="a")))
     second = feed(spool, policy, body(online_parts(memo="b")))
     assert first.result.content_sha256 != second.result.content_sha256
+
+
+def test_without_an_idempotency_key_no_content_digest_is_made(
+    spool: Spool, config: GatewayConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest serves only the Idempotency-Key replay check: without a key the parts
+    are not hashed at all; the photo's bytes go through SHA-256 once, for the receipt."""
+    hashed: list[int] = []
+    real = hashlib.sha256
+
+    class Counting:
+        def __init__(self) -> None:
+            self._h = real()
+
+        def update(self, data: bytes | memoryview) -> None:
+            hashed.append(len(data))
+            self._h.update(data)
+
+        def hexdigest(self) -> str:
+            return self._h.hexdigest()
+
+        def digest(self) -> bytes:
+            return self._h.digest()
+
+    monkeypatch.setattr("gateway.ingress.intake.hashlib.sha256", Counting)
+    data = body(online_parts())
+    fed = feed(spool, policy_for(config, "online-application"), data, content_digest=False)
+    assert fed.result.content_sha256 == ""
+    assert fed.result.body_sha256 == real(data).hexdigest()
+    # The body once (the receipt) and the ciphertext once (the spool writer): no more.
+    without = sum(hashed)
+    assert 2 * len(data) - 1000 < without < 2 * len(data) + 1000
+    hashed.clear()
+    feed(spool, policy_for(config, "online-application"), data, content_digest=True)
+    assert sum(hashed) >= without + len(PHOTO)  # with a key: every part as well
 
 
 # ------------------------------------------------------------ content type
