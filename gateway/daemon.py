@@ -80,7 +80,6 @@ class Daemon(Parts):
         sleep: Sleep,
         metrics: Metrics,
         notifier: Notifier | None,
-        inline_photo_checks: bool,
     ) -> None:
         super().__init__(
             config,
@@ -91,7 +90,7 @@ class Daemon(Parts):
             sleep=sleep,
         )
         self.gate = Gate()
-        self.photos = PhotoChecker(inline=inline_photo_checks)
+        self.photos = PhotoChecker()
         self.supervisor = Supervisor(
             on_failure=lambda task: metrics.task_failures.labels(task=task).inc(),
             sleep=sleep,
@@ -113,7 +112,6 @@ class Daemon(Parts):
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
         metrics: Metrics | None = None,
-        inline_photo_checks: bool = False,
         config_path: Path | None = None,
         notifier: Notifier | None = None,
     ) -> AsyncIterator[Daemon]:
@@ -125,7 +123,6 @@ class Daemon(Parts):
             sleep=sleep,
             metrics=metrics or Metrics(),
             notifier=notifier,
-            inline_photo_checks=inline_photo_checks,
         )
         daemon.check()
         await daemon.open_spool()
@@ -236,8 +233,7 @@ class Daemon(Parts):
             log.info("erased_at_start", count=erased)
 
     async def start_work(self) -> None:
-        """Stage 5: photo workers, the relay, and the supervised tasks."""
-        self.photos.start()
+        """Stage 5: the relay and the supervised tasks (photo checks need no start)."""
         self.ref = RuntimeRef(self.runtime(self.config, self.photos, self.gate))
         await self.relay.start()
         self.supervisor.start("retention-sweeper", self.sweeper.run)
@@ -360,7 +356,6 @@ async def serve(
     sleep: Sleep = asyncio.sleep,
     on_ready: Callable[[Bound], None] | None = None,
     metrics: Metrics | None = None,
-    inline_photo_checks: bool = False,
     config_path: Path | None = None,
     notifier: Notifier | None = None,
 ) -> None:
@@ -374,7 +369,6 @@ async def serve(
         clock=clock,
         sleep=sleep,
         metrics=metrics,
-        inline_photo_checks=inline_photo_checks,
         config_path=config_path,
         notifier=notifier,
     ) as daemon:

@@ -10,6 +10,10 @@ decompression-bomb error or warning also lands here); colour mode ("color_mode")
 full decode at 1/8 scale through libjpeg's DCT scaling, so memory stays small
 ("decode": truncated or corrupt data).
 
+:func:`read_frame` reads only the marker segments up to the first scan, so that a caller
+can tell what the decode will cost before it runs (the frame's size, its components and
+their sampling, and whether the decoder must hold the whole image's coefficients).
+
 Warnings: ``warnings.catch_warnings`` mutates process-wide state and is not
 thread-safe, and this check may run in worker threads, so it is not used. Instead a
 Pillow warning turned into an exception by the filters (``-W error``) is caught like
@@ -26,7 +30,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from gateway.errors import Violation
 
-__all__ = ["PhotoRules", "check_jpeg"]
+__all__ = ["JpegFrame", "PhotoRules", "check_jpeg", "read_frame"]
 
 SIZE = "size"
 FORMAT = "format"
@@ -160,6 +164,138 @@ def _check(field: str, source: _BoundedSource, rules: PhotoRules) -> Violation |
     finally:
         im.close()  # frees the decoded image now, not at garbage collection
     return None
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    """What a JPEG's frame header (SOFn) and first scan header (SOS) say, before decoding."""
+
+    width: int
+    height: int
+    components: int
+    blocks: int
+    """8×8 DCT blocks over all components, as libjpeg lays them out (each component at
+    its own sampling, rounded up to whole MCUs)."""
+    whole_image: bool
+    """The decoder holds every block's coefficients at once (libjpeg's "multiple scans":
+    a progressive, lossless or hierarchical frame, or a first scan without every
+    component), whatever the output scale: ``blocks`` × 128 bytes. A sequential photo
+    with every component in its first scan decodes an MCU row at a time instead."""
+    lossless: bool
+    """A lossless frame (SOF3, 7, 11, 15): no DCT, so its decode cannot be scaled down
+    and outputs every pixel."""
+
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+_SEQUENTIAL = frozenset({0xC0, 0xC1, 0xC9})  # baseline, extended (Huffman, arithmetic)
+_LOSSLESS = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+_NO_LENGTH = frozenset({0x00, 0x01, 0xD8, *range(0xD0, 0xD8)})  # stuffing, TEM, SOI, RSTn
+_EOI, _SOS = 0xD9, 0xDA
+_SCAN_BLOCK = 512
+_MAX_SEGMENTS = 4096
+"""Marker segments read before giving up (None): real photos have tens, up to a few
+hundred with a chunked ICC profile."""
+
+
+def read_frame(fp: BinaryIO, size: int) -> JpegFrame | None:
+    """The frame of the JPEG in the first ``size`` bytes of ``fp``, from its markers.
+
+    Reads marker segments up to the first SOS, skipping (seeking over) every body but
+    the frame's; None when no frame header followed by a scan header is found within
+    the first 4096 segments. With
+    more than one frame header (libjpeg refuses such a file, Pillow keeps the last) the
+    largest is returned and ``whole_image`` is true if it is for any. Errors of ``fp``
+    itself propagate unchanged.
+    """
+    source = _BoundedSource(fp, size)
+    try:
+        return _read_frame(source)
+    except _SourceFailure as failure:
+        raise failure.original from None
+
+
+def _read_frame(source: _BoundedSource) -> JpegFrame | None:
+    source.seek(0)
+    if source.read(2) != b"\xff\xd8":
+        return None
+    frames: list[JpegFrame] = []
+    for _ in range(_MAX_SEGMENTS):
+        marker = _next_marker(source)
+        if marker is None or marker == _EOI:
+            return None
+        if marker in _NO_LENGTH:
+            continue
+        head = source.read(2)
+        length = int.from_bytes(head, "big") - 2
+        if len(head) < 2 or length < 0:
+            return None
+        if marker in _SOF:
+            frame = _frame(marker, source.read(length))
+            if frame is None:
+                return None
+            frames.append(frame)
+        elif marker == _SOS:
+            in_scan = source.read(1)
+            if not frames or not in_scan:
+                return None
+            largest = max(frames, key=lambda f: f.blocks)
+            return JpegFrame(
+                largest.width,
+                largest.height,
+                largest.components,
+                largest.blocks,
+                whole_image=any(f.whole_image or in_scan[0] < f.components for f in frames),
+                lossless=any(f.lossless for f in frames),
+            )
+        else:
+            source.seek(length, 1)
+    return None
+
+
+def _next_marker(source: _BoundedSource) -> int | None:
+    """The next marker's code, past junk between segments (the decoders skip it too) and
+    fill bytes, read in blocks; the source is left just after it. None at the end."""
+    pair = source.read(2)
+    if len(pair) == 2 and pair[0] == 0xFF and pair[1] != 0xFF:
+        return pair[1]  # the usual case: the marker right after the last segment
+    source.seek(-len(pair), 1)
+    after_ff = False
+    while block := source.read(_SCAN_BLOCK):
+        start = 0
+        if not after_ff:
+            start = block.find(b"\xff")
+            if start < 0:
+                continue
+            after_ff = True
+        rest = block[start:].lstrip(b"\xff")
+        if rest:
+            source.seek(1 - len(rest), 1)
+            return rest[0]
+    return None
+
+
+def _frame(marker: int, body: bytes) -> JpegFrame | None:
+    """A frame header's body: precision, height, width, then (id, HV, Tq) a component."""
+    if len(body) < 6 or len(body) < 6 + 3 * body[5]:
+        return None
+    height, width = struct.unpack(">HH", body[1:5])
+    count = body[5]
+    sampling = [(max(1, body[7 + 3 * i] >> 4), max(1, body[7 + 3 * i] & 15)) for i in range(count)]
+    h_max = max((h for h, _ in sampling), default=1)
+    v_max = max((v for _, v in sampling), default=1)
+    blocks = 0
+    for h, v in sampling:  # libjpeg: blocks per component, padded to whole MCUs
+        across = -(-width * h // (h_max * 8))
+        down = -(-height * v // (v_max * 8))
+        blocks += -(-across // h) * h * -(-down // v) * v
+    return JpegFrame(
+        width,
+        height,
+        count,
+        blocks,
+        whole_image=marker not in _SEQUENTIAL,
+        lossless=marker in _LOSSLESS,
+    )
 
 
 def _dimensions(field: str, rules: PhotoRules) -> Violation:

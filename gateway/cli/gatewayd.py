@@ -5,9 +5,8 @@ The configuration is ``--config FILE``, else ``$GATEWAY_CONFIG``, else
 supervised task kept failing, 2 for a usage error, 78 (EX_CONFIG) for a configuration
 that cannot be used (systemd: ``RestartPreventExitStatus=78``).
 
-This module imports almost nothing at the top on purpose: the photo-check worker
-processes re-import the program's main module when they start, and each would
-otherwise carry the whole daemon (aiohttp, pydantic, ...) in its memory.
+This module imports little at the top: ``--help`` and ``--version`` answer without
+loading the daemon.
 """
 
 from __future__ import annotations

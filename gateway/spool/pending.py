@@ -3,8 +3,8 @@
 :class:`PendingRecord` owns the record's file while its body streams in, encrypted
 with the record's own data key; it belongs to the spool once its index row commits.
 :class:`RecordWindow` says where a byte range of a record's plaintext is (the file, its
-data key, the range): picklable and free of the bytes themselves, so a check in another
-process (the photo's) decrypts only what it reads.
+data key, the range), free of the bytes themselves, so a check on another thread (the
+photo's) decrypts only what it reads.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from gateway.crypto.envelope_reader import DecryptingReader
 
 @dataclass(frozen=True)
 class RecordWindow:
-    """Where a byte range sits inside an encrypted record (picklable, no plaintext)."""
+    """Where a byte range sits inside an encrypted record (no plaintext)."""
 
     path: Path
     data_key: bytes = field(repr=False)

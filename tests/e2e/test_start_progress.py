@@ -67,9 +67,7 @@ async def test_the_start_up_sweep_extends_the_start_timeout_batch_by_batch(
     await asyncio.gather(*(writer() for _ in range(16)))
     await spool.close()
     name, sock = systemd
-    async with Daemon.start(
-        box.config, clock=lambda: T0 + 120, notifier=Notifier(name), inline_photo_checks=True
-    ):
+    async with Daemon.start(box.config, clock=lambda: T0 + 120, notifier=Notifier(name)):
         pass
     said = messages(sock)
     extend = f"EXTEND_TIMEOUT_USEC={int(START_EXTENSION * 1_000_000)}"

@@ -11,7 +11,7 @@ from typing import BinaryIO, cast
 import pytest
 from PIL import Image, ImageFile
 
-from gateway.channels.photo import PhotoRules, check_jpeg
+from gateway.channels.photo import JpegFrame, PhotoRules, check_jpeg, read_frame
 
 _BANDS = {"RGB": 3, "L": 1, "CMYK": 4}
 
@@ -294,3 +294,110 @@ def test_violation_messages_are_fixed_text(rgb480: bytes) -> None:
     b = check_jpeg("face_photo", io.BytesIO(rgb480[:40_000]), 40_000)
     assert a is not None and b is not None
     assert a == b
+
+
+# --- read_frame: what the decode will cost, from the markers before the first scan ----
+
+
+def frame_of(data: bytes) -> JpegFrame | None:
+    return read_frame(io.BytesIO(data), len(data))
+
+
+def saved(mode: str, side: int, **options: object) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (side, side), 128).save(out, "JPEG", **options)
+    return out.getvalue()
+
+
+def segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+
+def sof(marker: int, width: int, height: int, sampling: list[int]) -> bytes:
+    components = b"".join(bytes([i + 1, hv, 0]) for i, hv in enumerate(sampling))
+    return segment(marker, struct.pack(">BHHB", 8, height, width, len(sampling)) + components)
+
+
+def sos(components: int) -> bytes:
+    return segment(0xDA, bytes([components]) + b"\x01\x00" * components + b"\x00\x3f\x00")
+
+
+@pytest.mark.parametrize(
+    ("mode", "options", "blocks", "whole_image"),
+    [
+        # 4:2:0, luma 76×76 blocks (padded to whole 16-px MCUs), each chroma 38×38
+        ("RGB", {"subsampling": 2}, 76 * 76 + 2 * 38 * 38, False),
+        ("RGB", {"subsampling": 2, "progressive": True}, 76 * 76 + 2 * 38 * 38, True),
+        ("RGB", {"subsampling": 0, "progressive": True}, 3 * 76 * 76, True),
+        ("L", {"progressive": True}, 76 * 76, True),
+    ],
+)
+def test_frame_from_pillows_jpegs(
+    mode: str, options: dict[str, object], blocks: int, whole_image: bool
+) -> None:
+    frame = frame_of(saved(mode, 601, **options))
+    assert frame == JpegFrame(601, 601, len(mode), blocks, whole_image, lossless=False)
+
+
+def test_frame_after_large_app_segments_is_found_by_seeking() -> None:
+    """APPn bodies (EXIF, ICC: up to 64 KiB each) are skipped, not read."""
+    photo = saved("RGB", 600)
+    padded = photo[:2] + segment(0xE1, b"\0" * 65_000) * 3 + photo[2:]
+    fp = ReadSeekTell(padded)
+    frame = read_frame(cast(BinaryIO, fp), len(padded))
+    assert frame is not None and (frame.width, frame.height) == (600, 600)
+    assert sum(fp.reads) < 65_000  # less than one of the three skipped bodies
+
+
+def test_a_first_scan_without_every_component_buffers_the_whole_image() -> None:
+    """A baseline frame whose scans are one component each: libjpeg keeps every block."""
+    header = b"\xff\xd8" + sof(0xC0, 6000, 6000, [0x11, 0x11, 0x11])
+    assert frame_of(header + sos(3)) == JpegFrame(6000, 6000, 3, 3 * 750 * 750, False, False)
+    frame = frame_of(header + sos(1))
+    assert frame is not None and frame.whole_image
+
+
+def test_junk_and_fill_bytes_between_segments_are_skipped_in_blocks() -> None:
+    """Decoders skip non-marker bytes between segments; so does read_frame, without a
+    read a byte (a megabyte of junk must not cost a million reads)."""
+    frame = sof(0xC0, 640, 480, [0x22, 0x11, 0x11])
+    data = b"\xff\xd8" + b"\x00" * 1_000_000 + b"\xff" * 1000 + frame[1:] + b"junk" + sos(3)
+    fp = ReadSeekTell(data)
+    found = read_frame(cast(BinaryIO, fp), len(data))
+    assert found == JpegFrame(640, 480, 3, 80 * 60 + 2 * 40 * 30, False, False)
+    assert len(fp.reads) < 3000
+
+
+def test_lossless_frames_are_marked() -> None:
+    frame = frame_of(b"\xff\xd8" + sof(0xC3, 800, 600, [0x11]) + sos(1))
+    assert frame is not None and frame.lossless and frame.whole_image
+
+
+def test_of_two_frame_headers_the_largest_counts() -> None:
+    data = b"\xff\xd8" + sof(0xC2, 6000, 6000, [0x11]) + sof(0xC0, 480, 480, [0x11]) + sos(1)
+    frame = frame_of(data)
+    assert frame is not None
+    assert (frame.width, frame.blocks, frame.whole_image) == (6000, 750 * 750, True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"GIF89a" + b"\0" * 100,
+        b"\xff\xd8" + sof(0xC0, 640, 480, [0x11]),  # no scan header
+        b"\xff\xd8" + sos(1),  # a scan before any frame
+        b"\xff\xd8" + sof(0xC0, 640, 480, [0x11])[:8],  # cut inside the frame header
+        b"\xff\xd8\xff\xd9" + sof(0xC0, 640, 480, [0x11]) + sos(1),  # ends first
+        b"\xff\xd8" + segment(0xE0, b"") * 5000 + sof(0xC0, 640, 480, [0x11]) + sos(1),
+    ],
+)
+def test_no_frame_when_the_markers_do_not_say(data: bytes) -> None:
+    assert frame_of(data) is None
+
+
+def test_only_size_bytes_are_read_for_the_frame() -> None:
+    photo = saved("L", 600)
+    scan = photo.index(b"\xff\xda")
+    assert read_frame(io.BytesIO(photo), scan) is None
+    assert read_frame(io.BytesIO(photo), scan + 5) is not None
