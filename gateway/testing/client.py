@@ -4,6 +4,8 @@ certificate, a staff login in HTTP Basic, multipart posts and status reads."""
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -116,3 +118,50 @@ async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
     except ValueError:
         return {"_text": text}
     return doc if isinstance(doc, dict) else {"_value": doc}
+
+
+@dataclass
+class OneShot:
+    """What a post on a connection of its own gave: the status, the JSON answer, whether
+    the TLS session was resumed, and the session to resume next time."""
+
+    status: int
+    body: dict[str, Any]
+    resumed: bool
+    session: ssl.SSLSession | None
+
+
+def post_on_new_connection(
+    port: int,
+    context: ssl.SSLContext,
+    channel: str,
+    body: bytes,
+    content_type: str,
+    *,
+    session: ssl.SSLSession | None = None,
+    user: str = "staff-001",
+) -> OneShot:
+    """A device that connects for one upload and hangs up (blocking; run it on a thread):
+    a full handshake, or a resumed one when ``session`` is given."""
+    head = (
+        f"POST /v1/channels/{channel}/submissions HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: {basic_authorization(user, STAFF.get(user, ''))}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=60) as raw,
+        context.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+    ):
+        tls.sendall(head.encode() + body)
+        answer = bytearray()
+        while chunk := tls.recv(65536):
+            answer += chunk
+        resumed, next_session = bool(tls.session_reused), tls.session
+    status_line, _, rest = bytes(answer).partition(b"\r\n")
+    payload = rest.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in rest else b"{}"
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        doc = {}
+    return OneShot(int(status_line.split()[1]), doc, resumed, next_session)
