@@ -3,6 +3,8 @@
 The real daemon (``gatewayd``) runs as its own process with a throw-away PKI and
 simulated upstreams in this process, both legs over mutual TLS on loopback. Reported:
 
+* devices that connect for each upload, with and without TLS session resumption
+  (``bench/reconnect.py``);
 * the yardstick (``bench/yardstick.py``): nginx as a bare mTLS relay beside gatewayd on
   the same request, client and upstream: req/s, p50, p99, CPU per request, ÷ nginx;
 
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hostile, retention, seal, security, yardstick
+from bench import hostile, reconnect, retention, seal, security, yardstick
 from gateway.testing.client import DeviceClient
 from gateway.testing.process import DaemonProcess
 from gateway.testing.samples import multipart_body, photo_of_size, sample_submission
@@ -115,6 +117,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(yardstick.table(rows), file=sys.stderr)
         if "throughput" in args.phases:
             results.update(await throughput(args, sandbox, directory, body, ctype))
+        if "reconnect" in args.phases:
+            results["reconnect"] = await reconnect.run(
+                sandbox, directory, body, ctype, total=args.reconnect, concurrency=args.concurrency
+            )
         if "big" in args.phases:
             results["big_uploads"] = await big_uploads(args, sandbox, directory, fields)
         if "hostile" in args.phases:
@@ -214,6 +220,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="open-loop duration")
     parser.add_argument("--big", type=int, default=100, help="concurrent 7 MB uploads")
     parser.add_argument(
+        "--reconnect",
+        type=int,
+        default=800,
+        help="posts in the new-connection-per-request phase, each way (full, resumed)",
+    )
+    parser.add_argument(
         "--sweep-records",
         type=int,
         default=100_000,
@@ -222,9 +234,9 @@ def main() -> int:
     parser.add_argument(
         "--phases",
         type=lambda text: set(text.split(",")),
-        default={"yardstick", "throughput", "big", "hostile", "security"},
-        help="phases to run, comma-separated: yardstick,throughput,big,hostile,security "
-        "(default: all)",
+        default={"yardstick", "throughput", "reconnect", "big", "hostile", "security"},
+        help="phases to run, comma-separated: yardstick,throughput,reconnect,big,hostile,"
+        "security (default: all)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     parser.add_argument(
