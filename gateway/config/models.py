@@ -271,6 +271,11 @@ class ChannelConfig(_Model):
     scan: bool = False
     """Stream the file part (the photo) to clamd as it arrives; the verdict comes before
     the 202 (ウイルス対策)."""
+    photo_check: Literal["decode", "structure"] = "decode"
+    """How the face photo is checked: ``decode`` decodes it with Pillow (at 1/8 scale, on
+    the photo-check threads, within their memory budget); ``structure`` only walks the
+    JPEG's markers and segments (frame, tables, scan framing, EOI), much cheaper, but
+    corrupt entropy-coded data inside a well-framed scan then passes."""
     fields: dict[str, FieldConfig]
 
     @model_validator(mode="after")

@@ -19,6 +19,10 @@ Two bounds:
   runs alone. A progressive 6000×6000 px photo holds 100–220 MB while it decodes (all
   its DCT coefficients), a baseline one a few MB whatever its size.
 
+A channel with ``photo_check = "structure"`` has its photos checked by
+:func:`gateway.channels.jpeg_structure.check_structure` instead: the same threads, no
+frame read and no memory reserved (it holds a 64 KiB block or two, not an image).
+
 A check that cannot run is answered 503 with Retry-After (PhotoCheckUnavailable), never
 blamed on the photo: the checker is closed (the daemon is stopping), or the check ran
 out of memory (MemoryError) despite the budget.
@@ -33,8 +37,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
+from gateway.channels.jpeg_structure import check_structure
 from gateway.channels.photo import JpegFrame, PhotoRules, check_jpeg, read_frame
 from gateway.errors import PhotoCheckUnavailable, Violation
 from gateway.spool.pending import RecordWindow, open_window
@@ -51,6 +56,8 @@ RETRY_AFTER = 5
 
 Check = Callable[[str, BinaryIO, int, PhotoRules], Violation | None]
 """check_jpeg's shape: field, photo, its size, the rules; a Violation or None."""
+Method = Literal["decode", "structure"]
+"""A channel's ``photo_check``: which check its photos get."""
 
 
 def decode_estimate(frame: JpegFrame | None, size: int, rules: PhotoRules) -> int:
@@ -135,7 +142,7 @@ class PhotoChecker:
     """Photo checks on ``workers`` threads within a shared ``memory_budget``.
 
     ``check`` is the decode check itself (:func:`check_jpeg`; tests put an instrumented
-    one in its place).
+    one in its place), ``structure`` the structure check (:func:`check_structure`).
     """
 
     def __init__(
@@ -144,23 +151,33 @@ class PhotoChecker:
         *,
         memory_budget: int = MEMORY_BUDGET,
         check: Check = check_jpeg,
+        structure: Check = check_structure,
     ) -> None:
         self.workers = workers or max(1, min(MAX_WORKERS, os.cpu_count() or 1))
         self.budget = MemoryBudget(memory_budget)
         self._check = check
+        self._structure = structure
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="photo-check")
 
-    def check_located(self, field: str, where: RecordWindow, rules: PhotoRules) -> Violation | None:
+    def check_located(
+        self, field: str, where: RecordWindow, rules: PhotoRules, method: Method = "decode"
+    ) -> Violation | None:
         """Decrypt the photo's window, reserve its decode's memory, check it (a pool thread)."""
         with open_window(where) as photo:
+            if method == "structure":
+                return self._structure(field, photo, where.length, rules)
             need = decode_estimate(read_frame(photo, where.length), where.length, rules)
             with self.budget.reserve(need):
                 return self._check(field, photo, where.length, rules)
 
-    async def check(self, field: str, where: RecordWindow, rules: PhotoRules) -> Violation | None:
+    async def check(
+        self, field: str, where: RecordWindow, rules: PhotoRules, method: Method = "decode"
+    ) -> Violation | None:
         loop = asyncio.get_running_loop()
         try:
-            checked = loop.run_in_executor(self._pool, self.check_located, field, where, rules)
+            checked = loop.run_in_executor(
+                self._pool, self.check_located, field, where, rules, method
+            )
         except RuntimeError:  # closed: the daemon is stopping
             raise PhotoCheckUnavailable(retry_after=RETRY_AFTER) from None
         try:

@@ -113,7 +113,8 @@ async def _check_photo(
     if any(v.field == file.rule.name for v in intake.result.violations):
         return None
     where = pending.location(file.start, file.length)
-    return await rt.photos.check(file.rule.name, where, policy.photo)
+    method = rt.config.channels[policy.name].photo_check
+    return await rt.photos.check(file.rule.name, where, policy.photo, method)
 
 
 async def submit_body(
