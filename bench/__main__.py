@@ -35,42 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import hostile, reconnect, retention, seal, security, yardstick
+from bench.load import closed_loop, percentile, progress
 from gateway.testing.client import DeviceClient
 from gateway.testing.process import DaemonProcess
 from gateway.testing.samples import multipart_body, photo_of_size, sample_submission
 from gateway.testing.sandbox import Sandbox, build_sandbox
 
 CHANNEL = "online-application"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def progress(text: str) -> None:
-    print(f"  … {text}", file=sys.stderr, flush=True)
-
-
-async def closed_loop(
-    poster: DeviceClient, body: bytes, ctype: str, *, total: int, concurrency: int
-) -> tuple[float, list[float], int]:
-    latencies: list[float] = []
-    failures = 0
-    counter = iter(range(total))
-
-    async def device() -> None:
-        nonlocal failures
-        for _ in counter:
-            started = time.perf_counter()
-            status = await poster.post_raw(CHANNEL, body, ctype)
-            latencies.append(time.perf_counter() - started)
-            failures += status != 202
-
-    started = time.perf_counter()
-    await asyncio.gather(*(device() for _ in range(concurrency)))
-    return time.perf_counter() - started, latencies, failures
 
 
 async def open_loop(

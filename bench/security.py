@@ -30,6 +30,7 @@ from typing import Any
 
 import tomli_w
 
+from bench.load import progress
 from gateway.ingress.access import encode
 from gateway.ops.access_log import JST, AccessExporter, AccessLog
 from gateway.ops.access_report import OfficeHours
@@ -44,10 +45,6 @@ from gateway.testing.sandbox import build_sandbox
 
 CHANNEL = "online-application"
 PAYLOAD = os.urandom(4096)
-
-
-def progress(text: str) -> None:
-    print(f"  … {text}", file=sys.stderr, flush=True)
 
 
 def _entry(moment: datetime, n: int, **fields: Any) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from typing import Any
 
 import tomli_w
 
+from bench.load import closed_loop, progress
 from gateway.testing.client import DeviceClient
 from gateway.testing.process import DaemonProcess
 from gateway.testing.sandbox import Sandbox
@@ -43,10 +43,6 @@ SEALING_KEYS = (
     "payload_kem", "recipient_id", "recipient_key", "recipient_key_not_after",
     "signing_key", "signing_key_not_after",
 )  # fmt: skip
-
-
-def progress(text: str) -> None:
-    print(f"  … {text}", file=sys.stderr, flush=True)
 
 
 def _ticks(pid: int) -> float:
@@ -165,26 +161,6 @@ def unsealed_config(sandbox: Sandbox) -> Path:
     return path
 
 
-async def _closed_loop(
-    poster: DeviceClient, body: bytes, ctype: str, total: int, concurrency: int
-) -> tuple[float, list[float], int]:
-    latencies: list[float] = []
-    failures = 0
-    counter = iter(range(total))
-
-    async def device() -> None:
-        nonlocal failures
-        for _ in counter:
-            started = time.perf_counter()
-            status = await poster.post_raw(CHANNEL, body, ctype)
-            latencies.append(time.perf_counter() - started)
-            failures += status not in (200, 201, 202)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(device() for _ in range(concurrency)))
-    return time.perf_counter() - started, latencies, failures
-
-
 async def _measure(
     label: str,
     sandbox: Sandbox,
@@ -198,12 +174,14 @@ async def _measure(
     sim = sandbox.simulators[DESTINATION]
     async with DeviceClient(sandbox, "tablet-01", port=port, limit=concurrency) as poster:
         progress(f"{label}: warming up")
-        await _closed_loop(poster, body, ctype, 100, concurrency)
+        await closed_loop(poster, body, ctype, total=100, concurrency=concurrency)
         await sim.wait_for(len(sim.received), timeout=60)
         await asyncio.sleep(1)  # the warm-up's deliveries and erasures settle
         progress(f"{label}: {total} × {len(body) // 1000} KB, {concurrency} connections")
         before, cpu_before = len(sim.received), cpu()
-        elapsed, latencies, failures = await _closed_loop(poster, body, ctype, total, concurrency)
+        elapsed, latencies, failures = await closed_loop(
+            poster, body, ctype, total=total, concurrency=concurrency
+        )
         await sim.wait_for(before + total - failures, timeout=180)
         used = cpu() - cpu_before
     latencies.sort()
