@@ -69,7 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m gateway.testing.upstream",
         description="Simulated upstream (J-LIS / contractor) behind mutual TLS.",
     )
-    parser.add_argument("--name", required=True, help="name used in receipt ids and logs")
+    parser.add_argument(
+        "--name",
+        required=True,
+        help="name used in receipt ids and logs; with sealed payloads, the recipient_id the "
+        "gateway binds them to (its [destinations.NAME] recipient_id, not NAME)",
+    )
     parser.add_argument("--cert", type=Path, required=True, help="server certificate (PEM)")
     parser.add_argument("--key", type=Path, required=True, help="server private key (PEM)")
     parser.add_argument(
