@@ -291,8 +291,6 @@ def test_every_gatewayctl_command_and_option_in_the_guide_exists() -> None:
 
 def test_the_guide_links_nothing_outside_the_repository() -> None:
     text = guide()
-    assert "../shared" not in text
-    assert "DESIGN.md" not in text
     for target in MD_LINK.findall(text):
         if target.startswith("#") or re.match(r"^(?:https?|file|mailto):", target):
             continue  # anchors are checked above, URLs below
