@@ -168,7 +168,20 @@ class KeyStore:
                 found.append((path, "idempotency", m[1]))
         return found
 
+    def _shred_temporaries(self) -> bool:
+        """Shred what a write cut short left (``write_atomic``'s ``.NAME.HEX.tmp``): such
+        a file may hold a key, wrapped by either master key, that nothing else tracks."""
+        found = [
+            path
+            for folder in (self.directory, self.directory / "destroyed")
+            for path in folder.glob(".*.tmp")
+        ]
+        for path in found:
+            shred(path)
+        return bool(found)
+
     def _load(self) -> None:
+        leftovers = self._shred_temporaries()
         current = self._current()
         files = self._files()
         if current is None:
@@ -187,7 +200,6 @@ class KeyStore:
                 "gatewayctl keys rotate-master --new FILE again with the old key configured"
             )
         self._destroyed = {p.name for p in (self.directory / "destroyed").iterdir()}
-        leftovers = False
         for path, name, kid in files:
             epoch = name.removeprefix("epoch-")
             if kid != current or epoch in self._destroyed:

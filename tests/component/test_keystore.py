@@ -185,3 +185,15 @@ def test_a_rotation_killed_at_any_step_leaves_one_key_in_force(tmp_path: Path) -
             store.rotate(new)
             store.close()
             assert opened(directory, new) == keys
+
+
+def test_a_temporary_file_a_crash_left_is_shredded_at_open(tmp_path: Path) -> None:
+    """A rotation cut short mid-write leaves ``.NAME.HEX.tmp`` holding a key: shredded."""
+    master = os.urandom(32)
+    directory = tmp_path / "ks"
+    keys = made(directory, master)
+    left = directory / f".epoch-2026-12-01.{'0' * 16}.key.0123456789ab.tmp"
+    left.write_bytes(next(directory.glob("epoch-2026-12-01.*")).read_bytes())
+    assert opened(directory, master) == keys
+    assert not left.exists()
+    assert not list(directory.rglob("*.tmp"))
