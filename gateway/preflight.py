@@ -44,6 +44,9 @@ def secret_problems(
         for name, listener in config.listeners.items()
     ]
     secrets_.append(("spool.master_key", config.spool.master_key, load_master_key))
+    if config.admin.bearer_token:
+        token = config.admin.bearer_token
+        secrets_.append(("admin.bearer_token", token, secret("admin bearer token")))
     for name, dest in config.destinations.items():
         secrets_.append((f"destinations.{name}.client_key", dest.client_key, secret("client key")))
         if dest.credential:

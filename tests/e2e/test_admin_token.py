@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import start_gateway
+from conftest import ctl, start_gateway
 
 from gateway.errors import SecretFileError
 from gateway.testing.sandbox import build_sandbox
@@ -59,3 +59,19 @@ async def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(SecretFileError, match="must not be accessible by group or others"):
         await start_gateway(box)
+
+
+@pytest.mark.usefixtures("hermetic_cli")
+async def test_check_config_refuses_a_token_file_others_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The token is checked before start like every secret: exit 78, not a start failure."""
+    box = await build_sandbox(
+        tmp_path / "box",
+        start_simulators=False,
+        overrides={"admin.bearer_token": str(token_file(tmp_path, 0o644))},
+    )
+    code, _, err = ctl(capsys, "check-config", "--config", box.config_path)
+    assert code == 78
+    assert "admin.bearer_token" in err and "group or others" in err
+    assert TOKEN not in err
