@@ -75,10 +75,14 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     and the body is never read. Otherwise ``100 Continue`` goes out and the handler runs
     the same checks again (the staff credential from the verification cache).
     """
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        return refusal_response(ExpectationFailed())
     rt = request.app[RUNTIME].current
     channel = request.match_info["channel"]
+    if request.headers.get("Expect", "").lower() != "100-continue":
+
+        async def expectation_failed(_context: dict[str, Any]) -> web.Response:
+            raise ExpectationFailed  # answered, counted, logged and access-logged
+
+        return await _handle(request, rt, _channel_label(rt, channel), expectation_failed)
     failure: Refusal | None = None
     learned: dict[str, Any] = {}
     try:
@@ -86,7 +90,10 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     except Refusal as exc:
         failure = exc
     except Exception as exc:
-        return _unexpected(exc)
+        # Expect handlers run before the middlewares: the entry is recorded here.
+        response = _unexpected(exc)
+        _record_unlogged(request, rt, response.status)
+        return response
     if failure is None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
@@ -215,11 +222,16 @@ async def access_logged(
     record (an unknown path, a method the API does not have) are recorded here."""
     response = await handler(request)
     if not request.get(LOGGED):
-        rt = request.app[RUNTIME].current
-        context = {"listener": listener_of(request), "request_id": secrets.token_hex(8)}
-        outcome = outcome_of_status(response.status)
-        rt.access.record(rt.access.entry(request, context, status=response.status, outcome=outcome))
+        _record_unlogged(request, request.app[RUNTIME].current, response.status)
     return response
+
+
+def _record_unlogged(request: web.Request, rt: Runtime, status: int) -> None:
+    """The access log entry of a request no handler recorded, from its status alone."""
+    context = {"listener": listener_of(request), "request_id": secrets.token_hex(8)}
+    outcome = outcome_of_status(status)
+    rt.access.record(rt.access.entry(request, context, status=status, outcome=outcome))
+    request[LOGGED] = True
 
 
 @web.middleware

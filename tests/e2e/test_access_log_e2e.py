@@ -122,3 +122,26 @@ def test_access_directory_default_is_beside_the_spool(tmp_path: Path) -> None:
     config = load_config(base)
     assert config.access_log.retention_days == 400
     assert config.access_log_directory == Path("/var/log/gateway/access")
+
+
+async def test_an_expectation_refused_before_the_handler_is_an_entry_too(
+    gateway: Running,
+) -> None:
+    """Expect handlers run before the middlewares: a 417 still has its access log entry."""
+    async with (
+        gateway.client() as tablet,
+        tablet.session.post(
+            f"{tablet.base}/v1/channels/{CHANNEL}/submissions",
+            data=b"x",
+            headers={"Expect": "something-else", "Content-Type": "text/plain"},
+        ) as refused,
+    ):
+        assert refused.status == 417
+    await until(lambda: any(e["status"] == 417 for e in bodies(gateway)))
+    (entry,) = [e for e in bodies(gateway) if e["status"] == 417]
+    assert (entry["outcome"], entry["channel"], entry["listener"]) == (
+        "expectation-failed",
+        CHANNEL,
+        "tablets",
+    )
+    assert entry["remote"] == "127.0.0.1"
