@@ -11,6 +11,10 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+EXIT_CONFIG = 78
+"""sysexits.h EX_CONFIG: the configuration, or a file or secret it names, is unusable
+(gatewayd and gatewayctl; systemd's RestartPreventExitStatus=78)."""
+
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""

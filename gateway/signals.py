@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gateway.config import GatewayConfig, load_config
 from gateway.daemon import Daemon
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import EXIT_CONFIG, ConfigError, GatewayError
 from gateway.ops import logs
 from gateway.ops.logs import get_logger
 from gateway.ops.memory import tune_malloc, tune_tls_reads
@@ -26,7 +26,6 @@ from gateway.ops.sdnotify import Notifier
 from gateway.ops.supervisor import TaskGaveUp
 from gateway.preflight import registry_problems, secret_problems
 
-EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: systemd's RestartPreventExitStatus=78
 log = get_logger("gateway.daemon")
 
 

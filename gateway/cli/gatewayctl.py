@@ -19,7 +19,6 @@ from gateway.cli import (
     spool_commands,
 )
 from gateway.cli.common import (
-    EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_NOT_RECORDED,
     EXIT_STATUS_HELP,
@@ -35,7 +34,7 @@ from gateway.cli.common import (
     say,
 )
 from gateway.crypto.pki import PkiExistsError, init_pki
-from gateway.errors import ConfigError, GatewayError, SecretFileError
+from gateway.errors import EXIT_CONFIG, ConfigError, GatewayError, SecretFileError
 from gateway.ops.audit import AuditLog
 from gateway.ops.control import DaemonUnavailable
 from gateway.preflight import keystore_warnings, registry_problems, secret_problems

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-
-EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
+from gateway.errors import EXIT_CONFIG
 
 EPILOG = """\
 exit status:

@@ -261,7 +261,7 @@ class AccessExporter:
     async def expire(self, today: date) -> list[Expired]:
         removed = await asyncio.to_thread(self._log.expire, today, self.retention_days)
         for gone in removed:
-            log.info("access_log_expired", path=gone.path.name, count=gone.last_seq)
+            log.info("access_log_expired", access_file=gone.path.name, last_seq=gone.last_seq)
             self._on_expired(gone)
         return removed
 

@@ -74,7 +74,8 @@ SAFE_KEYS = frozenset(
         "action",
         "waiting",
         "in_flight",
-        "path",
+        "access_file",
+        "last_seq",
     }
 )
 REDACTED = "[redacted]"
