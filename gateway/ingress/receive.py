@@ -73,6 +73,12 @@ async def _body_chunks(request: web.Request, idle_timeout: float) -> AsyncIterat
         yield chunk
 
 
+def _scanner_unavailable(rt: Runtime, channel: str, exc: ScannerUnavailable) -> None:
+    """Counted and logged (fail closed: the submission is refused 503)."""
+    rt.metrics.scans.labels(channel=channel, result="unavailable").inc()
+    log.error("scanner_unavailable", channel=channel, reason=exc.reason)
+
+
 async def open_scan(rt: Runtime, channel: str) -> ScanSession | None:
     """A clamd session for a channel that scans (None otherwise); 503 if clamd is not
     there, before the body is read."""
@@ -81,8 +87,7 @@ async def open_scan(rt: Runtime, channel: str) -> ScanSession | None:
     try:
         return await rt.scanner.open()
     except ScannerUnavailable as exc:
-        rt.metrics.scans.labels(channel=channel, result="unavailable").inc()
-        log.error("scanner_unavailable", channel=channel, reason=exc.reason)
+        _scanner_unavailable(rt, channel, exc)
         raise
 
 
@@ -91,8 +96,7 @@ async def check_scan(rt: Runtime, channel: str, scan: ScanSession, intake: Multi
     try:
         signature = await scan.verdict()
     except ScannerUnavailable as exc:
-        rt.metrics.scans.labels(channel=channel, result="unavailable").inc()
-        log.error("scanner_unavailable", channel=channel, reason=exc.reason)
+        _scanner_unavailable(rt, channel, exc)
         raise
     if signature is None:
         rt.metrics.scans.labels(channel=channel, result="clean").inc()

@@ -112,13 +112,16 @@ class ClamdScanner:
 
     async def ping(self) -> bool:
         """True when clamd answers PONG (for the start-up check and readiness)."""
+        writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_unix_connection(self.socket)
+                reader, writer = await asyncio.open_unix_connection(self.socket, limit=MAX_ANSWER)
                 writer.write(b"zPING\0")
                 await writer.drain()
                 answer = await reader.readuntil(b"\0")
-                writer.close()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             return False
+        finally:
+            if writer is not None:
+                writer.close()
         return answer.rstrip(b"\0") == b"PONG"

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any
 
@@ -34,7 +35,10 @@ async def migrate_legacy_keys(index: IndexThread, keys: KeyStore, master: bytes)
         for record_id, expires_at, wrapped in rows:
             epoch = epoch_of(expires_at)
             dek = unwrap_key(master, wrapped)
-            rewrapped.append((record_id, epoch, wrap_key(keys.key_for(epoch), dek)))
+            epoch_key = keys.get(epoch)
+            if epoch_key is None:  # a new epoch: made durable on a thread, not the loop
+                epoch_key = await asyncio.to_thread(keys.key_for, epoch)
+            rewrapped.append((record_id, epoch, wrap_key(epoch_key, dek)))
         await index.run(functools.partial(queries.set_epoch_keys, rows=rewrapped), checkpoint=True)
         total += len(rows)
     return total
