@@ -101,10 +101,8 @@ VERIFICATION = (
 CLASSIFICATION = "no personal data remains readable"
 NOTES = (
     "a record's data key is wrapped by its key epoch's key; destroying the epoch key "
-    "(overwritten, fsynced, unlinked, directory fsynced) leaves every copy of the record, in "
-    "backups, free blocks or the index's WAL, unreadable with any key that still exists, the "
-    "master key included. Until then a backup copy is readable only with the keystore and "
-    "the master key together"
+    "(overwritten, fsynced, unlinked, directory fsynced) leaves the record's copies in "
+    "backups, free blocks and the index's WAL unreadable, on the backup condition below"
 )
 DESTINATION = "reused (the spool continues in service)"
 JA = {
@@ -118,8 +116,7 @@ JA = {
     CLASSIFICATION: "読み取り可能な個人情報は残っていない",
     NOTES: "各記録のデータ鍵は、その鍵エポックの鍵で暗号化（ラップ）している。エポック鍵を"
     "破棄する（上書き・fsync・削除・ディレクトリのfsync）と、バックアップ、未使用領域、索引の"
-    "WAL にある記録の複製も、マスター鍵を含め現存するどの鍵でも読み取れなくなる。それまでは、"
-    "バックアップの複製は鍵保管庫とマスター鍵の両方がそろった場合に限り読み取れる",
+    "WAL にある記録の複製も読み取れなくなる（下記のバックアップの条件のもとで）",
     DESTINATION: "再利用（スプールは引き続き使用）",
 }
 """The Japanese of the certificate's fixed English texts, kept beside them."""
@@ -177,15 +174,16 @@ def backup_condition(keystore: str | None, retention_days: int | None) -> tuple[
     english = (
         f"Backups of the spool may exist. Their copies of these records became unreadable "
         f"when each record's key epoch was destroyed (epoch_destroyed_at), provided the "
-        f"{store} is excluded from every backup, or any backup of it is kept no "
-        f"longer than {kept}. The ward states that this condition holds by signing this "
-        "certificate."
+        f"{store} is excluded from every backup or its backups are deleted within {kept}, "
+        "and the master key of any backup taken before key epochs was retired and "
+        "destroyed. The ward states that this condition holds by signing this certificate."
     )
     japanese = (
         "スプールのバックアップが存在する場合がある。バックアップにあるこれらの記録の複製は、"
         "各記録の鍵エポックが破棄された時点（鍵エポックの破棄日時、epoch_destroyed_at）で"
-        f"読み取り不能となる。ただし、{store_ja}をすべてのバックアップの対象外と"
-        f"していること、又はそのバックアップを{kept_ja}を超えて保存しないことを条件とする。"
+        f"読み取り不能となる。ただし、{store_ja}をバックアップの対象外とするか、そのバック"
+        f"アップを{kept_ja}以内に削除すること、及び鍵エポック導入前のバックアップの"
+        "マスター鍵を交換・破棄していることを条件とする。"
         "区は、本証明書に記名押印することにより、この条件が満たされていることを表明する。"
     )
     return english, japanese
