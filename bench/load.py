@@ -23,6 +23,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def latency_ms(values: list[float], digits: int = 2) -> dict[str, float]:
+    """p50 and p99 of durations in seconds, in milliseconds, the same way in every phase."""
+    return {
+        "p50_ms": round(percentile(values, 50) * 1000, digits),
+        "p99_ms": round(percentile(values, 99) * 1000, digits),
+    }
+
+
 async def closed_loop(
     poster: DeviceClient, body: bytes, ctype: str, *, total: int, concurrency: int
 ) -> tuple[float, list[float], int]:

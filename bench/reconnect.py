@@ -9,14 +9,13 @@ and the saving resumption brings.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.load import latency_ms
 from gateway.crypto.tls import client_context
 from gateway.testing.client import post_on_new_connection
 from gateway.testing.process import DaemonProcess
@@ -64,9 +63,8 @@ async def run(
         for label, resume in (("full_handshake", False), ("resumed", True)):
             print(f"  … reconnect: {total} posts, {label}", file=sys.stderr, flush=True)
             per_thread = max(1, total // concurrency)
-            before, cpu = len(sim.received), daemon.cpu_seconds() + daemon.helpers_cpu_seconds()
+            before, cpu = len(sim.received), daemon.total_cpu_seconds()
             started = time.perf_counter()
-            lock = threading.Lock()
             latencies: list[float] = []
             failures = resumed = 0
             with ThreadPoolExecutor(concurrency) as pool:
@@ -78,23 +76,20 @@ async def run(
                     for _ in range(concurrency)
                 ]
                 for lat, failed, reused in await asyncio.gather(*runs):
-                    with lock:
-                        latencies += lat
-                        failures += failed
-                        resumed += reused
+                    latencies += lat
+                    failures += failed
+                    resumed += reused
             elapsed = time.perf_counter() - started
             done = per_thread * concurrency
             await sim.wait_for(before + done - failures, timeout=180)
-            used = daemon.cpu_seconds() + daemon.helpers_cpu_seconds() - cpu
+            used = daemon.total_cpu_seconds() - cpu
             sim.received.clear()  # the bodies (300 KB each) would weigh on this process
-            latencies.sort()
             results[label] = {
                 "requests": done,
                 "failures": failures,
                 "resumed": resumed,
                 "per_second": round(done / elapsed, 1),
-                "p50_ms": round(statistics.median(latencies) * 1000, 2),
-                "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+                **latency_ms(latencies),
                 "cpu_ms_per_request": round(used / done * 1000, 3),
                 "other_statuses": dict(STATUSES),
             }

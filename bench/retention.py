@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.load import latency_ms
 from gateway.crypto.keystore import epoch_end
 from gateway.ops import logs
 from gateway.ops.chain import HashChainLog
@@ -71,10 +71,8 @@ async def _fill(spool: Spool, clock: Clock, count: int, concurrency: int = 64) -
 
 async def _accept_cost(spool: Spool, clock: Clock, samples: int = 500) -> dict[str, float]:
     times = [await _accept(spool, clock) for _ in range(samples)]
-    times.sort()
     return {
-        "p50_ms": round(statistics.median(times) * 1000, 3),
-        "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1000, 3),
+        **latency_ms(times, 3),
     }
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import tomli_w
 
-from bench.load import progress
+from bench.load import latency_ms, progress
 from gateway.ingress.access import encode
 from gateway.ops.access_log import JST, AccessExporter, AccessLog
 from gateway.ops.access_report import OfficeHours
@@ -39,7 +38,7 @@ from gateway.spool.records import NewRecord, new_submission_id
 from gateway.spool.store import Spool
 from gateway.testing.clamd import Clamd
 from gateway.testing.client import DeviceClient
-from gateway.testing.process import DaemonProcess
+from gateway.testing.process import DaemonProcess, cpu_seconds_of
 from gateway.testing.samples import multipart_body, photo_of_size, sample_submission
 from gateway.testing.sandbox import build_sandbox
 
@@ -144,11 +143,6 @@ async def _sequential(poster: DeviceClient, body: bytes, ctype: str, count: int)
     return latencies
 
 
-def _cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def scan_cost(directory: Path, count: int = 300) -> dict[str, Any]:
     """Added time-to-202 and CPU of scanning one 300 KB photo (one device, in turn)."""
     with Clamd(directory / "clamd") as clamd:
@@ -172,16 +166,14 @@ async def scan_cost(directory: Path, count: int = 300) -> dict[str, Any]:
                 sim = sandbox.simulators["dnp-relay"]
                 await sim.wait_for(len(sim.received), timeout=60)
                 before = len(sim.received)
-                cpu = daemon.cpu_seconds() + daemon.helpers_cpu_seconds()
-                clamd_cpu = _cpu_of(clamd.process.pid)
+                cpu = daemon.total_cpu_seconds()
+                clamd_cpu = cpu_seconds_of(clamd.process.pid)
                 latencies = await _sequential(poster, body, ctype, count)
                 await sim.wait_for(before + count, timeout=120)
-                cpu = daemon.cpu_seconds() + daemon.helpers_cpu_seconds() - cpu
-                clamd_cpu = _cpu_of(clamd.process.pid) - clamd_cpu
-            latencies.sort()
+                cpu = daemon.total_cpu_seconds() - cpu
+                clamd_cpu = cpu_seconds_of(clamd.process.pid) - clamd_cpu
             figures[label] = {
-                "p50_ms": round(statistics.median(latencies) * 1000, 2),
-                "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+                **latency_ms(latencies),
                 "daemon_cpu_ms": round(cpu / count * 1000, 3),
                 "clamd_cpu_ms": round(clamd_cpu / count * 1000, 3),
             }

@@ -18,10 +18,8 @@ accepted submission (the run ends when the upstream has them all).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import statistics
 import subprocess
 import time
 import tomllib
@@ -31,9 +29,9 @@ from typing import Any
 
 import tomli_w
 
-from bench.load import closed_loop, progress
+from bench.load import closed_loop, latency_ms, progress
 from gateway.testing.client import DeviceClient
-from gateway.testing.process import DaemonProcess
+from gateway.testing.process import DaemonProcess, cpu_seconds_of
 from gateway.testing.sandbox import Sandbox
 
 CHANNEL = "online-application"
@@ -43,14 +41,6 @@ SEALING_KEYS = (
     "payload_kem", "recipient_id", "recipient_key", "recipient_key_not_after",
     "signing_key", "signing_key_not_after",
 )  # fmt: skip
-
-
-def _ticks(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -142,11 +132,7 @@ http {{
         assert self.process is not None
         master = self.process.pid
         children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-        return _ticks(master) + sum(_ticks(int(pid)) for pid in children)
-
-
-def _cpu_of(daemon: DaemonProcess) -> Callable[[], float]:
-    return lambda: daemon.cpu_seconds() + daemon.helpers_cpu_seconds()
+        return cpu_seconds_of(master) + sum(cpu_seconds_of(int(pid)) for pid in children)
 
 
 def unsealed_config(sandbox: Sandbox) -> Path:
@@ -185,14 +171,12 @@ async def _measure(
         await sim.wait_for(before + total - failures, timeout=180)
         used = cpu() - cpu_before
     sim.received.clear()  # 300 KB a body: the next row's load generator starts light
-    latencies.sort()
     return {
         "relay": label,
         "requests": total,
         "failures": failures,
         "per_second": round(total / elapsed, 1),
-        "p50_ms": round(statistics.median(latencies) * 1000, 2),
-        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+        **latency_ms(latencies),
         "cpu_ms_per_request": round(used / total * 1000, 3),
     }
 
@@ -213,13 +197,13 @@ async def run(
         async with DaemonProcess(unsealed, directory / "daemon-unsealed.log") as daemon:
             label = "gatewayd (validation, fsync, encryption)"
             port = daemon.port_of("tablet-01")
-            rows.append(await _measure(label, sandbox, port, _cpu_of(daemon), *load))
+            rows.append(await _measure(label, sandbox, port, daemon.total_cpu_seconds, *load))
     finally:
         sim.opener = opener
     async with DaemonProcess(sandbox.config_path, directory / "daemon-sealed.log") as daemon:
         label = "gatewayd with HPKE sealing (shipped)"
         port = daemon.port_of("tablet-01")
-        rows.append(await _measure(label, sandbox, port, _cpu_of(daemon), *load))
+        rows.append(await _measure(label, sandbox, port, daemon.total_cpu_seconds, *load))
     base = rows[0]["cpu_ms_per_request"] or 1e-9
     for row in rows:
         row["cpu_vs_nginx"] = round(row["cpu_ms_per_request"] / base, 1)

@@ -29,7 +29,6 @@ from gateway.cli.common import (
 )
 from gateway.identity.registry import load_devices, load_users
 from gateway.ops.access_log import AccessLog
-from gateway.ops.access_report import OfficeHours, as_document, review
 from gateway.ops.chain import ChainBroken
 
 
@@ -72,6 +71,9 @@ def cmd_access_log_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_access_report(args: argparse.Namespace) -> int:
+    # Imported here: the holiday calendar costs every other gatewayctl command ~40 ms.
+    from gateway.ops.access_report import OfficeHours, as_document, review
+
     if args.to < args.from_:
         raise UsageError("--to is before --from")
     config = config_of(args)

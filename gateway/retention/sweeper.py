@@ -110,12 +110,14 @@ class Sweeper:
         """Destroy the key of every epoch whose day is over and whose records are erased
         (or whose day ended a sweep ago: what is left is erased with it)."""
         keys = self._spool.keys
-        in_use = await self._spool.live_epochs()
+        ended = [epoch for epoch in keys.live() if epoch_end(epoch) <= now]
+        # Counting the live records per epoch scans the index: only when a day is over.
+        in_use = await self._spool.live_epochs() if ended else {}
         destroyed = []
-        for epoch in keys.live():
+        for epoch in ended:
             end = epoch_end(epoch)
             remaining = in_use.get(epoch, 0)
-            if now < end or (remaining and now < end + self._interval):
+            if remaining and now < end + self._interval:
                 continue
             if remaining:
                 left = await self._spool.in_epoch(epoch)

@@ -14,6 +14,15 @@ from typing import Any
 from gateway.testing.sandbox import DEVICE_LISTENER
 
 
+def cpu_seconds_of(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class DaemonProcess:
     """``gatewayd`` as a separate process (crash tests and the bench).
 
@@ -101,9 +110,11 @@ class DaemonProcess:
         return code
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return cpu_seconds_of(self.pid)
+
+    def total_cpu_seconds(self) -> float:
+        """The daemon's CPU time and that of every process it started."""
+        return self.cpu_seconds() + self.helpers_cpu_seconds()
 
     def _status(self, key: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -135,14 +146,7 @@ class DaemonProcess:
         return found
 
     def helpers_cpu_seconds(self) -> float:
-        total = 0.0
-        for pid in self.helpers():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        return sum(cpu_seconds_of(pid) for pid in self.helpers())
 
     def helpers_peak_rss_bytes(self) -> int:
         """Sum of the helpers' peak RSS (an upper bound of their peak together)."""
