@@ -81,6 +81,11 @@ class StorageFailed(SpoolError):
     """A write to the gateway's state failed (EIO, a failing disk): nothing was stored."""
 
 
+class StorageUnavailable(StorageFailed):
+    """The spool's database could not be reached or dropped the connection (PostgreSQL
+    down, restarting, or failing over): nothing new was stored; try again later."""
+
+
 class StorageFull(StorageFailed):
     """A write to the gateway's state failed because its filesystem is full (ENOSPC,
     EDQUOT, SQLITE_FULL): nothing was stored; it will work again once space returns."""

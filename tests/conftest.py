@@ -15,6 +15,7 @@ from gateway.daemon import Bound
 from gateway.ops.metrics import Metrics
 from gateway.spool.store import Spool
 from gateway.testing.clamd import Clamd
+from gateway.testing.postgres import Postgres
 from gateway.testing.client import DeviceClient
 from gateway.testing.fakes import FakeSleep
 from gateway.testing.sandbox import RunningGateway, Sandbox, build_sandbox
@@ -111,6 +112,20 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
     """One real clamd for the whole test session, with the tests' own signatures."""
     with Clamd(tmp_path_factory.mktemp("clamd")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL server for the whole test session (initdb in a temporary
+    directory, loopback port, password authentication)."""
+    with Postgres() as running:
+        yield running
+
+
+@pytest.fixture
+def pg_dsn(postgres: Postgres) -> str:
+    """The DSN of a new, empty database of that server, for this test alone."""
+    return postgres.new_database()
 
 
 @pytest.fixture

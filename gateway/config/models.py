@@ -127,14 +127,36 @@ class AccessLogConfig(_Model):
 class SpoolConfig(_Model):
     """Where accepted submissions are kept, encrypted, until delivered and erased."""
 
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    """``sqlite``: one node, an index and a file per record in ``directory``.
+    ``postgresql``: several nodes share one spool in the database ``dsn`` names, and
+    ``directory`` holds only this node's uploads being received."""
     directory: RelPath
     master_key: SecretRef
+    dsn: SecretRef | None = None
+    """postgresql: the libpq connection string (it carries a password: a secret file or a
+    systemd credential, never inline)."""
+    node_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] | None = None
+    """postgresql: this node's name in claims and logs; by default the host name."""
+    lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 60.0
+    """postgresql: how long a claim on a record lasts unless renewed; a dead node's
+    records are delivered by another node after at most this long."""
+    pool_size: Annotated[int, Field(ge=2, le=100)] = 10
+    """postgresql: connections this node keeps to the database."""
     keystore: RelPath | None = None
     """The epoch keystore's directory; by default ``keystore/`` beside the spool. Keep it
     out of backups (or keep its backups no longer than the retention)."""
     quota_bytes: Annotated[int, Field(gt=0)] = 20 * 1024**3
     min_free_bytes: Annotated[int, Field(ge=0)] = 1024**3
     retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+
+    @model_validator(mode="after")
+    def _dsn_with_postgresql(self) -> SpoolConfig:
+        if self.backend == "postgresql" and self.dsn is None:
+            raise ValueError('dsn: required with backend = "postgresql"')
+        if self.backend == "sqlite" and self.dsn is not None:
+            raise ValueError('dsn: only with backend = "postgresql"')
+        return self
 
 
 class AuthConfig(_Model):

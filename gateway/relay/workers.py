@@ -219,7 +219,7 @@ class Relay:
             item = await relay.queue.get()
             record_id = item.id if isinstance(item, Record) else item
             try:
-                claimed = self._spool.claim(record_id)
+                claimed = await self._spool.claim(record_id)
             except BaseException:
                 relay.queue.put_nowait(item)  # not lost: taken again after the restart
                 raise
@@ -260,7 +260,7 @@ class Relay:
                         record_id, at=self._clock(), reason=f"relay error: {type(exc).__name__}"
                     )
             finally:
-                self._spool.release(record_id)
+                await self._spool.release(record_id)
 
     @staticmethod
     def _surplus(relay: DestinationRelay) -> bool:

@@ -309,14 +309,14 @@ class Spool(RetentionView):
 
     # ------------------------------------------------------------ state changes
 
-    def claim(self, record_id: str) -> bool:
-        """Mark a queued record as being delivered (in memory only)."""
+    async def claim(self, record_id: str) -> bool:
+        """Mark a queued record as being delivered (in memory only: one node)."""
         if record_id in self._delivering:
             return False
         self._delivering.add(record_id)
         return True
 
-    def release(self, record_id: str) -> None:
+    async def release(self, record_id: str) -> None:
         self._delivering.discard(record_id)
 
     @property

@@ -401,7 +401,7 @@ async def test_missing_file_of_delivered_record_stays_delivered(store: Store, sp
 async def test_restart_forgets_delivering(store: Store, spool: Spool) -> None:
     """A record claimed for delivery when the process died is queued again after restart."""
     record, _ = await put(store, spool, payload(1))
-    assert spool.claim(record.id)
+    assert await spool.claim(record.id)
     fresh, report = await store.reopen(spool)
     assert report.requeued == 1
     got = await fresh.get(record.id)
@@ -429,8 +429,8 @@ async def test_reopen_after_clean_close_changes_nothing(store: Store, spool: Spo
 async def test_claim_release_and_delivering_state(store: Store, spool: Spool) -> None:
     """claim() shows the record as delivering, once; release() makes it queued again."""
     record, _ = await put(store, spool, payload(1), key="k")
-    assert spool.claim(record.id)
-    assert not spool.claim(record.id)
+    assert await spool.claim(record.id)
+    assert not await spool.claim(record.id)
     assert spool.delivering == 1
     got = await spool.get(record.id)
     assert got is not None and got.state == "delivering"
@@ -445,7 +445,7 @@ async def test_claim_release_and_delivering_state(store: Store, spool: Spool) ->
 async def test_mark_delivered(store: Store, spool: Spool) -> None:
     """mark_delivered records time and receipt, moves the count, and ends the claim."""
     record, _ = await put(store, spool, payload(1), received_at=10.0)
-    spool.claim(record.id)
+    await spool.claim(record.id)
     await spool.mark_delivered(record.id, at=20.0, receipt="JLIS-0001")
     got = await spool.get(record.id)
     assert got is not None

@@ -36,6 +36,7 @@ LAYERS = (
         "edges",
         (
             "gateway.fsutil",
+            "gateway.pgutil",
             "gateway.crypto",
             "gateway.identity",
             "gateway.spool",
