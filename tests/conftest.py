@@ -15,9 +15,9 @@ from gateway.daemon import Bound
 from gateway.ops.metrics import Metrics
 from gateway.spool.store import Spool
 from gateway.testing.clamd import Clamd
-from gateway.testing.postgres import Postgres
 from gateway.testing.client import DeviceClient
 from gateway.testing.fakes import FakeSleep
+from gateway.testing.postgres import Postgres
 from gateway.testing.sandbox import RunningGateway, Sandbox, build_sandbox
 from gateway.testing.sandbox import start_gateway as start_in_loop
 from gateway.testing.upstream import UpstreamSimulator
