@@ -12,6 +12,7 @@ that dies loses its claims when their leases run out and another node delivers t
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -76,7 +77,7 @@ class SpoolBackend(Protocol):
 
     async def queued_ids(self, destination: str) -> list[str]: ...
 
-    async def open_plaintext(self, record: Record) -> Iterator[bytes]: ...
+    async def open_plaintext(self, record: Record) -> Iterator[builtins.bytes]: ...
 
     # claims and state changes
     async def claim(self, record_id: str) -> bool: ...
