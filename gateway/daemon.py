@@ -25,9 +25,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__
+from gateway.backends import NodeName, build_spool, node_name
 from gateway.config import GatewayConfig, ListenerConfig
 from gateway.crypto.keys import load_master_key, read_secret_file, resolve_secret_path
 from gateway.errors import ConfigError, GatewayError
+from gateway.identity.pgfollower import PgRegistryFollower, RegistryFeed
+from gateway.identity.pgregistry import Seed
 from gateway.ingress.access import AccessRecorder
 from gateway.ingress.app import Gate, RuntimeRef, build_app
 from gateway.ingress.listener import TlsSite
@@ -41,15 +44,17 @@ from gateway.ops.metrics import Metrics
 from gateway.ops.sdnotify import Notifier, watchdog_loop
 from gateway.ops.supervisor import Supervisor, TaskGaveUp
 from gateway.parts import Parts
-from gateway.preflight import ROOT, keystore_warnings, registry_problems
+from gateway.preflight import ROOT, database_dsn, keystore_warnings, registry_problems
+from gateway.relay.queue import rescan_loop
 from gateway.relay.workers import Sleep
 from gateway.reload import config_digest
 from gateway.retention.ledger import erasure_ledger
-from gateway.spool.store import Spool
 
 log = get_logger("gateway.daemon")
 START_EXTENSION = 30.0
 """Seconds of start-up time (EXTEND_TIMEOUT_USEC) each batch of the start-up sweep earns."""
+AUDIT_SETTLE = 10.0
+"""Seconds a stop waits for audit entries still being written (a database's)."""
 
 
 class ListenerError(GatewayError):
@@ -100,6 +105,7 @@ class Daemon(Parts):
         self.admin: web.AppRunner | None = None
         self.control: web.AppRunner | None = None
         self.bound: Bound | None = None
+        self.node_name: NodeName | None = None  # a shared spool's: this node's, held
 
     # ------------------------------------------------------------------ start
 
@@ -174,12 +180,23 @@ class Daemon(Parts):
     async def open_spool(self) -> None:
         """Stage 2: the spool, recovered after a crash, and the parts that use it."""
         master = load_master_key(resolve_secret_path(self.config.spool.master_key, ROOT))
-        spool = Spool(
-            self.config.spool.directory,
-            master,
-            clock=self.clock,
-            keystore=self.config.keystore_directory,
-        )
+        spool = build_spool(self.config, master, clock=self.clock)
+        dsn = database_dsn(self.config)
+        if dsn is not None:  # the registries are the database's, followed by LISTEN
+            self.node_name = NodeName(dsn, node_name(self.config))
+            for warning in await self.node_name.hold():
+                log.warning("database_durability", reason=warning)
+            auth = self.config.auth
+            self.registry_feed = RegistryFeed()
+            self.registry_follower = PgRegistryFollower(
+                dsn,
+                self.registry_feed,
+                seeds=(
+                    Seed.from_file("devices", auth.devices_file),
+                    Seed.from_file("users", auth.users_file),
+                ),
+            )
+            await self.registry_follower.start()
         report = await spool.open()
         log.info(
             "spool_opened",
@@ -238,6 +255,13 @@ class Daemon(Parts):
         await self.relay.start()
         self.supervisor.start("retention-sweeper", self.sweeper.run)
         self.supervisor.start("access-log", self.access_exporter.run)
+        if self.spool.shared:  # other nodes' records, and the database's health
+            spool, relay = self.spool, self.relay
+            every = self.config.spool.lease_seconds / 3
+            self.supervisor.start(
+                "relay-rescan", lambda: rescan_loop(spool, relay.queues, interval=every)
+            )
+            self.supervisor.start("database-watch", self.database_watch.run)
         if self.notifier and (interval := self.notifier.watchdog_interval()):
             notifier = self.notifier
             self.supervisor.start("watchdog", lambda: watchdog_loop(notifier, interval=interval))
@@ -343,8 +367,13 @@ class Daemon(Parts):
         if self.assembled:
             with contextlib.suppress(Exception):  # what stays in the index goes out next start
                 await self.access_exporter.export()
-            await self.spool.close()
             self.record_audit("gatewayd.stop", detail={"version": __version__})
+            await self.settle_audit(AUDIT_SETTLE)
+            await self.spool.close()
+        if self.registry_follower is not None:
+            await self.registry_follower.close()
+        if self.node_name is not None:
+            await self.node_name.release()
         log.info("stopped")
 
 

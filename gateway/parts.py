@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 import time
 from collections.abc import Callable
@@ -21,14 +22,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gateway.backends import build_audit, build_ledger
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import resolve_secret_path
 from gateway.crypto.tls import cert_not_after, server_context
 from gateway.errors import ConfigError, GatewayError
 from gateway.identity.auth import PasswordChecks, StaffAuthenticator
+from gateway.identity.pgfollower import FollowedRegistries, PgRegistryFollower, RegistryFeed
+from gateway.identity.pgregistry import source
 from gateway.identity.registry import staff_problems
-from gateway.identity.watcher import RegistryWatcher
+from gateway.identity.watcher import Registries, RegistryWatcher
 from gateway.ingress.access import AccessRecorder
 from gateway.ingress.app import Gate, Runtime, RuntimeRef
 from gateway.ingress.listener import TlsSite
@@ -36,7 +40,8 @@ from gateway.ingress.photos import PhotoChecker
 from gateway.ingress.receive import iso
 from gateway.ingress.scanner import ClamdScanner
 from gateway.ops.access_log import AccessExporter, AccessLog, Expired
-from gateway.ops.audit import AuditLog
+from gateway.ops.dbmetrics import DatabaseCollector
+from gateway.ops.dbwatch import DatabaseWatch
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
 from gateway.ops.sdnotify import Notifier
@@ -44,10 +49,9 @@ from gateway.preflight import ROOT, registry_problems, secret_problems
 from gateway.relay.workers import Relay, Sleep
 from gateway.reload import config_digest, restart_problems
 from gateway.retention.due import ERASURE_REASONS
-from gateway.retention.ledger import erasure_ledger
 from gateway.retention.sweeper import Sweeper
+from gateway.spool.backend import SpoolBackend
 from gateway.spool.records import Record, State
-from gateway.spool.store import Spool
 
 log = get_logger("gateway.daemon")
 AUDIT_RETRY = 0.5
@@ -75,7 +79,9 @@ class Parts:
         self.clock = clock
         self.metrics = metrics
         self.readiness: dict[str, str] = {"state": "starting"}
-        self.audit = AuditLog(config.audit_log, via="gatewayd", actor="gatewayd", clock=clock)
+        self.audit = build_audit(config, via="gatewayd", actor="gatewayd", clock=clock)
+        self.audit_remote = config.spool.backend == "postgresql"
+        """The audit log is a table in PostgreSQL: entries are written on a thread."""
         self.audit_backlog: collections.deque[tuple[str, dict[str, Any], float]] = (
             collections.deque()
         )
@@ -87,14 +93,15 @@ class Parts:
         self._reload_lock = asyncio.Lock()
 
     # The parts that need the spool, built by assemble().
-    spool: Spool
+    spool: SpoolBackend
+    database_watch: DatabaseWatch  # with a shared spool only
     relay: Relay
     sweeper: Sweeper
     access_exporter: AccessExporter
     access: AccessRecorder
     ref: RuntimeRef
 
-    def assemble(self, spool: Spool, *, sleep: Sleep) -> None:
+    def assemble(self, spool: SpoolBackend, *, sleep: Sleep) -> None:
         """The relay and the sweeper over ``spool``, joined: every delivered copy is
         erased at once (送信後に自動消去), on every channel."""
         config, metrics, clock = self.config, self.metrics, self.clock
@@ -113,11 +120,19 @@ class Parts:
             )
         )
         metrics.spool_free_bytes.set_function(spool.free_bytes)
+        if spool.shared:
+            follower = self.registry_follower
+            self.database_watch = DatabaseWatch(
+                spool,
+                self.readiness,
+                listener_connected=None if follower is None else lambda: follower.connected,
+            )
+            metrics.registry.register(DatabaseCollector(self.database_watch.snapshot))
         self.export(config)
         self.relay = Relay(config, spool, metrics, sleep=sleep, clock=clock)
         self.sweeper = Sweeper(
             spool,
-            erasure_ledger(config.spool.directory, clock=clock),
+            build_ledger(config, clock=clock),
             metrics,
             clock=clock,
             channels=tuple(config.channels),
@@ -175,6 +190,8 @@ class Parts:
         disk) is kept, in order, and written with backoff once the disk takes it, saying
         when it happened (``detail.occurred_at``)."""
         self.audit_backlog.append((action, kwargs, self.clock()))
+        if self.audit_remote and self._retry_audit():
+            return  # a database round trip: written on a thread, never on the event loop
         if not self.flush_audit():
             self._retry_audit()
 
@@ -201,22 +218,47 @@ class Parts:
             self.metrics.audit_entries.labels(action=action).inc()
         return True
 
-    def _retry_audit(self) -> None:
+    def _retry_audit(self) -> bool:
+        """Start the task that writes the backlog; False when there is no event loop."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (stopping): the log line above is what is left
-            return
+            return False
         if self._audit_retry is None or self._audit_retry.done():
             self._audit_retry = loop.create_task(self._audit_retries(), name="audit-retry")
+        return True
 
     async def _audit_retries(self) -> None:
         wait = AUDIT_RETRY
-        while not self.flush_audit():
+        while not (
+            await asyncio.to_thread(self.flush_audit) if self.audit_remote else self.flush_audit()
+        ):
             await self.sleep(wait)
             wait = min(wait * 2, AUDIT_RETRY_MAX)
 
-    def registries(self, config: GatewayConfig) -> RegistryWatcher:
+    async def settle_audit(self, within: float) -> None:
+        """Wait (up to ``within`` seconds) for the audit backlog to be written."""
+        task = self._audit_retry
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), within)
+
+    registry_follower: PgRegistryFollower | None = None
+    registry_feed: RegistryFeed | None = None
+    """With a shared spool: the registries as the database has them (kept current by
+    the daemon's LISTEN gateway_registry follower)."""
+
+    def registries(self, config: GatewayConfig) -> Registries:
         scopes = config.staff_scopes()
+        if self.registry_feed is not None:
+            return FollowedRegistries(
+                self.registry_feed,
+                on_error=lambda message: log.error("registry_unreadable", reason=message),
+                validate_users=lambda users: [
+                    f"{source('users')}: {key}: {message}"
+                    for key, message in staff_problems(users, scopes)
+                ],
+            )
         return RegistryWatcher(
             config.auth.devices_file,
             config.auth.users_file,
@@ -328,7 +370,7 @@ class Parts:
         self.config = new
         self.sweeper.channels = tuple(new.channels)
         self.access_exporter.retention_days = new.access_log.retention_days
-        self.audit = AuditLog(new.audit_log, via="gatewayd", actor="gatewayd", clock=self.clock)
+        self.audit = build_audit(new, via="gatewayd", actor="gatewayd", clock=self.clock)
         await self.relay.apply(plan)
         self.export(new)
         return True, f"{len(new.channels)} channels, {len(new.destinations)} destinations"

@@ -19,11 +19,20 @@ from gateway.crypto.keys import (
     read_secret_file,
     resolve_secret_path,
 )
-from gateway.errors import ConfigProblem, GatewayError
+from gateway.errors import ConfigProblem, GatewayError, SecretFileError
+from gateway.identity.pgregistry import users_in_effect
 from gateway.identity.registry import RegistryError, load_users, staff_problems
 from gateway.relay.destinations import payload_recipient, payload_signing_key
 
 ROOT = Path("/")
+
+
+def _dsn_file(path: Path) -> str:
+    """A DSN secret: readable by its owner alone, one libpq connection string."""
+    text = read_secret_file(path, what="spool database DSN").decode("utf-8", "replace").strip()
+    if not text or "\n" in text:
+        raise SecretFileError(f"{path}: must hold one libpq connection string on one line")
+    return text
 
 
 def secret_problems(
@@ -44,6 +53,8 @@ def secret_problems(
         for name, listener in config.listeners.items()
     ]
     secrets_.append(("spool.master_key", config.spool.master_key, load_master_key))
+    if config.spool.dsn:
+        secrets_.append(("spool.dsn", config.spool.dsn, _dsn_file))
     if config.admin.bearer_token:
         token = config.admin.bearer_token
         secrets_.append(("admin.bearer_token", token, secret("admin bearer token")))
@@ -75,16 +86,32 @@ def secret_problems(
     return problems + _payload_key_problems(config, file, credentials_dir)
 
 
+def database_dsn(config: GatewayConfig, credentials_dir: Path | None = None) -> str | None:
+    """The libpq connection string of a PostgreSQL backend (read from its secret file
+    or systemd credential), or None for the local backend."""
+    if config.spool.backend != "postgresql" or config.spool.dsn is None:
+        return None
+    path = resolve_secret_path(config.spool.dsn, ROOT, credentials_dir)
+    return _dsn_file(path)
+
+
 def registry_problems(config: GatewayConfig, file: str = "<config>") -> list[ConfigProblem]:
     """The staff registry must name every user's channels, and only channels (or channel
-    groups) this configuration has. Problems name the registry file and the entry."""
+    groups) this configuration has. Problems name the registry (its file, or its row in
+    PostgreSQL with a shared spool) and the entry."""
     path = config.auth.users_file
     try:
-        users = load_users(path)
+        dsn = database_dsn(config)
+        if dsn is None:
+            users, where = load_users(path), str(path)
+        else:
+            users, where = users_in_effect(dsn, path)
     except RegistryError as exc:
         return [ConfigProblem(file, "auth.users_file", str(exc))]
+    except (GatewayError, OSError) as exc:
+        return [ConfigProblem(file, "spool.dsn", str(exc))]
     return [
-        ConfigProblem(str(path), key, message)
+        ConfigProblem(where, key, message)
         for key, message in staff_problems(users, config.staff_scopes())
     ]
 
@@ -118,7 +145,11 @@ def _payload_key_problems(
 
 def keystore_warnings(config: GatewayConfig, file: str = "<config>") -> list[str]:
     """What check-config and gatewayd warn of (not refuse): a keystore a backup of the
-    spool would carry along, which would keep erased records readable in that backup."""
+    spool would carry along, which would keep erased records readable in that backup.
+    Nothing with the shared backend: its keystore is a schema of its own (gateway_keys),
+    which the certificate of erasure tells backups to leave out."""
+    if config.spool.backend == "postgresql":
+        return []
     keystore = config.keystore_directory.resolve()
     spool = config.spool.directory.resolve()
     if keystore == spool or spool in keystore.parents:

@@ -21,6 +21,12 @@ RESTART_ONLY: tuple[tuple[str, Callable[[GatewayConfig], object]], ...] = (
     ("admin", lambda c: c.admin),
     ("spool.directory", lambda c: c.spool.directory),
     ("spool.master_key", lambda c: c.spool.master_key),
+    ("spool.keystore", lambda c: c.keystore_directory),
+    ("spool.backend", lambda c: c.spool.backend),
+    ("spool.dsn", lambda c: c.spool.dsn),
+    ("spool.node_id", lambda c: c.spool.node_id),
+    ("spool.lease_seconds", lambda c: c.spool.lease_seconds),
+    ("spool.pool_size", lambda c: c.spool.pool_size),
     ("access_log.directory", lambda c: c.access_log_directory),
 )
 """Settings a running daemon cannot change in place: a reload that changes one is refused."""

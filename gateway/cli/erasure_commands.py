@@ -1,6 +1,7 @@
 """gatewayctl erasure-report: the certificate of erasure (消去証明書) for a period, from
-the verified erasure ledger, as JSON, as CSV (UTF-8 with a BOM, for Excel) or as a PDF
-to file (Japanese, with the name-and-seal box)."""
+the verified erasure ledger (the file beside the spool, or the table every node shares
+in PostgreSQL), as JSON, as CSV (UTF-8 with a BOM, for Excel) or as a PDF to file
+(Japanese, with the name-and-seal box)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from gateway.backends import keystore_location
 from gateway.cli.common import Commands, SubParsers, UsageError, config_of, iso_date
 from gateway.fsutil import write_atomic
+from gateway.preflight import database_dsn
 from gateway.retention.certificate_pdf import as_pdf
 from gateway.retention.ledger import erasure_ledger
 from gateway.retention.report import as_csv, certificate
@@ -34,7 +37,7 @@ def cmd_erasure_report(args: argparse.Namespace) -> int:
     if args.output is not None and not args.output.parent.is_dir():
         raise UsageError(f"--output {args.output}: {args.output.parent} is not a directory")
     config = config_of(args)
-    ledger = erasure_ledger(config.spool.directory)
+    ledger = erasure_ledger(config.spool.directory, dsn=database_dsn(config))
     cert = certificate(
         ledger,
         args.from_,
@@ -42,7 +45,7 @@ def cmd_erasure_report(args: argparse.Namespace) -> int:
         operator=args.operator,
         organization=args.organization,
         now=datetime.now(UTC),
-        keystore=str(config.keystore_directory),
+        keystore=keystore_location(config),
         retention_days=max((c.retention_days for c in config.channels.values()), default=None),
     )
     if args.format == "pdf":

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
+from gateway.backends import build_audit
 from gateway.cli import (
     access_commands,
     erasure_commands,
@@ -35,7 +36,6 @@ from gateway.cli.common import (
 )
 from gateway.crypto.pki import PkiExistsError, init_pki
 from gateway.errors import EXIT_CONFIG, ConfigError, GatewayError, SecretFileError
-from gateway.ops.audit import AuditLog
 from gateway.ops.control import DaemonUnavailable
 from gateway.preflight import keystore_warnings, registry_problems, secret_problems
 
@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         ask(args)  # before anything, the audit log included: a refusal changes nothing
     if action is None:
         return int(args.handler(args))
-    audit = AuditLog(config_of(args).audit_log, via="gatewayctl")
+    audit = build_audit(config_of(args), via="gatewayctl")  # a file, or the shared table
     try:
         audit.check()
     except (GatewayError, OSError) as exc:

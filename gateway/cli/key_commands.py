@@ -5,14 +5,21 @@ trusts (a copy gone astray, a staff change): every live epoch key is wrapped aga
 the new key, the switch is one atomic rename, and the old key's files are destroyed.
 It needs the keystore to itself (stop gatewayd first), survives a crash at any step (run
 it again: it finishes or starts over), and is written to the audit log.
+
+With the shared backend the keystore is the schema ``gateway_keys`` of the spool's
+database (:mod:`gateway.crypto.pgkeystore`): ``keys status`` reads its tables, and
+``keys rotate-master`` re-seals every row in one transaction, refused while any node
+(or another gatewayctl) has the keystore open, then vacuums the old seals away.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.backends import keystore_location
 from gateway.cli.common import (
     CommandFailed,
     Commands,
@@ -25,8 +32,9 @@ from gateway.cli.common import (
 )
 from gateway.crypto.keys import load_master_key, resolve_secret_path, write_new_master_key
 from gateway.crypto.keystore import KeyStore, epoch_end, master_key_id
-from gateway.errors import KeystoreError, SecretFileError
-from gateway.preflight import ROOT
+from gateway.crypto.pgkeystore import KeystoreState, PgKeyStore, keystore_state, vacuum_keystore
+from gateway.errors import GatewayError, KeystoreError, SecretFileError
+from gateway.preflight import ROOT, database_dsn
 
 
 def _current(directory: Path) -> str | None:
@@ -42,6 +50,9 @@ def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
     old = load_master_key(resolve_secret_path(config.spool.master_key, ROOT))
     new = _new_key(args)
     old_id, new_id = master_key_id(old), master_key_id(new)
+    dsn = database_dsn(config)
+    if dsn is not None:
+        return _rotate_shared(args, dsn, old, new)
     args.audit_detail.update(keystore=str(directory), to_master_key_id=new_id)
     if _current(directory) == new_id:
         # A rotation that committed before it was cut short: finish it (opening removes
@@ -68,6 +79,42 @@ def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotate_shared(args: argparse.Namespace, dsn: str, old: bytes, new: bytes) -> int:
+    """The rotation of the keystore in PostgreSQL: one transaction, all or nothing, so a
+    run cut short is run again from the start, and one after success has nothing to do."""
+    where = keystore_location(config_of(args))
+    old_id, new_id = master_key_id(old), master_key_id(new)
+    args.audit_detail.update(keystore=where, to_master_key_id=new_id)
+    if keystore_state(dsn).master_key_id == new_id:
+        args.audit_detail.update(resumed=True)
+        print(f"keystore {where}: already under master key {new_id}; nothing left to do")
+        print(_next_steps(args.new))
+        return 0
+    store = PgKeyStore(dsn, old)
+    store.open()  # KeystoreError: under another master key, or a rotation under way
+    try:
+        count = store.rotate(new)  # KeystoreError (ROTATION_REFUSED) while a node runs
+    finally:
+        store.close()
+    args.audit_detail.update(from_master_key_id=old_id, epochs=count)
+    print(
+        f"keystore {where}: {count} epoch keys and the idempotency key now sealed by "
+        f"master key {new_id} (was {old_id}), in one transaction"
+    )
+    try:
+        vacuum_keystore(dsn)
+    except GatewayError as exc:  # done all the same; the old seals wait for a VACUUM
+        args.audit_detail.update(vacuumed=False)
+        print(
+            f"gatewayctl: warning: the keystore's tables were not vacuumed ({exc}): run "
+            "VACUUM on gateway_keys.epoch_keys and gateway_keys.current, or wait for "
+            "autovacuum, to remove the rows sealed by the old key",
+            file=sys.stderr,
+        )
+    print(_next_steps(args.new))
+    return 0
+
+
 def _new_key(args: argparse.Namespace) -> bytes:
     try:
         return load_master_key(args.new)
@@ -77,6 +124,11 @@ def _new_key(args: argparse.Namespace) -> bytes:
 
 def _confirm_rotation(args: argparse.Namespace) -> None:
     _new_key(args)  # a bad --new is said before the question
+    config = config_of(args)
+    if config.spool.backend == "postgresql":
+        where = keystore_location(config)
+        confirm(args, f"seal the keystore {where} by {args.new} (the old key opens it no more)")
+        return
     confirm(args, f"wrap the keystore by {args.new} and destroy the old master key's files")
 
 
@@ -106,29 +158,42 @@ def cmd_keys_new_master(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_status(args: argparse.Namespace) -> int:
-    """The keystore as its files say (no key is opened; works while gatewayd runs)."""
-    directory = config_of(args).keystore_directory
+    """The keystore as its files (or its tables) say: no key is opened, so it works while
+    gatewayd runs."""
+    config = config_of(args)
+    dsn = database_dsn(config)
+    where = keystore_location(config)
+    if dsn is None:
+        state = _files_state(config.keystore_directory)
+    else:
+        state = keystore_state(dsn)
+        if state == KeystoreState(None, [], []):
+            raise CommandFailed(f"keystore {where} does not exist yet (gatewayd makes it)")
+    now = datetime.now(UTC).timestamp()
+    epochs = {
+        "live": [e for e in state.live if epoch_end(e) > now],
+        "passed": [e for e in state.live if epoch_end(e) <= now],
+        "destroyed": state.destroyed,
+    }
+    kid = state.master_key_id
+    if args.format == "json":
+        print_json({"keystore": where, "master_key_id": kid, **epochs})
+        return 0
+    print(f"keystore {where}, under master key {kid}")
+    for state_name, days in epochs.items():
+        shown = ", ".join(days[-10:]) + (" …" if len(days) > 10 else "")
+        print(f"  {state_name}: {len(days)}{': ' + shown if days else ''}")
+    return 0
+
+
+def _files_state(directory: Path) -> KeystoreState:
     if not directory.is_dir():
         raise CommandFailed(f"keystore {directory} does not exist (gatewayd makes it)")
-    now = datetime.now(UTC).timestamp()
     live = sorted(
         {p.name.split(".")[0].removeprefix("epoch-") for p in directory.glob("epoch-*.key")}
     )
     destroyed = sorted(p.name for p in (directory / "destroyed").glob("*"))
-    epochs = {
-        "live": [e for e in live if epoch_end(e) > now],
-        "passed": [e for e in live if epoch_end(e) <= now],
-        "destroyed": destroyed,
-    }
-    kid = _current(directory)
-    if args.format == "json":
-        print_json({"keystore": str(directory), "master_key_id": kid, **epochs})
-        return 0
-    print(f"keystore {directory}, under master key {kid}")
-    for state, days in epochs.items():
-        shown = ", ".join(days[-10:]) + (" …" if len(days) > 10 else "")
-        print(f"  {state}: {len(days)}{': ' + shown if days else ''}")
-    return 0
+    return KeystoreState(_current(directory), live, destroyed)
 
 
 def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -> None:
@@ -139,7 +204,7 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
         "rotate-master",
         cmd_keys_rotate_master,
         "wrap every epoch key by a new master key and destroy the old key's files "
-        "(stop gatewayd first; asks first, --yes does not); audited",
+        "(stop gatewayd first, on every node; asks first, --yes does not); audited",
         parent=keys,
         audited="keys.rotate_master",
         destructive=True,

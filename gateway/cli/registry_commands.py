@@ -1,5 +1,9 @@
 """gatewayctl's device and staff commands: the registries, and telling the running
-daemon of a refusal (revoke, disable, deny) before the command returns."""
+daemon of a refusal (revoke, disable, deny) before the command returns.
+
+The registries are the two JSON files, or with ``[spool] backend = "postgresql"`` the
+rows every node shares (:mod:`gateway.identity.pgregistry`): read, changed, and written
+back only if nobody else wrote in between; every node hears of the change at once."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import asyncio
 import difflib
 import getpass
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,25 +30,57 @@ from gateway.cli.common import (
 )
 from gateway.config import GatewayConfig
 from gateway.crypto.certs import cert_fingerprint, load_cert_der
-from gateway.errors import GatewayError
+from gateway.crypto.keys import read_secret_file, resolve_secret_path
+from gateway.errors import GatewayError, SecretFileError
 from gateway.identity.passwords import check_password_rule, hash_password
+from gateway.identity.pgregistry import PgRegistryStore
 from gateway.identity.registry import (
     FINGERPRINT_PATTERN,
     ID_PATTERN,
     Device,
     DeviceRegistry,
+    FileRegistryStore,
+    RegistryStore,
     User,
     UserRegistry,
-    load_devices,
-    load_users,
-    save_devices,
-    save_users,
-    upsert_device,
-    upsert_user,
+    with_device,
+    with_user,
 )
 from gateway.ops.audit import current_actor
 from gateway.ops.control import DaemonUnavailable, control_request
+from gateway.preflight import ROOT
 from gateway.spool.reader import spool_in_use
+
+CONFIRM_WITHIN = 2.0
+"""Seconds a shared-database change may take to reach the local daemon (the database
+tells it; this command only asks whether it has heard)."""
+
+
+def shared(config: GatewayConfig) -> bool:
+    """The registries live in PostgreSQL, shared by every node."""
+    return config.spool.backend == "postgresql" and config.spool.dsn is not None
+
+
+def database_dsn(spec: str) -> str:
+    """The libpq connection string in the secret file or credential ``spec``."""
+    path = resolve_secret_path(spec, ROOT)
+    try:
+        return read_secret_file(path, what="spool database DSN").decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SecretFileError(f"spool database DSN file {path} is not UTF-8 text") from None
+
+
+def registry_store(config: GatewayConfig) -> RegistryStore:
+    """Where this configuration keeps its registries: the files, or the shared database
+    (seeded from the files if no node has written it yet)."""
+    auth = config.auth
+    if shared(config) and config.spool.dsn is not None:
+        return PgRegistryStore(
+            database_dsn(config.spool.dsn),
+            actor=current_actor(),
+            seeds={"devices": auth.devices_file, "users": auth.users_file},
+        )
+    return FileRegistryStore(auth.devices_file, auth.users_file)
 
 
 def _check_id(kind: str, value: str) -> None:
@@ -61,19 +98,20 @@ def cmd_device_add(args: argparse.Namespace) -> int:
             raise UsageError("--fingerprint must be sha256:<64 hex digits>")
     else:
         fingerprint = cert_fingerprint(load_cert_der(args.cert))
-    if load_devices(config.auth.devices_file).by_id(args.id) is not None:
+    store = registry_store(config)
+    current = store.devices()
+    if current.by_id(args.id) is not None:
         # Re-adding must never quietly un-revoke a lost tablet: a new id is a new device.
         raise CommandFailed(f"device {args.id!r} exists; a replacement device needs a new id")
     device = Device(args.id, fingerprint, args.group, revoked=False)
-    upsert_device(config.auth.devices_file, device)
+    store.save_devices(with_device(current, device, store.devices_source))
     args.audit_detail.update(group=args.group, fingerprint=fingerprint)
     print(f"device {device.id} ({device.group}) registered: {fingerprint}")
     return 0
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
-    config = config_of(args)
-    registry = load_devices(config.auth.devices_file)
+    registry = registry_store(config_of(args)).devices()
     devices = sorted(registry.devices, key=lambda d: d.id)
     if args.format == "json":
         print_json(
@@ -91,12 +129,13 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
     config = config_of(args)
-    registry = load_devices(config.auth.devices_file)
+    store = registry_store(config)
+    registry = store.devices()
     device = registry.by_id(args.id)
     if device is None:
-        raise CommandFailed(f"no device {args.id!r} in {config.auth.devices_file}")
+        raise CommandFailed(f"no device {args.id!r} in {store.devices_source}")
     devices = tuple(replace(d, revoked=True) if d.id == args.id else d for d in registry.devices)
-    save_devices(config.auth.devices_file, DeviceRegistry(devices))
+    store.save_devices(DeviceRegistry(devices))
     return _applied(
         args, f"device {args.id} revoked", _tell_daemon(config, "device", args.id, "revoked", True)
     )
@@ -133,10 +172,15 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     config = config_of(args)
     _check_id("staff user", args.id)
     channels = _scopes(config, args.channel)
-    if load_users(config.auth.users_file).get(args.id) is not None:
-        raise CommandFailed(f"user {args.id!r} exists; use 'gatewayctl user passwd'")
+    store = registry_store(config)
+    exists = f"user {args.id!r} exists; use 'gatewayctl user passwd'"
+    if store.users().get(args.id) is not None:  # said before a password is asked for
+        raise CommandFailed(exists)
     user = User(args.id, hash_password(_read_password(args)), channels=channels)
-    upsert_user(config.auth.users_file, user)
+    current = store.users()  # read again: the password may have taken a while to type
+    if current.get(args.id) is not None:
+        raise CommandFailed(exists)
+    store.save_users(with_user(current, user))
     args.audit_detail.update(channels=list(channels))
     print(f"staff user {args.id} added, named for: {', '.join(channels)}")
     return 0
@@ -144,7 +188,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_user_list(args: argparse.Namespace) -> int:
     config = config_of(args)
-    users = sorted(load_users(config.auth.users_file).users, key=lambda u: u.id)
+    users = sorted(registry_store(config).users().users, key=lambda u: u.id)
     rows = [
         {
             "id": u.id,
@@ -173,7 +217,8 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 def _change_channels(args: argparse.Namespace, allow: bool) -> int:
     config = config_of(args)
-    registry = load_users(config.auth.users_file)
+    store = registry_store(config)
+    registry = store.users()
     user = registry.get(args.id)
     if user is None:
         raise CommandFailed(f"no staff user {args.id!r}")
@@ -186,7 +231,7 @@ def _change_channels(args: argparse.Namespace, allow: bool) -> int:
         changed = [c for c in dict.fromkeys(args.channel) if c in current]
         after = tuple(c for c in current if c not in changed)
     if after != user.channels:
-        upsert_user(config.auth.users_file, replace(user, channels=after))
+        store.save_users(with_user(registry, replace(user, channels=after)))
     verb = "allowed" if allow else "denied"
     args.audit_detail.update({verb: changed, "channels": list(after)})
     note = "" if changed else f" (nothing to change: already {verb})"
@@ -207,25 +252,28 @@ def cmd_user_deny(args: argparse.Namespace) -> int:
 
 
 def cmd_user_passwd(args: argparse.Namespace) -> int:
-    config = config_of(args)
-    user = load_users(config.auth.users_file).get(args.id)
+    store = registry_store(config_of(args))
+    if store.users().get(args.id) is None:  # said before a password is asked for
+        raise CommandFailed(f"no staff user {args.id!r}")
+    password_hash = hash_password(_read_password(args))
+    registry = store.users()  # read again: the user may have changed while it was typed
+    user = registry.get(args.id)
     if user is None:
         raise CommandFailed(f"no staff user {args.id!r}")
-    upsert_user(
-        config.auth.users_file, replace(user, password_hash=hash_password(_read_password(args)))
-    )
+    store.save_users(with_user(registry, replace(user, password_hash=password_hash)))
     print(f"password of staff user {args.id} changed")
     return 0
 
 
 def cmd_user_disable(args: argparse.Namespace) -> int:
     config = config_of(args)
-    registry = load_users(config.auth.users_file)
+    store = registry_store(config)
+    registry = store.users()
     user = registry.get(args.id)
     if user is None:
         raise CommandFailed(f"no staff user {args.id!r}")
     users = tuple(replace(u, enabled=False) if u.id == args.id else u for u in registry.users)
-    save_users(config.auth.users_file, UserRegistry(users))
+    store.save_users(UserRegistry(users))
     return _applied(
         args,
         f"staff user {args.id} disabled",
@@ -243,13 +291,21 @@ def _applied(args: argparse.Namespace, done: str, told: tuple[int, str]) -> int:
     if status == 0:
         print(f"{done}: {how}")
         return 0
-    args.audit_outcome = "ok"  # the registry file did change; the daemon's part is detail
-    print(f"gatewayctl: {done} in the registry file, but {how}", file=sys.stderr)
+    args.audit_outcome = "ok"  # the registry did change; the daemon's part is detail
+    where = "database" if shared(config_of(args)) else "file"
+    print(f"gatewayctl: {done} in the registry {where}, but {how}", file=sys.stderr)
     return status
 
 
 def _tell_daemon(
-    config: GatewayConfig, kind: str, ident: str, key: str, expected: object
+    config: GatewayConfig,
+    kind: str,
+    ident: str,
+    key: str,
+    expected: object,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[int, str]:
     """Make the running daemon apply a registry change now: (exit status, how it went).
 
@@ -257,36 +313,44 @@ def _tell_daemon(
     a running daemon (its spool is not locked) the change waits in the file for the
     next start, which counts as done. A running daemon that cannot be asked (69) or does
     not confirm (1) still reads the file within a second, but this command cannot say
-    it has.
+    it has. With the shared database the daemon hears of the change from the database,
+    not from this command: it is asked again for up to :data:`CONFIRM_WITHIN` seconds.
     """
+    medium = "hears of it from the database" if shared(config) else "reads the file"
     if not spool_in_use(config.spool.directory):
+        if shared(config):
+            return 0, "gatewayd is not running here; the running nodes hear of it at once"
         return 0, "gatewayd is not running; it reads the change when it starts"
     if config.admin.control_socket is None:
         return EXIT_UNAVAILABLE, (
             "admin.control_socket is not configured, so the running gatewayd cannot confirm "
-            "it; it reads the file within a second"
+            f"it; it {medium} within a second"
         )
-    try:
-        answer = asyncio.run(
-            control_request(
-                config.admin.control_socket,
-                "POST",
-                "/v1/registries/apply",
-                actor=current_actor(),
-                query={kind: ident},
+    deadline = clock() + (CONFIRM_WITHIN if shared(config) else 0.0)
+    while True:
+        try:
+            answer = asyncio.run(
+                control_request(
+                    config.admin.control_socket,
+                    "POST",
+                    "/v1/registries/apply",
+                    actor=current_actor(),
+                    query={kind: ident},
+                )
             )
-        )
-    except DaemonUnavailable as exc:
-        return EXIT_UNAVAILABLE, f"the running gatewayd cannot be asked to confirm it: {exc}"
-    except GatewayError as exc:
-        return EXIT_FAILED, f"the running gatewayd did not confirm it: {exc}"
-    held = answer.get(kind)
-    if not isinstance(held, dict) or held.get(key) != expected:
-        return EXIT_FAILED, (
-            "the running gatewayd still holds the old entry; check its log "
-            "(registry_unreadable) and run 'gatewayctl reload'"
-        )
-    return 0, "the running gatewayd has applied it; it is refused from now on"
+        except DaemonUnavailable as exc:
+            return EXIT_UNAVAILABLE, f"the running gatewayd cannot be asked to confirm it: {exc}"
+        except GatewayError as exc:
+            return EXIT_FAILED, f"the running gatewayd did not confirm it: {exc}"
+        held = answer.get(kind)
+        if isinstance(held, dict) and held.get(key) == expected:
+            return 0, "the running gatewayd has applied it; it is refused from now on"
+        if clock() >= deadline:
+            return EXIT_FAILED, (
+                "the running gatewayd still holds the old entry; check its log "
+                "(registry_unreadable) and run 'gatewayctl reload'"
+            )
+        sleep(0.05)
 
 
 def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
+from gateway.cli import migrate_command
 from gateway.cli.common import (
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
@@ -29,8 +30,11 @@ from gateway.cli.common import (
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.ops.audit import AuditLog, audit_chain, current_actor
-from gateway.ops.chain import ChainBroken
+from gateway.ops.chain import ChainBroken, HashChainLog
 from gateway.ops.control import DaemonUnavailable, control_request
+from gateway.ops.pgchain import PgChainLog
+from gateway.preflight import database_dsn
+from gateway.spool.pgreader import read_pg_records
 from gateway.spool.reader import read_records
 from gateway.spool.records import Record, State, is_submission_id
 
@@ -62,12 +66,18 @@ def _short(value: str | None) -> str:
     return "-" if value is None else datetime.fromisoformat(value).isoformat(timespec="seconds")
 
 
+def _read(config: GatewayConfig, **query: Any) -> list[Record]:
+    """Records' metadata from the configured spool: the local index, or PostgreSQL."""
+    dsn = database_dsn(config)
+    if dsn is None:
+        return read_records(config.spool.directory, **query)
+    return read_pg_records(dsn, **query)
+
+
 def cmd_spool_list(args: argparse.Namespace) -> int:
     config = config_of(args)
     states = () if args.state == "all" else (args.state,)
-    records = read_records(
-        config.spool.directory, states=states, channel=args.channel, limit=args.limit
-    )
+    records = _read(config, states=states, channel=args.channel, limit=args.limit)
     rows = _spool_rows(records, zone_of(args))
     if args.format == "json":
         print_json(rows)
@@ -85,9 +95,10 @@ def cmd_spool_list(args: argparse.Namespace) -> int:
 def cmd_spool_show(args: argparse.Namespace) -> int:
     config = config_of(args)
     _check_submission_ids([args.id])
-    records = read_records(config.spool.directory, record_id=args.id, limit=1)
+    records = _read(config, record_id=args.id, limit=1)
     if not records:
-        raise CommandFailed(f"no record {args.id} in {config.spool.directory}")
+        where = "the shared spool" if config.spool.backend == "postgresql" else None
+        raise CommandFailed(f"no record {args.id} in {where or config.spool.directory}")
     row = _spool_rows(records, zone_of(args))[0]
     if args.format == "json":
         print_json(row)
@@ -179,21 +190,32 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_chain(args: argparse.Namespace) -> tuple[HashChainLog | PgChainLog, str]:
+    """The audit log's chain (its file, or its table in PostgreSQL) and where it is (for
+    messages: a path, or ``postgresql:...``, never the DSN)."""
+    config = config_of(args)
+    chain = audit_chain(config.audit_log, dsn=database_dsn(config))
+    return chain, str(chain.path) if isinstance(chain, HashChainLog) else chain.location
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    chain = audit_chain(config_of(args).audit_log)
-    document: dict[str, Any] = {"log": str(chain.path), "intact": False}
+    chain, where = _audit_chain(args)
+    document: dict[str, Any] = {"log": where, "intact": False}
     try:
-        if not chain.path.exists():
+        if isinstance(chain, HashChainLog) and not chain.path.exists():
             document.update(reason="missing")
             raise CommandFailed(
                 f"the audit log {chain.path} does not exist: nothing was ever recorded "
                 "there (is audit.log the right file?)"
             )
-        count = chain.verify()
+        count = chain.verify()  # a table with no entries yet is intact, with 0 entries
     except ChainBroken as exc:
-        line = "" if exc.line is None else f" at line {exc.line}"
+        at = f" at line {exc.line}" if exc.line is not None else ""
+        at = f" at seq {exc.seq}" if exc.seq is not None else at  # a table's entry
         document.update(line=exc.line, reason=exc.reason, detail=exc.detail)
-        print(f"gatewayctl: audit log BROKEN{line} ({exc.reason}): {exc}", file=sys.stderr)
+        if exc.seq is not None:
+            document.update(seq=exc.seq)
+        print(f"gatewayctl: audit log BROKEN{at} ({exc.reason}): {exc}", file=sys.stderr)
         if args.format == "json":
             print_json(document)
         return 1
@@ -206,14 +228,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         document.update(intact=True, entries=count, head={"seq": seq, "hash": digest})
         print_json(document)
         return 0
-    print(f"audit log intact: {count} entries, head {seq} {digest} ({chain.path})")
+    print(f"audit log intact: {count} entries, head {seq} {digest} ({where})")
     return 0
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
-    chain = audit_chain(config_of(args).audit_log)
-    if not chain.path.exists():
-        raise CommandFailed(f"the audit log {chain.path} does not exist: nothing recorded yet")
+    chain, where = _audit_chain(args)
+    if isinstance(chain, HashChainLog) and not chain.path.exists():
+        raise CommandFailed(f"the audit log {where} does not exist: nothing recorded yet")
     entries = list(chain.entries())  # verified as read: a broken chain raises ChainBroken
     zone = zone_of(args)
     shown = entries[-args.last :] if args.last else entries
@@ -270,6 +292,7 @@ def register(commands: SubParsers[argparse.ArgumentParser], command: Commands) -
         )
         sub.set_defaults(audit_self=True, confirm=_confirm_erase if destructive else None)
         sub.add_argument("ids", nargs="+", metavar="SUBMISSION_ID")
+    migrate_command.register(spool, command)
 
     command(
         "reload",

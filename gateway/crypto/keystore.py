@@ -70,6 +70,19 @@ def epoch_end(epoch: str) -> float:
     return datetime.combine(after, time(), JST).timestamp()
 
 
+def check_epoch(epoch: str) -> str:
+    """``epoch`` when it names a day (``YYYY-MM-DD``); else ValueError."""
+    if not _DAY.fullmatch(epoch):
+        raise ValueError(f"not an epoch: {epoch!r}")
+    return epoch
+
+
+def first_idempotency_key(master: bytes) -> bytes:
+    """A new keystore's idempotency key: derived from the master key as the index's
+    tokens always were, so a spool from before the keystore keeps its tokens."""
+    return hmac.new(master, b"gateway idempotency v1", "sha256").digest()
+
+
 def _aad(name: str, kid: str) -> bytes:
     return MAGIC + f"{name}\0{kid}".encode("ascii")
 
@@ -217,12 +230,10 @@ class KeyStore:
             raise KeystoreError(f"keystore {self.directory} has no idempotency key")
 
     def _create(self) -> None:
-        """A new keystore. The idempotency key is derived from the master key as the
-        index's tokens always were, so a spool from before the keystore keeps its keys."""
+        """A new keystore (its idempotency key: :func:`first_idempotency_key`)."""
         for path, _, _ in self._files():
             shred(path)  # a creation cut short before CURRENT was written
-        key = hmac.new(self._master, b"gateway idempotency v1", "sha256").digest()
-        self._write("idempotency", key)
+        self._write("idempotency", first_idempotency_key(self._master))
         write_atomic(self.directory / "CURRENT", f"{self.kid}\n".encode(), kind=KIND)
 
     def _write(self, name: str, key: bytes, master: bytes | None = None) -> None:
@@ -246,8 +257,7 @@ class KeyStore:
         key = self._keys.get(epoch)
         if key is not None:
             return key
-        if not _DAY.fullmatch(epoch):
-            raise ValueError(f"not an epoch: {epoch!r}")
+        check_epoch(epoch)
         with self._lock:
             if epoch in self._destroyed:
                 raise KeystoreError(f"key epoch {epoch} was destroyed; it is not made again")

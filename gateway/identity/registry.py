@@ -6,7 +6,8 @@ staff by user ID with an scrypt password hash and the channels they are named fo
 groups, listed for them). Both live in small JSON files that ``gatewayctl`` rewrites
 atomically; the daemon re-reads them when they change, and ``gatewayctl`` tells it at
 once, so a revoked device or a disabled user is refused on its next request without a
-restart.
+restart. With ``[spool] backend = "postgresql"`` the same documents, parsed and checked
+here, live in the shared database instead (:mod:`gateway.identity.pgregistry`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import GatewayError
 from gateway.fsutil import write_atomic
@@ -91,24 +92,40 @@ class UserRegistry:
         return index.get(user_id)
 
 
-def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
-    if not path.exists():
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None when it does not exist (an empty registry)."""
+    try:
+        return path.read_text("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: cannot read: {type(exc).__name__}") from None
+
+
+def _entries(text: str | None, where: str, key: str) -> list[dict[str, Any]]:
+    if text is None:
         return []
     try:
-        doc = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegistryError(f"{path}: cannot read: {type(exc).__name__}") from None
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{where}: cannot read: {type(exc).__name__}") from None
     if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get(key), list):
-        raise RegistryError(f'{path}: expected {{"version": 1, "{key}": [...]}}')
+        raise RegistryError(f'{where}: expected {{"version": 1, "{key}": [...]}}')
     entries: list[dict[str, Any]] = doc[key]
     return entries
 
 
 def load_devices(path: Path) -> DeviceRegistry:
     """Read ``devices.json``; a missing file is an empty registry."""
+    return parse_devices(_read_text(path), str(path))
+
+
+def parse_devices(text: str | None, source: str) -> DeviceRegistry:
+    """A device registry from the text of a ``devices.json`` document (None: empty), with
+    the file's checks; errors name ``source`` (the file, or wherever the text was kept)."""
     devices = []
-    for i, entry in enumerate(_read_json(path, "devices")):
-        where = f"{path}: devices[{i}]"
+    for i, entry in enumerate(_entries(text, source, "devices")):
+        where = f"{source}: devices[{i}]"
         try:
             device = Device(
                 id=str(entry["id"]),
@@ -124,16 +141,22 @@ def load_devices(path: Path) -> DeviceRegistry:
         if not FINGERPRINT_PATTERN.fullmatch(device.fingerprint):
             raise RegistryError(f"{where}.fingerprint: must be sha256:<64 hex digits>")
         devices.append(device)
-    _unique(path, "devices", [d.id for d in devices], "id")
-    _unique(path, "devices", [d.fingerprint for d in devices], "fingerprint")
+    _unique(source, "devices", [d.id for d in devices], "id")
+    _unique(source, "devices", [d.fingerprint for d in devices], "fingerprint")
     return DeviceRegistry(tuple(devices))
 
 
 def load_users(path: Path) -> UserRegistry:
     """Read ``users.json``; a missing file is an empty registry."""
+    return parse_users(_read_text(path), str(path))
+
+
+def parse_users(text: str | None, source: str) -> UserRegistry:
+    """A staff registry from the text of a ``users.json`` document (None: empty), with the
+    file's checks; errors name ``source`` and the entry, never a password hash."""
     users = []
-    for i, entry in enumerate(_read_json(path, "users")):
-        where = f"{path}: users[{i}]"
+    for i, entry in enumerate(_entries(text, source, "users")):
+        where = f"{source}: users[{i}]"
         try:
             user = User(
                 id=str(entry["id"]),
@@ -149,7 +172,7 @@ def load_users(path: Path) -> UserRegistry:
         if not user.password_hash.startswith("scrypt$"):
             raise RegistryError(f"{where}.password_hash: must be an scrypt hash")
         users.append(user)
-    _unique(path, "users", [u.id for u in users], "id")
+    _unique(source, "users", [u.id for u in users], "id")
     return UserRegistry(tuple(users))
 
 
@@ -210,23 +233,21 @@ def _check_flag(entry: dict[str, Any], key: str, where: str) -> None:
         raise RegistryError(f"{where}.{key}: must be true or false")
 
 
-def _unique(path: Path, key: str, values: Iterable[str], what: str) -> None:
+def _unique(source: str, key: str, values: Iterable[str], what: str) -> None:
     seen: set[str] = set()
     for value in values:
         if value in seen:
-            raise RegistryError(f"{path}: {key}: two entries share one {what}")
+            raise RegistryError(f"{source}: {key}: two entries share one {what}")
         seen.add(value)
 
 
-def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Readers (the daemon) see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-    write_atomic(path, data, mode=0o600)
+def _document(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
 
 
-def save_devices(path: Path, registry: DeviceRegistry) -> None:
-    _write_json_atomic(path, {"version": 1, "devices": [asdict(d) for d in registry.devices]})
+def devices_text(registry: DeviceRegistry) -> str:
+    """The ``devices.json`` document of ``registry``, as the file holds it."""
+    return _document({"version": 1, "devices": [asdict(d) for d in registry.devices]})
 
 
 def _user_entry(user: User) -> dict[str, Any]:
@@ -238,25 +259,86 @@ def _user_entry(user: User) -> dict[str, Any]:
     return entry
 
 
+def users_text(registry: UserRegistry) -> str:
+    """The ``users.json`` document of ``registry``, as the file holds it."""
+    return _document({"version": 1, "users": [_user_entry(u) for u in registry.users]})
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers (the daemon) see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text.encode("utf-8"), mode=0o600)
+
+
+def save_devices(path: Path, registry: DeviceRegistry) -> None:
+    _write_atomic(path, devices_text(registry))
+
+
 def save_users(path: Path, registry: UserRegistry) -> None:
-    _write_json_atomic(path, {"version": 1, "users": [_user_entry(u) for u in registry.users]})
+    _write_atomic(path, users_text(registry))
+
+
+def with_device(current: DeviceRegistry, device: Device, source: str) -> DeviceRegistry:
+    """``current`` with ``device`` added, or replacing the entry with its id."""
+    others = tuple(d for d in current.devices if d.id != device.id)
+    if any(d.fingerprint == device.fingerprint for d in others):
+        raise RegistryError(f"{source}: another device already has that certificate fingerprint")
+    return DeviceRegistry((*others, device))
+
+
+def with_user(current: UserRegistry, user: User) -> UserRegistry:
+    """``current`` with ``user`` added, or replacing the entry with its id."""
+    return UserRegistry((*(u for u in current.users if u.id != user.id), user))
 
 
 def upsert_device(path: Path, device: Device) -> DeviceRegistry:
     """Add ``device`` or replace the entry with its id; returns the new registry."""
-    current = load_devices(path)
-    others = tuple(d for d in current.devices if d.id != device.id)
-    if any(d.fingerprint == device.fingerprint for d in others):
-        raise RegistryError(f"{path}: another device already has that certificate fingerprint")
-    registry = DeviceRegistry((*others, device))
+    registry = with_device(load_devices(path), device, str(path))
     save_devices(path, registry)
     return registry
 
 
 def upsert_user(path: Path, user: User) -> UserRegistry:
     """Add ``user`` or replace the entry with its id; returns the new registry."""
-    current = load_users(path)
-    users = tuple(u for u in current.users if u.id != user.id)
-    registry = UserRegistry((*users, user))
+    registry = with_user(load_users(path), user)
     save_users(path, registry)
     return registry
+
+
+class RegistryStore(Protocol):
+    """Where ``gatewayctl`` reads and writes the registries: the files, or PostgreSQL
+    (:class:`gateway.identity.pgregistry.PgRegistryStore`). A save writes what was read,
+    changed; the PostgreSQL store refuses it if someone else wrote in between."""
+
+    devices_source: str
+    users_source: str
+
+    def devices(self) -> DeviceRegistry: ...
+
+    def users(self) -> UserRegistry: ...
+
+    def save_devices(self, registry: DeviceRegistry) -> None: ...
+
+    def save_users(self, registry: UserRegistry) -> None: ...
+
+
+class FileRegistryStore:
+    """The registries as the two JSON files (one node: ``[spool] backend = "sqlite"``)."""
+
+    def __init__(self, devices_file: Path, users_file: Path) -> None:
+        self._devices_file = devices_file
+        self._users_file = users_file
+        self.devices_source = str(devices_file)
+        self.users_source = str(users_file)
+
+    def devices(self) -> DeviceRegistry:
+        return load_devices(self._devices_file)
+
+    def users(self) -> UserRegistry:
+        return load_users(self._users_file)
+
+    def save_devices(self, registry: DeviceRegistry) -> None:
+        save_devices(self._devices_file, registry)
+
+    def save_users(self, registry: UserRegistry) -> None:
+        save_users(self._users_file, registry)

@@ -4,8 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from gateway.identity.registry import RegistryError, UserRegistry, load_devices, load_users
+from gateway.identity.registry import (
+    DeviceRegistry,
+    RegistryError,
+    UserRegistry,
+    load_devices,
+    load_users,
+)
+
+
+class Registries(Protocol):
+    """What the ingress and the control socket use of the registries: the snapshots, and
+    ``refresh`` to bring them up to date (returning why one could not be used). Kept by
+    :class:`RegistryWatcher` from files, or by
+    :class:`~gateway.identity.pgfollower.FollowedRegistries` from PostgreSQL."""
+
+    devices: DeviceRegistry
+    users: UserRegistry
+
+    def refresh(self, *, force: bool = False) -> list[str]: ...
 
 
 class RegistryWatcher:

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from gateway.ops.access_log import jst_iso
 from gateway.ops.metrics import Metrics
-from gateway.spool.store import Spool
+from gateway.spool.backend import SpoolBackend as Spool
 
 HANDSHAKE_BURST = 5
 HANDSHAKE_WINDOW = 60.0

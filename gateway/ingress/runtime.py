@@ -12,13 +12,13 @@ from aiohttp import web
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig
 from gateway.identity.auth import StaffAuthenticator
-from gateway.identity.watcher import RegistryWatcher
+from gateway.identity.watcher import Registries
 from gateway.ingress.access import PEER, AccessRecorder, client_address
 from gateway.ingress.photos import PhotoChecker
 from gateway.ingress.scanner import ClamdScanner
 from gateway.ops.metrics import Metrics
+from gateway.spool.backend import SpoolBackend as Spool
 from gateway.spool.records import Record
-from gateway.spool.store import Spool
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Runtime:
 
     config: GatewayConfig
     policies: dict[str, ChannelPolicy]
-    registries: RegistryWatcher
+    registries: Registries
     auth: StaffAuthenticator
     spool: Spool
     metrics: Metrics

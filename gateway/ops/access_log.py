@@ -26,7 +26,7 @@ from gateway.errors import StorageFailed
 from gateway.ops.chain import GENESIS, ChainBroken, ChainEntry, HashChainLog
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
-from gateway.spool.store import Spool
+from gateway.spool.backend import SpoolBackend as Spool
 
 JST = timezone(timedelta(hours=9), "JST")
 DAY_FILE = re.compile(r"(\d{4}-\d{2}-\d{2})\.jsonl")

@@ -21,9 +21,10 @@ def admin_app(
     bearer_token: bytes | None = None,
 ) -> web.Application:
     """``/readyz`` is 200 only while the daemon accepts and its state is ``ready``; it
-    says the state otherwise (``starting``, ``erasing_overdue_copies``, ``draining``,
-    ``failing`` with the ``task`` that kept failing). With ``bearer_token``, ``/metrics``
-    answers 401 to a request without ``Authorization: Bearer`` and that token."""
+        says the state otherwise (``starting``, ``erasing_overdue_copies``, ``draining``,
+        ``failing`` with the ``task`` that kept failing), and with a shared spool whether its
+    ``database`` is ``up`` (503 while ``down``). With ``bearer_token``, ``/metrics``
+        answers 401 to a request without ``Authorization: Bearer`` and that token."""
 
     async def metrics_handler(request: web.Request) -> web.Response:
         if bearer_token is not None:
@@ -43,10 +44,12 @@ def admin_app(
         return web.json_response({"status": "ok", "version": __version__})
 
     async def readyz(_request: web.Request) -> web.Response:
-        ready = accepting() and readiness.get("state") == "ready"
+        database = readiness.get("database")  # only with a shared spool (PostgreSQL)
+        ready = accepting() and readiness.get("state") == "ready" and database != "down"
         answer = {"ready": ready, "state": readiness.get("state", "starting")}
-        if "task" in readiness:
-            answer["task"] = readiness["task"]
+        for key in ("task", "database"):
+            if key in readiness:
+                answer[key] = readiness[key]
         return web.json_response(answer, status=200 if ready else 503)
 
     app = web.Application()

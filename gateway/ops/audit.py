@@ -22,12 +22,15 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from gateway.config import AuditConfig
 from gateway.ops.chain import ChainEntry, HashChainLog
+from gateway.ops.pgchain import PgChainLog
 
 Outcome = Literal["ok", "failed", "refused"]
+AUDIT_CHAIN = "audit"
+"""The audit log's chain in ``gateway.chain_entries`` (the shared backend)."""
 
 
 def current_actor(environ: Mapping[str, str] = os.environ) -> str:
@@ -41,13 +44,37 @@ def current_actor(environ: Mapping[str, str] = os.environ) -> str:
         return f"uid:{os.geteuid()}"
 
 
-def audit_chain(config: AuditConfig, *, clock: Callable[[], float] = time.time) -> HashChainLog:
-    """The audit log's hash chain, anchored where the configuration says."""
+@overload
+def audit_chain(
+    config: AuditConfig, *, clock: Callable[[], float] = ..., dsn: None = None
+) -> HashChainLog: ...
+
+
+@overload
+def audit_chain(
+    config: AuditConfig, *, clock: Callable[[], float] = ..., dsn: str
+) -> PgChainLog: ...
+
+
+@overload
+def audit_chain(
+    config: AuditConfig, *, clock: Callable[[], float] = ..., dsn: str | None
+) -> HashChainLog | PgChainLog: ...
+
+
+def audit_chain(
+    config: AuditConfig, *, clock: Callable[[], float] = time.time, dsn: str | None = None
+) -> HashChainLog | PgChainLog:
+    """The audit log's hash chain, anchored where the configuration says; or (``dsn``
+    given) the chain ``audit`` in PostgreSQL, shared by every node."""
+    if dsn is not None:
+        return PgChainLog(dsn, AUDIT_CHAIN, clock=clock)
     return HashChainLog(config.log, clock=clock, anchor=config.anchor, kind="audit")
 
 
 class AuditLog:
-    """Appends audit entries for one program (``via``); thread-safe, multi-process safe."""
+    """Appends audit entries for one program (``via``); thread-safe, multi-process safe
+    (and multi-node, in PostgreSQL when ``dsn`` is given)."""
 
     def __init__(
         self,
@@ -56,8 +83,9 @@ class AuditLog:
         via: str,
         actor: str | None = None,
         clock: Callable[[], float] | None = None,
+        dsn: str | None = None,
     ) -> None:
-        self.chain = audit_chain(config, clock=clock or time.time)
+        self.chain = audit_chain(config, clock=clock or time.time, dsn=dsn)
         self.via = via
         self.actor = actor or current_actor()
         self.host = socket.gethostname()

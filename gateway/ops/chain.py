@@ -82,16 +82,20 @@ class ChainBroken(GatewayError):
     """A hash-chained log (or its anchor) is not intact; says where and why.
 
     ``line`` is 1-based, or None when the problem is not one line (an anchor that the
-    log falls short of, a missing or unreadable anchor). The text never quotes a body.
+    log falls short of, a missing or unreadable anchor). A log kept in PostgreSQL gives
+    its place as a string (then ``path.name`` is all of it) and the entry's ``seq``
+    instead of a line (``seq`` None: not one entry). The text never quotes a body.
     """
 
-    def __init__(self, path: Path, line: int | None, reason: BreakReason, detail: str) -> None:
-        self.path = path
-        self.line = line
+    def __init__(
+        self, path: Path | str, line: int | None, reason: BreakReason, detail: str, *, seq: int = 0
+    ) -> None:
+        self.path = Path(path)
+        self.line, self.seq = line, seq or None
         self.reason: BreakReason = reason
         self.detail = detail
-        where = path.name if line is None else f"{path.name} line {line}"
-        super().__init__(f"{where}: {detail}")
+        where = self.path.name if line is None else f"{self.path.name} line {line}"
+        super().__init__(f"{where}{f' seq {seq}' if seq else ''}: {detail}")
 
 
 def _canonical(obj: Mapping[str, Any]) -> bytes:
@@ -107,8 +111,7 @@ def _entry_hash(seq: int, prev: str, at: str, body: Mapping[str, Any]) -> str:
 
 
 def _iso_utc(timestamp: float) -> str:
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def _read_lines(fd: int, size: int) -> Iterator[tuple[bytes, bool, bool]]:
@@ -245,10 +248,7 @@ class HashChainLog:
 
     def verify(self) -> int:
         """Re-read the whole log; return its number of entries or raise ChainBroken."""
-        count = 0
-        for _ in self.entries():
-            count += 1
-        return count
+        return sum(1 for _ in self.entries())
 
     def entries(self) -> Iterator[ChainEntry]:
         """Yield the log's entries, each verified; raise ChainBroken at the first problem.

@@ -25,11 +25,11 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import GatewayError, SpoolError
-from gateway.identity.watcher import RegistryWatcher
+from gateway.identity.watcher import Registries
 from gateway.ops.logs import get_logger
 from gateway.retention.sweeper import Sweeper
+from gateway.spool.backend import SpoolBackend as Spool
 from gateway.spool.records import Record, State, is_submission_id
-from gateway.spool.store import Spool
 
 log = get_logger("gateway.control")
 
@@ -61,7 +61,7 @@ def build_control_app(
     sweeper: Sweeper,
     enqueue: Callable[[Record], None],
     reload: Callable[..., Awaitable[tuple[bool, str]]],
-    registries: Callable[[], RegistryWatcher],
+    registries: Callable[[], Registries],
 ) -> web.Application:
     def record_id(request: web.Request) -> str:
         value = request.match_info["submission_id"]

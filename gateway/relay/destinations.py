@@ -23,8 +23,8 @@ from gateway.ops.metrics import Metrics
 from gateway.relay import policy
 from gateway.relay.breaker import CircuitBreaker
 from gateway.relay.sender import ROOT, Body, Sender, SenderFactory
+from gateway.spool.backend import SpoolBackend as Spool
 from gateway.spool.records import Record
-from gateway.spool.store import Spool
 
 
 @dataclass

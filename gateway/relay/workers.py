@@ -8,8 +8,7 @@ backoff with full jitter, at least what ``Retry-After`` asks); a circuit breaker
 destination holds attempts back from a failing upstream; an answer the policy does not
 retry puts the record on ``held`` for an operator. A worker that fails outside a
 record's handling is logged, counted and restarted. The sleep and the clock are
-injected, so tests retry without waiting. No outcome is dropped: one the disk refuses
-is written again until it is taken (:mod:`gateway.relay.outcomes`).
+injected, so tests retry without waiting. No outcome is dropped (:mod:`.outcomes`).
 """
 
 from __future__ import annotations
@@ -41,9 +40,10 @@ from gateway.relay.destinations import (
     plan_reload,
 )
 from gateway.relay.outcomes import OutcomeWriter
+from gateway.relay.queue import UniqueQueue
 from gateway.relay.sender import Outgoing, Sender, SenderFactory, SendFailed, aiohttp_sender
+from gateway.spool.backend import SpoolBackend as Spool
 from gateway.spool.records import DELIVERING, Record, State
-from gateway.spool.store import Spool
 
 Sleep = Callable[[float], Awaitable[None]]
 WORKER_RESTART = 1.0
@@ -63,7 +63,7 @@ class DestinationRelay:
 
     name: str
     parts: DestinationParts
-    queue: asyncio.Queue[str | Record]  # ids loaded at start-up, records as accepted
+    queue: UniqueQueue  # ids loaded at start-up or found by a rescan, records as accepted
     tasks: list[asyncio.Task[None]]
     breaker: CircuitBreaker
 
@@ -106,11 +106,11 @@ class Relay:
             await self._add_destination(name, await build_parts(name, dest, self._sender_factory))
 
     async def _add_destination(self, name: str, parts: DestinationParts) -> None:
-        relay = DestinationRelay(name, parts, asyncio.Queue(), [], new_breaker(parts.config))
+        relay = DestinationRelay(name, parts, UniqueQueue(), [], new_breaker(parts.config))
         export_key_expiry(self._metrics, name, parts.sealer)
         self._destinations[name] = relay
         for record_id in await self._spool.queued_ids(name):
-            relay.queue.put_nowait(record_id)
+            relay.queue.offer(record_id)
         self._resize(relay, parts.config.concurrency)
 
     def _resize(self, relay: DestinationRelay, workers: int) -> None:
@@ -181,7 +181,10 @@ class Relay:
     def enqueue(self, record: Record) -> None:
         relay = self._destinations.get(record.destination)
         if relay is not None:
-            relay.queue.put_nowait(record)
+            relay.queue.offer(record)
+
+    def queues(self) -> dict[str, UniqueQueue]:
+        return {name: relay.queue for name, relay in self._destinations.items()}
 
     # ----------------------------------------------------------------- workers
 
@@ -221,7 +224,7 @@ class Relay:
             try:
                 claimed = await self._spool.claim(record_id)
             except BaseException:
-                relay.queue.put_nowait(item)  # not lost: taken again after the restart
+                relay.queue.offer(item)  # not lost: taken again after the restart
                 raise
             if not claimed:
                 continue

@@ -49,7 +49,14 @@ from gateway.retention.pdf_layout import (
     register_fonts,
     under,
 )
-from gateway.retention.report import JA, JST, REASON_NAMES, channel_name, reason_name
+from gateway.retention.report import (
+    JA,
+    JST,
+    REASON_NAMES,
+    SHARED_PREFIX,
+    channel_name,
+    reason_name,
+)
 
 SUBTITLE = "Certificate of erasure of server copies（サーバー上の一時保存データの消去証明書）"
 HEAD_HEIGHT, ROW_HEIGHT = 24, 12
@@ -108,7 +115,12 @@ def _front(cert: Mapping[str, Any]) -> list[Any]:
             para(f"{verdict}\n記録数 {ledger['entries']:,}、最終記録の番号 {ledger['head_seq']}"),
         ],
         [label("最終記録のハッシュ", "Ledger head hash"), mono(ledger["head_hash"])],
-        [label("台帳ファイル", "Ledger file"), mono(ledger["path"])],
+        [
+            label("台帳ファイル", "Ledger file")
+            if not str(ledger["path"]).startswith(SHARED_PREFIX)
+            else label("台帳の所在", "Ledger table"),
+            mono(ledger["path"]),
+        ],
     ]
     return [
         para("消去証明書", 24, alignment=1, spaceAfter=6),

@@ -11,6 +11,15 @@ EPOCH_METHOD = (
     "crypto-shred of the key epoch (epoch key overwritten, fsynced, unlinked; directory "
     "fsynced): every copy of its records, backups included, unreadable"
 )
+SHARED_METHOD = (
+    "crypto-erase (AES-256-GCM data key set to NULL in its PostgreSQL row, ciphertext rows "
+    "deleted in the same transaction; dead row versions until VACUUM)"
+)
+SHARED_EPOCH_METHOD = (
+    "crypto-shred of the key epoch (its row deleted from gateway_keys, tombstone written "
+    "in the same transaction, keystore tables vacuumed): every copy of its records, "
+    "backups included, unreadable"
+)
 ERASURE_REASONS = ("delivered", "expired_undelivered", "operator", "epoch_destroyed")
 """Why a copy is erased: the ledger's ``reason`` and the metric's label. Ledgers written
 before every channel erased on delivery may also hold ``retention`` (a delivered copy
@@ -23,7 +32,7 @@ def reason_for(due: Due) -> str:
     return "delivered" if due.state == State.DELIVERED else "expired_undelivered"
 
 
-def ledger_body(due: Due, reason: str, erased_at: float) -> dict[str, Any]:
+def ledger_body(due: Due, reason: str, erased_at: float, *, method: str = METHOD) -> dict[str, Any]:
     """The erasure ledger's entry for one record (no personal data)."""
     return {
         "submission_id": due.submission_id,
@@ -32,18 +41,20 @@ def ledger_body(due: Due, reason: str, erased_at: float) -> dict[str, Any]:
         "delivered_at": due.delivered_at,
         "erased_at": erased_at,
         "reason": reason,
-        "method": METHOD,
+        "method": method,
         "ciphertext_sha256": due.ciphertext_sha256,
         "key_epoch": due.key_epoch,
     }
 
 
-def epoch_ledger_body(epoch: str, destroyed_at: float, remaining: int) -> dict[str, Any]:
+def epoch_ledger_body(
+    epoch: str, destroyed_at: float, remaining: int, *, method: str = EPOCH_METHOD
+) -> dict[str, Any]:
     """The erasure ledger's entry for a destroyed key epoch."""
     return {
         "event": "key_epoch_destroyed",
         "key_epoch": epoch,
         "destroyed_at": destroyed_at,
         "records_erased_with_it": remaining,
-        "method": EPOCH_METHOD,
+        "method": method,
     }

@@ -10,6 +10,8 @@ For each record it says when its own data key was destroyed (the server copy bec
 unreadable) and when its key epoch was destroyed (every backup copy became unreadable),
 or that the epoch is still to be destroyed. It does not claim the spool is not backed
 up: it states the one backup condition the erasure depends on, for the ward to sign.
+With the shared backend (PostgreSQL) the ledger is a table, the keystore a schema
+(``postgresql:gateway_keys``), and the media and the condition are said of those.
 
 The CSV is one rectangular table for Excel and ``pandas.read_csv``: UTF-8 with a BOM,
 Japanese headers with the English key, one row per record, the certificate's summary
@@ -27,6 +29,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.ops.chain import GENESIS, ChainEntry, HashChainLog
+from gateway.ops.pgchain import ChainLog
 
 JST = timezone(timedelta(hours=9), "JST")
 EPOCH_EVENT = "key_epoch_destroyed"
@@ -93,6 +96,10 @@ CSV_COLUMNS = {**RECORD_COLUMNS, **SUMMARY_COLUMNS}
 
 PERFORMER = "gatewayd (automatic retention sweeper)"
 MEDIA_TYPE = "spool records: one encrypted file per submission, SQLite index"
+MEDIA_TYPE_SHARED = (
+    "spool records: one encrypted record per submission in a PostgreSQL database shared "
+    "by the gateway nodes"
+)
 MEDIA_SOURCE = "secure transmission gateway spool"
 VERIFICATION = (
     "hash-chained erasure ledger verified end to end; each record erased only after its "
@@ -103,6 +110,12 @@ NOTES = (
     "a record's data key is wrapped by its key epoch's key; destroying the epoch key "
     "(overwritten, fsynced, unlinked, directory fsynced) leaves the record's copies in "
     "backups, free blocks and the index's WAL unreadable, on the backup condition below"
+)
+NOTES_SHARED = (
+    "a record's data key is wrapped by its key epoch's key; destroying the epoch key (its "
+    "row deleted and a tombstone written in one transaction, the keystore's tables "
+    "vacuumed) leaves the record's copies in backups, old row versions and the WAL "
+    "unreadable, on the backup condition below"
 )
 DESTINATION = "reused (the spool continues in service)"
 JA = {
@@ -118,6 +131,12 @@ JA = {
     "破棄する（上書き・fsync・削除・ディレクトリのfsync）と、バックアップ、未使用領域、索引の"
     "WAL にある記録の複製も読み取れなくなる（下記のバックアップの条件のもとで）",
     DESTINATION: "再利用（スプールは引き続き使用）",
+    MEDIA_TYPE_SHARED: "スプールの記録：申請ごとに暗号化した1件の記録（ゲートウェイの各ノードが"
+    "共有する PostgreSQL データベース）",
+    NOTES_SHARED: "各記録のデータ鍵は、その鍵エポックの鍵で暗号化（ラップ）している。エポック鍵を"
+    "破棄する（その行の削除と破棄記録の書込みを1つのトランザクションで行い、鍵保管庫の表を"
+    "VACUUM する）と、バックアップ、行の旧版、WAL にある記録の複製も読み取れなくなる（下記の"
+    "バックアップの条件のもとで）",
 }
 """The Japanese of the certificate's fixed English texts, kept beside them."""
 
@@ -166,9 +185,12 @@ def select(
 
 
 def backup_condition(keystore: str | None, retention_days: int | None) -> tuple[str, str]:
-    """The one backup condition the erasure depends on, in English and in Japanese."""
+    """The one backup condition the erasure depends on, in English and in Japanese (of
+    a keystore in PostgreSQL, ``postgresql:SCHEMA``: how its backups leave it out)."""
     kept = f"{retention_days} days" if retention_days else "the longest retention"
     kept_ja = f"{retention_days}日" if retention_days else "最長の保存期間"
+    if keystore and keystore.startswith(SHARED_PREFIX):
+        return _shared_backup_condition(keystore.removeprefix(SHARED_PREFIX), kept, kept_ja)
     store = f"keystore {keystore}" if keystore else "keystore"
     store_ja = f"鍵保管庫 {keystore} " if keystore else "鍵保管庫"
     english = (
@@ -189,8 +211,45 @@ def backup_condition(keystore: str | None, retention_days: int | None) -> tuple[
     return english, japanese
 
 
+SHARED_PREFIX = "postgresql:"
+"""How a keystore (or a ledger) in PostgreSQL is named: ``postgresql:gateway_keys``."""
+
+
+def _shared_backup_condition(schema: str, kept: str, kept_ja: str) -> tuple[str, str]:
+    """The condition for a keystore that is a schema of the spool's database."""
+    english = (
+        "Backups of the spool database may exist. Their copies of these records became "
+        "unreadable when each record's key epoch was destroyed (epoch_destroyed_at), "
+        f"provided the keystore schema {schema} is left out of every backup kept longer "
+        f"than {kept} (pg_dump --exclude-schema={schema}, or the keystore kept in a "
+        "separate cluster), physical backups of its cluster (base backups, WAL archives, "
+        f"which cannot leave a schema out) are deleted within {kept}, and the master key "
+        "of any backup taken before key epochs was retired and destroyed. The ward "
+        "states that this condition holds by signing this certificate."
+    )
+    japanese = (
+        "スプールのデータベースのバックアップが存在する場合がある。バックアップにあるこれらの"
+        "記録の複製は、各記録の鍵エポックが破棄された時点（鍵エポックの破棄日時、"
+        "epoch_destroyed_at）で読み取り不能となる。ただし、鍵保管庫のスキーマ "
+        f"{schema} を{kept_ja}を超えて保管するバックアップの対象外とすること（pg_dump "
+        f"--exclude-schema={schema}、又は鍵保管庫を別のクラスタに置く）、そのクラスタの"
+        f"物理バックアップ（ベースバックアップ、WAL アーカイブ。スキーマを除外できない）を"
+        f"{kept_ja}以内に削除すること、及び鍵エポック導入前のバックアップのマスター鍵を"
+        "交換・破棄していることを条件とする。"
+        "区は、本証明書に記名押印することにより、この条件が満たされていることを表明する。"
+    )
+    return english, japanese
+
+
+def ledger_location(ledger: ChainLog) -> str:
+    """Where the ledger is: its file, or its table in PostgreSQL (never a DSN)."""
+    if isinstance(ledger, HashChainLog):
+        return str(ledger.path)
+    return str(getattr(ledger, "location", type(ledger).__name__))
+
+
 def certificate(
-    ledger: HashChainLog,
+    ledger: ChainLog,
     start: date,
     end: date,
     *,
@@ -220,6 +279,7 @@ def certificate(
         by_channel.setdefault(channel, {})[reason] = n
     methods = sorted({str(r.get("method")) for r in records}) or ["(no erasures)"]
     backup, backup_ja = backup_condition(keystore, retention_days)
+    shared = not isinstance(ledger, HashChainLog)  # the shared backend's, in PostgreSQL
     return {
         "title": TITLE,
         "period": {"from": start.isoformat(), "to": end.isoformat(), "timezone": "Asia/Tokyo"},
@@ -229,7 +289,7 @@ def certificate(
             "entries": total,
             "head_seq": head_seq,
             "head_hash": head_hash,
-            "path": str(ledger.path),
+            "path": ledger_location(ledger),
         },
         "counts": by_channel,
         "total": len(records),
@@ -240,7 +300,7 @@ def certificate(
                 "organization": organization,
             },
             "media": {
-                "type": MEDIA_TYPE,
+                "type": MEDIA_TYPE_SHARED if shared else MEDIA_TYPE,
                 "source": MEDIA_SOURCE,
                 "data_backup": backup,
                 "data_backup_ja": backup_ja,
@@ -253,7 +313,7 @@ def certificate(
                 "tool": f"jp-mynumber-gateway {__version__}",
                 "verification": VERIFICATION,
                 "post_sanitization_classification": CLASSIFICATION,
-                "notes": NOTES,
+                "notes": NOTES_SHARED if shared else NOTES,
             },
             "media_destination": DESTINATION,
         },

@@ -17,6 +17,15 @@ written and fsynced *before* the copy is destroyed. A crash in between leaves a 
 entry for a copy that still exists; the next sweep erases it and records it again, so a
 report takes the last entry per submission. The other order could destroy a copy with
 no record of it.
+
+Several nodes (the shared backend) each run a sweeper over the same records, keystore
+and ledger. The ledger of that backend offers ``exclusive()`` (:class:`Exclusive`): a
+lock of every node, held from the ledger entry to the erasure (or the key's
+destruction). Under it the sweeper looks again at what is still live (still to be
+destroyed), so of two nodes sweeping the same records one records and erases them and
+the other finds nothing left: one ledger entry per erasure and per epoch, the ledger
+still first. The keystore's view is refreshed before epochs are judged (a node sees the
+epochs the others made and destroyed), and vacuumed after a destruction.
 """
 
 from __future__ import annotations
@@ -24,19 +33,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, runtime_checkable
 
 from gateway.crypto.keystore import epoch_end
-from gateway.ops.chain import HashChainLog
+from gateway.errors import GatewayError
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
-from gateway.retention.due import epoch_ledger_body, ledger_body, reason_for
+from gateway.ops.pgchain import ChainLog
+from gateway.retention.due import (
+    EPOCH_METHOD,
+    METHOD,
+    SHARED_EPOCH_METHOD,
+    SHARED_METHOD,
+    epoch_ledger_body,
+    ledger_body,
+    reason_for,
+)
+from gateway.spool.backend import SpoolBackend as Spool
 from gateway.spool.records import Due
-from gateway.spool.store import Spool
 
 BATCH = 1000
 WARNING_WINDOW = 86400.0
 
 log = get_logger("gateway.retention")
+
+
+@runtime_checkable
+class Exclusive(Protocol):
+    """A ledger shared by several nodes, with the lock every node's sweeper holds from
+    a ledger entry to the change it records (see the module's docstring)."""
+
+    def exclusive(self) -> AbstractAsyncContextManager[None]: ...
+
+    async def aclose(self) -> None: ...
 
 
 class Sweeper:
@@ -45,7 +75,7 @@ class Sweeper:
     def __init__(
         self,
         spool: Spool,
-        ledger: HashChainLog,
+        ledger: ChainLog,
         metrics: Metrics,
         *,
         clock: Callable[[], float],
@@ -55,6 +85,7 @@ class Sweeper:
     ) -> None:
         self._spool = spool
         self._ledger = ledger
+        self._shared: Exclusive | None = ledger if isinstance(ledger, Exclusive) else None
         self._metrics = metrics
         self._clock = clock
         self._sleep = sleep
@@ -108,8 +139,10 @@ class Sweeper:
 
     async def destroy_epochs(self, now: float) -> list[str]:
         """Destroy the key of every epoch whose day is over and whose records are erased
-        (or whose day ended a sweep ago: what is left is erased with it)."""
+        (or whose day ended a sweep ago: what is left is erased with it); returns the
+        epochs this node destroyed (not those another node did)."""
         keys = self._spool.keys
+        await self._refresh(keys)  # the epochs every node made, and those destroyed
         ended = [epoch for epoch in keys.live() if epoch_end(epoch) <= now]
         # Counting the live records per epoch scans the index: only when a day is over.
         in_use = await self._spool.live_epochs() if ended else {}
@@ -122,18 +155,51 @@ class Sweeper:
             if remaining:
                 left = await self._spool.in_epoch(epoch)
                 await self._erase(left, ["epoch_destroyed"] * len(left), now)
-            async with self._lock:
-                body = epoch_ledger_body(epoch, now, remaining)
+            async with self._lock, self._exclusive():
+                if self._shared is not None:
+                    await self._refresh(keys)  # another node may have destroyed it by now
+                    if keys.is_destroyed(epoch):
+                        continue
+                method = SHARED_EPOCH_METHOD if self._spool.shared else EPOCH_METHOD
+                body = epoch_ledger_body(epoch, now, remaining, method=method)
                 await asyncio.to_thread(self._ledger.append_many, [body])
-                await asyncio.to_thread(keys.destroy, epoch)
+                if not await asyncio.to_thread(keys.destroy, epoch):
+                    log.warning("key_epoch_already_destroyed", key_epoch=epoch)
+                    continue
             destroyed.append(epoch)
             log.info("key_epoch_destroyed", key_epoch=epoch, count=remaining)
+        if destroyed:
+            await self._vacuum(keys)
         passed = sum(epoch_end(e) <= now for e in keys.live())
         gauge = self._metrics.keystore_epochs
         gauge.labels(state="live").set(len(keys.live()) - passed)
         gauge.labels(state="passed").set(passed)
         gauge.labels(state="destroyed").set(len(keys.destroyed()))
         return destroyed
+
+    def _exclusive(self) -> AbstractAsyncContextManager[object]:
+        """The lock of every node sharing the ledger; none for a ledger of one node."""
+        return contextlib.nullcontext() if self._shared is None else self._shared.exclusive()
+
+    @staticmethod
+    async def _refresh(keys: object) -> None:
+        """A shared keystore learns what the other nodes made and destroyed (on a thread:
+        it asks the database); a keystore of one node has nothing to learn."""
+        refresh = getattr(keys, "refresh", None)
+        if refresh is not None:
+            await asyncio.to_thread(refresh)
+
+    @staticmethod
+    async def _vacuum(keys: object) -> None:
+        """A keystore in a database vacuums the dead row versions of destroyed keys out
+        of its tables; if that fails, autovacuum does it later (the keys are destroyed)."""
+        vacuum = getattr(keys, "vacuum", None)
+        if vacuum is None:
+            return
+        try:
+            await asyncio.to_thread(vacuum)
+        except GatewayError as exc:
+            log.warning("keystore_vacuum_failed", reason=str(exc))
 
     async def _export_warning(self, now: float) -> None:
         """The early warning: what will expire undelivered within 24 hours, per channel."""
@@ -175,9 +241,12 @@ class Sweeper:
                     done.set_result(None)
 
     async def close(self) -> None:
-        """Wait for erasures at delivery under way (at shutdown, after the relay stopped)."""
+        """Wait for erasures at delivery under way (at shutdown, after the relay stopped);
+        then let a shared ledger close its connections."""
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._shared is not None:
+            await self._shared.aclose()
 
     async def erase_by_operator(self, record_id: str) -> bool:
         """An operator's erasure of one live record (``gatewayctl spool erase``)."""
@@ -187,8 +256,15 @@ class Sweeper:
         return await self._erase([due], ["operator"], self._clock()) == 1
 
     async def _erase(self, due: Sequence[Due], reasons: Sequence[str], now: float) -> int:
-        async with self._lock:
-            bodies = [ledger_body(d, r, now) for d, r in zip(due, reasons, strict=True)]
+        async with self._lock, self._exclusive():
+            if self._shared is not None:  # what another node erased meanwhile is not again
+                why = dict(zip((d.submission_id for d in due), reasons, strict=True))
+                due = await self._spool.describe_many(list(why))
+                reasons = [why[d.submission_id] for d in due]
+            method = SHARED_METHOD if self._spool.shared else METHOD
+            bodies = [
+                ledger_body(d, r, now, method=method) for d, r in zip(due, reasons, strict=True)
+            ]
             await asyncio.to_thread(self._ledger.append_many, bodies)
             by_id = dict(zip((d.submission_id for d in due), reasons, strict=True))
             erased = []

@@ -43,9 +43,13 @@ class EpochKeys(Protocol):
 class SpoolBackend(Protocol):
     """What every spool backend offers (see the module's docstring)."""
 
-    keys: EpochKeys
+    @property
+    def keys(self) -> EpochKeys: ...
+
     counts: Counter[str]
     bytes: int
+    shared: bool
+    """True when other nodes share this spool (claims are leases, counts are refreshed)."""
 
     # lifecycle
     async def open(self) -> RecoveryReport: ...

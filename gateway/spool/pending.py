@@ -129,6 +129,13 @@ class PendingRecord:
             self.path, self._dek, self.aad, self.writer.plaintext_size, start, length
         )
 
+    def close(self) -> None:
+        """Seal the last segment and close the file without an fsync: for a spool whose
+        durability comes from elsewhere (PostgreSQL copies the file into the database;
+        the file is only the staging of the upload)."""
+        self.finish()
+        self._file.close()
+
     def sync_and_close(self) -> None:
         try:
             self._file.sync()

@@ -50,6 +50,8 @@ from gateway.spool.retention_view import RetentionView
 class Spool(RetentionView):
     """The local spool backend (SQLite index + one encrypted file per record)."""
 
+    shared = False
+
     def __init__(
         self,
         directory: Path,

@@ -436,7 +436,7 @@ async def test_claim_release_and_delivering_state(store: Store, spool: Spool) ->
     assert got is not None and got.state == "delivering"
     found = await spool.find_idempotent("tablet-01", "k")
     assert found is not None and found.state == "delivering"
-    spool.release(record.id)
+    await spool.release(record.id)
     assert spool.delivering == 0
     got = await spool.get(record.id)
     assert got is not None and got.state == "queued"

@@ -419,7 +419,7 @@ def test_the_bash_completion_completes_commands_and_options(
         "complete_words gatewayctl spool erase --y\n"
     )
     done = subprocess.run([bash, "-c", probe], capture_output=True, text=True, check=True)
-    assert done.stdout.splitlines() == ["spool", "list show requeue erase", "--yes"]
+    assert done.stdout.splitlines() == ["spool", "list show requeue erase migrate", "--yes"]
 
 
 # ------------------------------------------------------------------- --credentials-dir

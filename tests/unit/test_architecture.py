@@ -46,7 +46,16 @@ LAYERS = (
             "gateway.ops",
         ),
     ),
-    ("daemon", ("gateway.preflight", "gateway.reload", "gateway.parts", "gateway.daemon")),
+    (
+        "daemon",
+        (
+            "gateway.preflight",
+            "gateway.backends",
+            "gateway.reload",
+            "gateway.parts",
+            "gateway.daemon",
+        ),
+    ),
     ("commands", ("gateway.signals", "gateway.cli", "gateway.demo", "gateway.testing")),
 )
 """Each module belongs to the layer of its longest matching prefix; it may import its

@@ -559,3 +559,42 @@ def test_a_recipient_id_without_payload_encryption_is_refused(tmp_path: Path) ->
     (problem,) = problems_of(write_config(tmp_path, data))
     assert problem.key == "destinations.ward-issuance"
     assert 'recipient_id set but payload_encryption is "none"' in problem.message
+
+
+def test_a_postgresql_spool_needs_its_dsn_and_a_local_one_refuses_it(tmp_path: Path) -> None:
+    def postgresql(data: dict[str, Any]) -> None:
+        data["spool"]["backend"] = "postgresql"
+
+    def sqlite_with_dsn(data: dict[str, Any]) -> None:
+        data["spool"]["dsn"] = "credential:spool-dsn"
+
+    missing = by_key(problems_of(write_config(tmp_path, edited(postgresql), "pg.toml")))
+    assert "dsn: required with backend" in missing["spool"]
+    stray = by_key(problems_of(write_config(tmp_path, edited(sqlite_with_dsn), "lite.toml")))
+    assert 'dsn: only with backend = "postgresql"' in stray["spool"]
+
+
+def test_a_postgresql_spool_with_its_settings_loads(tmp_path: Path) -> None:
+    def shared(data: dict[str, Any]) -> None:
+        data["spool"].update(
+            backend="postgresql",
+            dsn="credential:spool-dsn",
+            node_id="gw-01",
+            lease_seconds=30,
+            pool_size=4,
+        )
+
+    spool = load_config(write_config(tmp_path, edited(shared))).spool
+    assert (spool.backend, spool.node_id, spool.lease_seconds, spool.pool_size) == (
+        "postgresql",
+        "gw-01",
+        30,
+        4,
+    )
+
+
+def test_a_node_id_is_a_plain_name(tmp_path: Path) -> None:
+    def bad(data: dict[str, Any]) -> None:
+        data["spool"].update(backend="postgresql", dsn="credential:x", node_id="gw 01; drop")
+
+    assert "spool.node_id" in by_key(problems_of(write_config(tmp_path, edited(bad))))
