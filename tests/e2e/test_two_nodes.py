@@ -103,6 +103,7 @@ async def test_a_killed_node_strands_nothing(
     posted: list[Posted] = []
     kills = 0
     node_b = await DaemonProcess(config_b, log_b).start()
+    node_a: DaemonProcess | None = None
     try:
         for r in range(ROUNDS):
             mark = log_a.stat().st_size if log_a.exists() else 0
@@ -141,6 +142,8 @@ async def test_a_killed_node_strands_nothing(
         node_a = await DaemonProcess(box.config_path, log_a).start()
         assert await node_a.terminate() == 0
     finally:
+        if node_a is not None:
+            await node_a.__aexit__()  # a test that failed half-way leaves no daemon behind
         assert await node_b.terminate() == 0
         await box.stop_simulators()
 
