@@ -16,7 +16,10 @@ simulated upstreams in this process, both legs over mutual TLS on loopback. Repo
   60,000 parts (``bench/hostile.py``);
 * the cost of sealing a 300 KB and a 7 MB payload with each suite (``bench/seal.py``);
 * the security evidence's cost: the access log per request, the clamd scan of a 300 KB
-  photo, the monthly review of 100,000 entries (``bench/security.py``).
+  photo, the monthly review of 100,000 entries (``bench/security.py``);
+* the PostgreSQL spool beside the SQLite one: one node and two nodes sharing one
+  database, CPU of the database server included, and the accept cost with 1,000 and
+  100,000 records queued (``bench/postgresql.py``).
 
 Figures go to stdout and to ``bench-results.json``.
 """
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hostile, reconnect, retention, seal, security, yardstick
+from bench import hostile, postgresql, reconnect, retention, seal, security, yardstick
 from bench.load import closed_loop, percentile, progress
 from gateway.testing.client import DeviceClient
 from gateway.testing.process import DaemonProcess
@@ -100,6 +103,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["hostile"] = await hostile.run(sandbox, directory)
         if "security" in args.phases:
             results["security"] = await security.run(directory / "security")
+        if "postgresql" in args.phases:
+            progress("PostgreSQL spool beside SQLite: one node, two nodes, accept cost")
+            pg = await postgresql.run(
+                sandbox,
+                directory / "postgresql",
+                body,
+                ctype,
+                total=args.pg_total,
+                concurrency=args.concurrency,
+                samples=args.pg_accept,
+                records=args.pg_records,
+            )
+            results["postgresql"] = pg
+            print(postgresql.table(pg), file=sys.stderr)
         await sandbox.stop_simulators()
     return results
 
@@ -212,11 +229,37 @@ def main() -> int:
         help="records in the spool for the retention figures (0 skips them)",
     )
     parser.add_argument(
+        "--pg-total",
+        type=int,
+        default=1500,
+        help="closed-loop submissions per row of the postgresql phase (one node, two nodes)",
+    )
+    parser.add_argument(
+        "--pg-accept",
+        type=int,
+        default=1000,
+        help="submissions measured at each spool size in the postgresql phase's accept cost",
+    )
+    parser.add_argument(
+        "--pg-records",
+        type=int,
+        default=100_000,
+        help="records queued for the postgresql phase's second accept-cost row (the first: 1,000)",
+    )
+    parser.add_argument(
         "--phases",
         type=lambda text: set(text.split(",")),
-        default={"yardstick", "throughput", "reconnect", "big", "hostile", "security"},
+        default={
+            "yardstick",
+            "throughput",
+            "reconnect",
+            "big",
+            "hostile",
+            "security",
+            "postgresql",
+        },
         help="phases to run, comma-separated: yardstick,throughput,reconnect,big,hostile,"
-        "security (default: all)",
+        "security,postgresql (default: all)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     parser.add_argument(
