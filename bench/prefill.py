@@ -1,8 +1,8 @@
 """Filling a stopped gateway's spool fast, for the accept-cost rows of ``bench/postgresql.py``.
 
-Posting 100,000 submissions takes about twenty minutes on this machine, and the spool's
-own commit path (``bench/retention.py``) about two; this writes the same records
-straight into the spool's own tables, under their real indexes (made by the daemon at
+Posting 100,000 submissions takes about a quarter of an hour on this machine, and the
+spool's own commit path (``bench/retention.py``) about two minutes; this writes the same
+records straight into the spool's own tables, under their real indexes (made by the daemon at
 its first start), in seconds. Each record is a clone of the newest real one (its
 channel, destination, device, user, content type, hashes, field names, deadline and
 key epoch) with an id of its own, received a little earlier, and a 2 KB payload
@@ -18,6 +18,7 @@ spool does: a record the relay could deliver, not a placeholder.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sqlite3
@@ -57,7 +58,7 @@ def clones(template: dict[str, Any], epoch_key: bytes, count: int) -> Iterator[d
     keep = template["expires_at"] - template["received_at"]
     for n in range(count):
         received = template["received_at"] - (count - n) * SPACING
-        record_id = new_submission_id(lambda at=received: at)
+        record_id = new_submission_id(functools.partial(float, received))
         data_key = new_data_key()
         sink = io.BytesIO()
         writer = EncryptingWriter(sink, data_key, record_id.encode())
