@@ -5,12 +5,15 @@ written straight into the record's encrypted file already encoded as the upstrea
 multipart body, so relaying never parses or re-encodes it. A field outside the channel's
 allow-list is never written: its bytes are dropped as they pass (or, with
 ``on_unlisted = "reject"``, noted as a violation). Text values are validated and
-NFC-normalised; only the batch manifest's values are kept in memory past their part.
+NFC-normalised; only the batch manifest's values are kept in memory past their part,
+and, when the caller asks for it (``keep_photo``), a photo's bytes, up to a bound, so
+that the photo check reads them from memory rather than back from the record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +67,8 @@ class FilePart:
     length: int = 0
     sha256: str = ""
     """The file's SHA-256, for a batch file checked against its manifest (else empty)."""
+    data: io.BytesIO | None = None
+    """The photo's bytes, when they were kept in memory (``keep_photo``) and fit."""
 
 
 @dataclass
@@ -100,8 +105,11 @@ class MultipartIntake:
         *,
         on_file_bytes: Callable[[memoryview], None] | None = None,
         content_digest: bool = True,
+        keep_photo: int = 0,
     ) -> None:
         self.policy = policy
+        self._keep_photo = keep_photo
+        """A photo part of at most this many bytes is also kept in memory (FilePart.data)."""
         self._digest = content_digest
         """Digest each part for the Idempotency-Key replay check (only needed, and only
         paid for, when the device sent a key)."""
@@ -236,6 +244,8 @@ class MultipartIntake:
             filename, media = FILE_PART_HEADERS[rule.format]
             self._write_part_header(name, filename, media)
             result.file = FilePart(rule, self.pending.writer.plaintext_size)
+            if self._keep_photo and rule.format == "jpeg_photo":
+                result.file.data = io.BytesIO()
             self._mode = _Mode.FILE
         else:
             self._text.clear()
@@ -262,6 +272,7 @@ class MultipartIntake:
             size = end - start
             if file.length + size > self.policy.max_file_bytes(self._rule):
                 self._file_over = True
+                file.data = None
                 return
             piece = memoryview(data)[start:end]
             self.pending.write(piece)
@@ -269,6 +280,11 @@ class MultipartIntake:
                 self.on_file_bytes(piece)  # the virus scanner sees it as the spool does
             if self._rule.format == "opaque_file":  # checked against the batch's manifest
                 self._file_hash.update(piece)
+            elif file.data is not None:  # kept for the photo check, while it fits
+                if file.length + size <= self._keep_photo:
+                    file.data.write(piece)
+                else:
+                    file.data = None
             file.length += size
         elif self._mode is _Mode.TEXT:
             assert self._rule is not None

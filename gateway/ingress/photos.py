@@ -2,9 +2,15 @@
 
 Pillow releases the GIL while libjpeg decodes, so checks on threads run in parallel
 with each other and with the event loop; no worker processes (nor the pickling, pipes
-and fork server they cost) are needed. A check thread opens the photo's window of the
-record itself (:func:`gateway.spool.pending.open_window`), so the photo never sits in
-memory whole.
+and fork server they cost) are needed.
+
+Where the photo comes from: the photo of a body of at most :data:`IN_MEMORY_MAX` bytes
+(a typical photo is 300 KB) is kept in memory as it streams into the record, in room
+held from the memory budget (:meth:`PhotoChecker.hold`, taken only when free at once),
+and checked from there: nothing is read back. A larger one, or one that found no room,
+is read back: the check thread opens the photo's window of the record itself
+(:func:`gateway.spool.pending.open_window`) and decrypts it block by block, so a 7 MB
+photo never sits in memory whole.
 
 Two bounds:
 
@@ -17,7 +23,9 @@ Two bounds:
   512 MiB, unless ``memory_budget`` says otherwise), first come, first served. A photo
   whose estimate exceeds the whole budget waits until nothing else is reserved, then
   runs alone. A progressive 6000×6000 px photo holds 100–220 MB while it decodes (all
-  its DCT coefficients), a baseline one a few MB whatever its size.
+  its DCT coefficients), a baseline one a few MB whatever its size. Photos held in
+  memory count in the same budget; a decode never waits for them to go (they go only
+  once their own check is done): one larger than what they leave runs alone beside them.
 
 A channel with ``photo_check = "structure"`` has its photos checked by
 :func:`gateway.channels.jpeg_structure.check_structure` instead: the same threads, no
@@ -31,12 +39,14 @@ out of memory (MemoryError) despite the budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO, Literal
 
 from gateway.channels.jpeg_structure import check_structure
@@ -53,6 +63,8 @@ DECODE_FLOOR = 8 * 2**20
 64 KiB read blocks, the decrypting reader's segment buffers (measured: about 4 MB for a
 6000×6000 px baseline photo, its pixels included)."""
 RETRY_AFTER = 5
+IN_MEMORY_MAX = 2 * 2**20
+"""The largest body whose photo is kept in memory and checked from there (no read-back)."""
 
 Check = Callable[[str, BinaryIO, int, PhotoRules], Violation | None]
 """check_jpeg's shape: field, photo, its size, the rules; a Violation or None."""
@@ -92,16 +104,23 @@ def decode_estimate(frame: JpegFrame | None, size: int, rules: PhotoRules) -> in
 
 
 class MemoryBudget:
-    """Bytes reserved by the decodes in flight, granted first come, first served.
+    """Bytes reserved by the decodes in flight and the photos held in memory; decodes
+    are granted first come, first served.
 
     Thread-safe: a check thread blocks in :meth:`reserve` until its share is free and
-    everyone before it is served. A reservation larger than the whole budget is cut to
-    the budget: it waits until nothing else is reserved, then runs alone.
+    everyone before it is served. Photos held in memory (:meth:`try_hold`) never wait:
+    they get room only when it is free at once and no decode waits for it, up to half
+    the budget. A decode larger than what they leave of the budget is cut to that: it
+    waits until no other decode holds anything, then runs alone (beside the photos held,
+    which go once their own checks are done, so it never waits for them).
     """
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.reserved = 0
+        """Bytes reserved, the photos held included."""
+        self.held = 0
+        """Bytes of :attr:`reserved` held by photos kept in memory."""
         self._line: deque[object] = deque()
         self._changed = threading.Condition()
 
@@ -112,15 +131,13 @@ class MemoryBudget:
 
     @contextmanager
     def reserve(self, amount: int) -> Iterator[None]:
-        amount = min(amount, self.total)
         turn = object()
         with self._changed:
             self._line.append(turn)
             self._changed.notify_all()
             try:
-                self._changed.wait_for(
-                    lambda: self._line[0] is turn and self.reserved + amount <= self.total
-                )
+                self._changed.wait_for(lambda: self._line[0] is turn and self._fits(amount))
+                amount = min(amount, self.total - self.held)
                 self.reserved += amount
             finally:
                 self._line.remove(turn)
@@ -132,10 +149,52 @@ class MemoryBudget:
                 self.reserved -= amount
                 self._changed.notify_all()
 
+    def _fits(self, amount: int) -> bool:
+        if amount >= self.total - self.held:  # cut to what is left: no other decode
+            return self.reserved == self.held
+        return self.reserved + amount <= self.total
+
+    def try_hold(self, amount: int) -> PhotoHold | None:
+        """Hold ``amount`` bytes for a photo kept in memory if they are free now, no
+        decode waits, and the photos held keep to half the budget; never blocks."""
+        with self._changed:
+            full = self.reserved + amount > self.total or 2 * (self.held + amount) > self.total
+            if self._line or full:
+                return None
+            self.reserved += amount
+            self.held += amount
+        return PhotoHold(self, amount)
+
+    def _unhold(self, hold: PhotoHold) -> None:
+        with self._changed:
+            amount, hold.amount = hold.amount, 0
+            self.reserved -= amount
+            self.held -= amount
+            self._changed.notify_all()
+
     def wait_until(self, predicate: Callable[[MemoryBudget], bool], timeout: float) -> bool:
         """Block until ``predicate(self)`` holds (tested at every change), or time out."""
         with self._changed:
             return self._changed.wait_for(lambda: predicate(self), timeout)
+
+
+class PhotoHold:
+    """Room in the budget for one photo kept in memory (see :meth:`PhotoChecker.hold`)."""
+
+    def __init__(self, budget: MemoryBudget, amount: int) -> None:
+        self._budget = budget
+        self.amount = amount
+        """Bytes held (0 once released)."""
+        self.handed = False
+        """True once a check took the photo: the check releases the room when done."""
+
+    def release(self) -> None:
+        """Give the room back; idempotent, from any thread."""
+        self._budget._unhold(self)
+
+
+Photo = RecordWindow | io.BytesIO | bytes | bytearray
+"""Where a check reads the photo: its window of the record, or its bytes in memory."""
 
 
 class PhotoChecker:
@@ -159,29 +218,54 @@ class PhotoChecker:
         self._structure = structure
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="photo-check")
 
+    def hold(self, body_bytes: int) -> PhotoHold | None:
+        """Room to keep the photo of a body of at most ``body_bytes`` in memory as it
+        streams in; None (the photo is read back from the record) for a body over
+        :data:`IN_MEMORY_MAX` or when the budget has no room for it now."""
+        if body_bytes > IN_MEMORY_MAX:
+            return None
+        return self.budget.try_hold(body_bytes)
+
     def check_located(
-        self, field: str, where: RecordWindow, rules: PhotoRules, method: Method = "decode"
+        self, field: str, where: Photo, rules: PhotoRules, method: Method = "decode"
     ) -> Violation | None:
-        """Decrypt the photo's window, reserve its decode's memory, check it (a pool thread)."""
-        with open_window(where) as photo:
+        """Open the photo (decrypt its window, or read it from memory), reserve its
+        decode's memory, check it (on a pool thread)."""
+        opened: AbstractContextManager[BinaryIO]
+        if isinstance(where, RecordWindow):
+            size, opened = where.length, open_window(where)
+        else:
+            kept = where if isinstance(where, io.BytesIO) else io.BytesIO(where)
+            size = kept.seek(0, io.SEEK_END)
+            kept.seek(0)
+            opened = contextlib.nullcontext(kept)
+        with opened as photo:
             if method == "structure":
-                return self._structure(field, photo, where.length, rules)
-            need = decode_estimate(read_frame(photo, where.length), where.length, rules)
+                return self._structure(field, photo, size, rules)
+            need = decode_estimate(read_frame(photo, size), size, rules)
             with self.budget.reserve(need):
-                return self._check(field, photo, where.length, rules)
+                return self._check(field, photo, size, rules)
 
     async def check(
-        self, field: str, where: RecordWindow, rules: PhotoRules, method: Method = "decode"
+        self,
+        field: str,
+        where: Photo,
+        rules: PhotoRules,
+        method: Method = "decode",
+        *,
+        hold: PhotoHold | None = None,
     ) -> Violation | None:
-        loop = asyncio.get_running_loop()
+        """Check the photo on a pool thread. ``hold``, the room of a photo in memory, is
+        released once the check is done with its bytes (or will never run)."""
         try:
-            checked = loop.run_in_executor(
-                self._pool, self.check_located, field, where, rules, method
-            )
+            checked = self._pool.submit(self.check_located, field, where, rules, method)
         except RuntimeError:  # closed: the daemon is stopping
             raise PhotoCheckUnavailable(retry_after=RETRY_AFTER) from None
+        if hold is not None:
+            hold.handed = True
+            checked.add_done_callback(lambda _: hold.release())
         try:
-            return await checked
+            return await asyncio.wrap_future(checked)
         except MemoryError:
             # The gateway's fault, not the photo's: 503, and the device retries.
             raise PhotoCheckUnavailable(retry_after=RETRY_AFTER) from None

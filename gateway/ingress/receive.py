@@ -25,6 +25,7 @@ from gateway.errors import (
 from gateway.ingress.access import encode
 from gateway.ingress.admission import Admission, admit, still_allowed
 from gateway.ingress.intake import MultipartIntake
+from gateway.ingress.photos import PhotoHold
 from gateway.ingress.runtime import Runtime
 from gateway.ingress.scanner import ScanSession
 from gateway.ops.logs import get_logger
@@ -109,15 +110,26 @@ async def check_scan(rt: Runtime, channel: str, scan: ScanSession, intake: Multi
 
 
 async def _check_photo(
-    rt: Runtime, pending: PendingRecord, intake: MultipartIntake, policy: ChannelPolicy
+    rt: Runtime,
+    pending: PendingRecord,
+    intake: MultipartIntake,
+    policy: ChannelPolicy,
+    hold: PhotoHold | None,
 ) -> Violation | None:
+    """The photo's check: from its bytes in memory when they were kept (``hold`` is
+    then released once the check is done with them), else read back from the record."""
     file = intake.result.file
     if file is None or file.rule.format != "jpeg_photo":
         return None
     if any(v.field == file.rule.name for v in intake.result.violations):
         return None
-    where = pending.location(file.start, file.length)
     method = rt.config.channels[policy.name].photo_check
+    data, file.data = file.data, None  # freed once the check is done with it
+    if data is not None and data.tell() == file.length:
+        return await rt.photos.check(file.rule.name, data, policy.photo, method, hold=hold)
+    if hold is not None:
+        hold.release()  # nothing kept: the room goes back before the read-back
+    where = pending.location(file.start, file.length)
     return await rt.photos.check(file.rule.name, where, policy.photo, method)
 
 
@@ -156,6 +168,11 @@ async def _receive(
         raise
     committed = False
     intake: MultipartIntake | None = None
+    # Room to keep a small photo in memory for its check, from the photo budget.
+    photo = policy.file_field
+    hold = None
+    if photo is not None and photo.format == "jpeg_photo":
+        hold = rt.photos.hold(admitted.expected_bytes)
     try:
         intake = MultipartIntake(
             policy,
@@ -163,6 +180,7 @@ async def _receive(
             boundary,
             on_file_bytes=scan.feed if scan else None,
             content_digest=token is not None,
+            keep_photo=hold.amount if hold is not None else 0,
         )
         async for chunk in _body_chunks(request, rt.config.ingress.body_idle_timeout):
             if intake.result.body_bytes + len(chunk) > policy.max_body_bytes:
@@ -179,8 +197,7 @@ async def _receive(
             if existing is not None:
                 context["outcome"] = "replayed"
                 return _replay(existing, result.content_sha256)
-        rt.spool.start_sync(pending)  # fsync the record while the photo is checked
-        photo_violation = await _check_photo(rt, pending, intake, policy)
+        photo_violation = await _check_photo(rt, pending, intake, policy, hold)
         if photo_violation is not None:
             result.violations.append(photo_violation)
         context["fields"] = sorted(result.fields)
@@ -221,6 +238,8 @@ async def _receive(
         rt.access.wake()
     finally:
         context["bytes"] = intake.result.body_bytes if intake is not None else 0
+        if hold is not None and not hold.handed:  # else its check releases it
+            hold.release()
         if scan is not None:
             scan.close()
         if not committed:

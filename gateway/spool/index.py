@@ -2,9 +2,12 @@
 itself is in :mod:`gateway.spool.queries`).
 
 Every operation is a function of a connection; the thread takes every operation that
-is waiting, runs each inside its own savepoint, fsyncs the directories that the batch
-asked for, and commits once (WAL, ``synchronous=FULL``). Under load many submissions
-share one fsync of the index, the way a mail queue batches its acknowledgements.
+is waiting, fsyncs the files the operations carry (a new record's file: the one hand-off
+of a record to this thread makes it durable and indexes it), runs each operation inside
+its own savepoint, fsyncs the directories that the batch asked for once, and commits
+once (WAL, ``synchronous=FULL``). Under load many submissions share one fsync of the
+directory and of the index, the way a mail queue batches its acknowledgements. A file
+whose fsync fails fails its own operation only; the rest of the batch commits.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import SpoolError, StorageFailed, StorageFull
-from gateway.fsutil import fault_point, fsync_dir
+from gateway.fsutil import fault_point, fsync, fsync_dir
 from gateway.spool.queries import SCHEMA, SCHEMA_VERSION, upgrade_from_v1
 
 T = TypeVar("T")
@@ -68,6 +71,9 @@ class _Op:
     fn: Callable[[sqlite3.Connection], Any]
     future: concurrent.futures.Future[Any]
     sync_dirs: tuple[Path, ...] = field(default_factory=tuple)
+    sync_files: tuple[int, ...] = ()
+    """Open descriptors of files made durable before ``fn`` runs (the caller keeps
+    them open until the operation is done, and closes them)."""
     checkpoint: bool = False
     retries: int = 0  # a read run again after its batch's commit failed
     kind: str = "index"  # what the fault seam calls this operation's commit
@@ -99,20 +105,26 @@ class IndexThread:
         fn: Callable[[sqlite3.Connection], T],
         *,
         sync_dirs: Iterable[Path] = (),
+        sync_files: Iterable[int] = (),
         checkpoint: bool = False,
         kind: str = "index",
     ) -> T:
         """Run ``fn`` in the next batch; returns once the batch is committed.
 
-        ``checkpoint`` also runs a TRUNCATE checkpoint after the commit, so no older
-        version of a changed page survives in the write-ahead log (erasure).
+        ``sync_files`` (open file descriptors, the caller's to close once this returns)
+        are fsynced first: ``fn`` runs only when they are durable, else it fails with
+        the storage error and the rest of its batch goes on. ``sync_dirs`` are fsynced
+        once for the batch, before its commit. ``checkpoint`` also runs a TRUNCATE
+        checkpoint after the commit, so no older version of a changed page survives in
+        the write-ahead log (erasure).
         """
         if not self._thread.is_alive():
             # Nobody would ever answer: fail instead of waiting forever (e.g. a request
             # that outlived the drain and reaches the spool after it was closed).
             raise SpoolError("the spool index is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put(_Op(fn, future, tuple(sync_dirs), checkpoint, kind=kind))
+        op = _Op(fn, future, tuple(sync_dirs), tuple(sync_files), checkpoint, kind=kind)
+        self._queue.put(op)
         return await asyncio.wrap_future(future)
 
     def _connect(self) -> sqlite3.Connection:
@@ -217,11 +229,16 @@ class IndexThread:
         results: list[tuple[_Op, Any, BaseException | None]] = []
         readers: list[_Op] = []
         writers: set[str] = set()  # the kinds of the operations that changed something
+        unsynced = self._sync_files(batch)
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
                 if not (op.future.running() or op.future.set_running_or_notify_cancel()):
                     continue  # the caller gave up before the operation started
+                refused = unsynced.get(id(op))
+                if refused is not None:  # its file is not durable: no row for it
+                    results.append((op, None, refused))
+                    continue
                 conn.execute("SAVEPOINT op")
                 before = conn.total_changes
                 try:
@@ -233,7 +250,7 @@ class IndexThread:
                 else:
                     conn.execute("RELEASE op")
                     results.append((op, value, None))
-                    if conn.total_changes == before and not op.sync_dirs:
+                    if conn.total_changes == before and not (op.sync_dirs or op.sync_files):
                         readers.append(op)
                     elif conn.total_changes != before:
                         writers.add(op.kind)
@@ -268,6 +285,24 @@ class IndexThread:
             else:
                 op.future.set_result(value)
         return conn
+
+    @staticmethod
+    def _sync_files(batch: list[_Op]) -> dict[int, BaseException]:
+        """Fsync the files of every operation still wanted, one after the other (no
+        hand-off to other threads); the storage error of each operation whose fsync
+        failed, by the operation's id."""
+        refused: dict[int, BaseException] = {}
+        for op in batch:
+            if not op.sync_files:
+                continue
+            if not (op.future.running() or op.future.set_running_or_notify_cancel()):
+                continue  # the caller gave up: its descriptors may be closed already
+            try:
+                for fd in op.sync_files:
+                    fsync(fd, kind="record")
+            except Exception as exc:
+                refused[id(op)] = storage_error(exc)
+        return refused
 
     @staticmethod
     def _rolled_back(conn: sqlite3.Connection) -> bool:

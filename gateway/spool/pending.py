@@ -98,8 +98,6 @@ class PendingRecord:
         self.finished = False
         self.committed = False
         """True once the index row is committed: from then on the file is the record's."""
-        self.sync: asyncio.Future[None] | None = None
-        """The fsync of the finished file, once started (see :meth:`Spool.start_sync`)."""
 
     @property
     def aad(self) -> bytes:
@@ -109,6 +107,11 @@ class PendingRecord:
     def data_key(self) -> bytes:
         """The record's own key (to be wrapped into the index row)."""
         return self._dek
+
+    @property
+    def fd(self) -> int:
+        """The open file's descriptor (to fsync it; the file stays this object's)."""
+        return self._file.fileno()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writer.write(data)
@@ -144,8 +147,7 @@ class PendingRecord:
 
     def abandon(self) -> None:
         """Close and delete the file, unless its row committed (then the file is kept)."""
-        if self.sync is None and not self._file.closed:
-            self._file.close()  # else the fsync under way closes it
+        self._file.close()
         if not self.committed:
             self.path.unlink(missing_ok=True)
 

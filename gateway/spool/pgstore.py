@@ -219,22 +219,13 @@ class PgSpool(PgRetentionView, NodeCounters, AccessPending):
             future.add_done_callback(abandon_unclaimed)  # the file is nobody's now
             raise
 
-    def start_sync(self, pending: PendingRecord) -> asyncio.Future[None]:
-        """Seal and close the staging file; nothing to fsync: the record is durable
-        once PostgreSQL commits it."""
-        if pending.sync is None:
-            pending.close()
-            pending.sync = asyncio.get_running_loop().create_future()
-            pending.sync.set_result(None)
-        return pending.sync
-
     async def commit(
         self, pending: PendingRecord, meta: NewRecord, *, access: str | None = None
     ) -> Record:
         """Commit the record (and ``access``, its access log entry) to PostgreSQL with
         the next group; returns only once the transaction is committed."""
-        try:
-            self.start_sync(pending)
+        try:  # nothing to fsync: the record is durable once PostgreSQL commits it
+            pending.close()
         except OSError:  # the last segment could not be written: no record
             pending.abandon()
             raise

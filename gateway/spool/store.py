@@ -1,9 +1,11 @@
 """The durable encrypted spool: one encrypted file per submission plus a SQLite index.
 
 A record exists when, and only when, its index row is committed. Its file is written
-(encrypted with the record's own data key), fsynced, and only then is the row, holding
-the data key wrapped by the key of the record's epoch (:mod:`gateway.crypto.keystore`),
-committed with the file's directory fsynced.
+(encrypted with the record's own data key); the index thread then fsyncs it and only
+then inserts the row, holding the data key wrapped by the key of the record's epoch
+(:mod:`gateway.crypto.keystore`), committed with the file's directory fsynced: one
+hand-off to the index thread makes a record durable, and a group of records shares the
+directory's and the index's fsyncs.
 A crash at any moment leaves either a committed record or an orphan file that
 :meth:`Spool.open` removes: never a half-present record (cf. Postfix's queue).
 
@@ -71,8 +73,8 @@ class Spool(RetentionView):
         self.counts: Counter[str] = Counter()
         self.bytes = 0
         self._delivering: set[str] = set()
-        # fsync blocks in the kernel, not on the GIL: enough threads that concurrent
-        # requests' fsyncs overlap and share the filesystem journal's commits.
+        # Creating and unlinking files can wait for the filesystem journal: on threads,
+        # never on the event loop (the record files' fsyncs are the index thread's).
         self._fsync_pool = ThreadPoolExecutor(16, thread_name_prefix="spool-fsync")
         # Undelivered records (queued or held) by id, in order of receipt: the first one
         # is the oldest, read in O(1) for gateway_spool_oldest_undelivered_age_seconds.
@@ -152,16 +154,6 @@ class Spool(RetentionView):
         """When the oldest undelivered record was received, or None."""
         return next(iter(self._undelivered.values()), None)
 
-    def start_sync(self, pending: PendingRecord) -> asyncio.Future[None]:
-        """Start making the finished file durable, so other checks can run meanwhile."""
-        pending.finish()
-        if pending.sync is None:
-            loop = asyncio.get_running_loop()
-            pending.sync = loop.run_in_executor(self._fsync_pool, pending.sync_and_close)
-            # An abandoned record's fsync may fail once its file is gone: nobody awaits it.
-            pending.sync.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return pending.sync
-
     async def close(self) -> None:
         await asyncio.to_thread(self._fsync_pool.shutdown, wait=True)
         await self._index.stop()
@@ -199,11 +191,11 @@ class Spool(RetentionView):
         self, pending: PendingRecord, meta: NewRecord, *, access: str | None = None
     ) -> Record:
         """Make the record durable, then index it; returns only after both are on disk.
-        ``access`` (its access log entry) is committed in the same transaction."""
+        ``access`` (its access log entry) is committed in the same transaction. The index
+        thread fsyncs the file before the insert; a failed fsync fails this record alone."""
         try:
             pending.finish()
-            await asyncio.shield(self.start_sync(pending))
-        except OSError:  # the disk refused the last segment or the fsync: no record
+        except OSError:  # the disk refused the last segment: no record
             pending.abandon()
             raise
         writer = pending.writer
@@ -231,7 +223,9 @@ class Spool(RetentionView):
         # Once the insert is queued it may commit: even if the caller is cancelled (a
         # drain that ran out of time), wait for the outcome so the file is deleted only
         # when the row did not commit, never under a committed row.
-        task = asyncio.ensure_future(self._index.run(insert, sync_dirs=(pending.path.parent,)))
+        # The descriptor stays open (the index thread fsyncs it) until the outcome is in.
+        run = self._index.run(insert, sync_dirs=(pending.path.parent,), sync_files=(pending.fd,))
+        task = asyncio.ensure_future(run)
         cancelled = False
         while not task.done():
             try:
@@ -245,6 +239,7 @@ class Spool(RetentionView):
         # A caller that was cancelled meanwhile still discards its pending record in a
         # finally block: that must not delete the file under the committed row.
         pending.committed = True
+        pending.close()
         self.counts[State.QUEUED] += 1
         self.bytes += writer.ciphertext_size
         self._undelivered[pending.id] = meta.received_at

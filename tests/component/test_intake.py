@@ -119,11 +119,14 @@ def feed(
     boundary: bytes = BOUNDARY,
     *,
     content_digest: bool = True,
+    keep_photo: int = 0,
 ) -> Fed:
     """Stream ``data`` through a fresh intake in ``chunk``-byte pieces and finish it."""
     pending = spool.begin(new_submission_id())
     OPEN.append(pending)
-    intake = MultipartIntake(policy, pending, boundary, content_digest=content_digest)
+    intake = MultipartIntake(
+        policy, pending, boundary, content_digest=content_digest, keep_photo=keep_photo
+    )
     for i in range(0, len(data), chunk):
         intake.feed(data[i : i + chunk])
     result = intake.finish()
@@ -228,6 +231,27 @@ def test_file_part_window_holds_the_photo_bytes(spool: Spool, config: GatewayCon
     assert file.sha256 == ""
     with fed.pending.window(file.start, file.length) as stream:
         assert stream.read() == PHOTO
+
+
+@pytest.mark.parametrize("chunk", [7, 4096, 1 << 30])
+def test_a_photo_kept_in_memory_is_the_photo_the_record_holds(
+    spool: Spool, config: GatewayConfig, chunk: int
+) -> None:
+    """With ``keep_photo``, the photo part's bytes are also kept in memory, exactly those
+    the record holds; a photo over the bound is not (nor any photo by default)."""
+    policy = policy_for(config, "online-application")
+    parts = online_parts()
+    parts[2] = part("face_photo", BIG_PHOTO, filename="p.jpg", content_type="image/jpeg")
+    fed = feed(spool, policy, body(parts), chunk, keep_photo=len(BIG_PHOTO))
+    file = fed.result.file
+    assert file is not None and file.data is not None
+    with fed.pending.window(file.start, file.length) as stream:
+        assert file.data.getvalue() == stream.read() == BIG_PHOTO
+    over = feed(spool, policy, body(parts), chunk, keep_photo=len(BIG_PHOTO) - 1)
+    assert over.result.file is not None and over.result.file.data is None
+    assert over.result.file.length == len(BIG_PHOTO)  # stored whole all the same
+    kept_by_default = feed(spool, policy, body(parts), chunk).result.file
+    assert kept_by_default is not None and kept_by_default.data is None
 
 
 async def test_text_values_are_nfc_normalised(spool: Spool, config: GatewayConfig) -> None:

@@ -507,7 +507,7 @@ async def test_a_restart_removes_staging_files_and_the_directory_is_locked(
     a = await cluster.node("a")
     pending = await a.create(new_submission_id())
     pending.write(MARKER)
-    a.start_sync(pending)
+    pending.finish()
     directory = a.directory
     await cluster.close(a)
     keys = KeyStore(cluster.tmp / "other-keystore", cluster.master)

@@ -1,5 +1,7 @@
 """The photo check on threads: checks decode at once, within a memory budget that holds a
 big photo back until there is room; a check that cannot run is a 503, not a bad photo.
+A small photo kept in memory gets the same answer as one read back from its record, and
+its room in the budget goes back once its check is done.
 
 Photos are stored as real encrypted records; the decode itself is replaced where the
 test needs to see when it runs (threading events and barriers, no sleeps).
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
+import struct
 import threading
 from pathlib import Path
 from typing import BinaryIO
@@ -19,9 +23,18 @@ from PIL import Image
 from gateway.channels.photo import PhotoRules, check_jpeg, read_frame
 from gateway.crypto.envelope import KEY_SIZE
 from gateway.errors import Refusal, Violation
-from gateway.ingress.photos import DECODE_FLOOR, PhotoChecker, decode_estimate
+from gateway.ingress import photos
+from gateway.ingress.photos import (
+    DECODE_FLOOR,
+    IN_MEMORY_MAX,
+    MemoryBudget,
+    Method,
+    PhotoChecker,
+    decode_estimate,
+)
 from gateway.ingress.problems import answered
 from gateway.spool.pending import PendingRecord, RecordWindow
+from gateway.testing.samples import make_jpeg
 
 RULES = PhotoRules()
 WAIT = 10.0
@@ -218,3 +231,166 @@ async def test_a_closed_checker_answers_503(tmp_path: Path) -> None:
     with pytest.raises(Refusal) as caught:
         await checker.check("face_photo", where, RULES)
     assert answered(caught.value).status == 503
+
+
+# ------------------------------------------------------- photos kept in memory
+
+
+def claims(photo: bytes, width: int, height: int) -> bytes:
+    """``photo`` with its frame header (SOF0/1/2) rewritten to claim ``width`` x ``height``."""
+    i = 2
+    while photo[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(photo[i + 2 : i + 4], "big")
+    return photo[: i + 5] + struct.pack(">HH", height, width) + photo[i + 9 :]
+
+
+HOSTILE = {
+    "good": lambda: make_jpeg(),
+    "truncated": lambda: make_jpeg()[:60_000],
+    "png-named-jpg": lambda: png_photo(),
+    "cmyk": lambda: make_jpeg(600, 800, mode="CMYK"),
+    "claims-60000-px": lambda: claims(make_jpeg(), 60_000, 60_000),
+    "too-few-pixels": lambda: make_jpeg(400, 300, quality=100),
+    "trailing-junk": lambda: make_jpeg() + b"\0" * 5000,
+}
+
+
+def png_photo() -> bytes:
+    out = io.BytesIO()
+    Image.frombytes("RGB", (600, 800), random.Random(3).randbytes(600 * 800 * 3)).save(
+        out, format="PNG"
+    )
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("method", ["decode", "structure"])
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+async def test_a_photo_checked_in_memory_gets_the_answer_read_back_gets(
+    tmp_path: Path, name: str, method: Method
+) -> None:
+    """Each hostile fixture, in both modes: the same answer from memory as from the record."""
+    photo = HOSTILE[name]()
+    checker = PhotoChecker(workers=1)
+    try:
+        hold = checker.hold(len(photo))
+        assert hold is not None
+        in_memory = await checker.check("face_photo", bytearray(photo), RULES, method, hold=hold)
+        read_back = await checker.check("face_photo", stored(tmp_path, name, photo), RULES, method)
+    finally:
+        checker.close()
+    assert in_memory == read_back
+    assert (in_memory is None) is (
+        name == "good" or (name == "trailing-junk" and method == "decode")
+    )
+    assert checker.budget.reserved == checker.budget.held == 0
+
+
+async def test_a_photo_checked_in_memory_is_never_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check reads the bytes it is given: no record file is opened."""
+
+    def no_read_back(where: RecordWindow) -> None:
+        raise AssertionError("read back")
+
+    monkeypatch.setattr(photos, "open_window", no_read_back)
+    checker = PhotoChecker(workers=1)
+    try:
+        assert await checker.check("face_photo", make_jpeg(), RULES) is None
+    finally:
+        checker.close()
+
+
+def test_only_a_small_body_keeps_its_photo_in_memory() -> None:
+    checker = PhotoChecker(workers=1)
+    try:
+        assert checker.hold(IN_MEMORY_MAX + 1) is None
+        hold = checker.hold(IN_MEMORY_MAX)
+        assert hold is not None and checker.budget.held == IN_MEMORY_MAX
+        hold.release()
+        hold.release()  # idempotent
+        assert checker.budget.reserved == checker.budget.held == 0
+    finally:
+        checker.close()
+
+
+def test_photos_in_memory_keep_to_half_the_budget() -> None:
+    budget = MemoryBudget(100)
+    first = budget.try_hold(30)
+    assert first is not None
+    assert budget.try_hold(21) is None  # 51 of 100: over half
+    second = budget.try_hold(20)
+    assert second is not None and budget.reserved == budget.held == 50
+    first.release()
+    second.release()
+    assert budget.reserved == budget.held == 0
+
+
+async def test_photos_in_memory_never_take_room_a_waiting_decode_needs() -> None:
+    """While a decode waits in line, a new photo finds no room (it is read back instead)."""
+    budget = MemoryBudget(100)
+    started, finish = threading.Event(), threading.Event()
+
+    def decode(amount: int, event: threading.Event | None) -> None:
+        with budget.reserve(amount):
+            if event is not None:
+                event.set()
+                assert finish.wait(WAIT)
+
+    running = asyncio.create_task(asyncio.to_thread(decode, 60, started))
+    await in_thread(started)
+    waiting = asyncio.create_task(asyncio.to_thread(decode, 50, None))  # 110 > 100
+    assert await asyncio.to_thread(budget.wait_until, lambda b: b.waiting == 1, WAIT)
+    assert budget.try_hold(1) is None
+    finish.set()
+    await asyncio.gather(running, waiting)
+    hold = budget.try_hold(1)
+    assert hold is not None
+    hold.release()
+
+
+async def test_a_decode_larger_than_what_held_photos_leave_runs_alone_beside_them() -> None:
+    """Photos held stay until their own checks are done: a decode never waits for them;
+    one that needs more than they leave is cut to what they leave and runs alone."""
+    budget = MemoryBudget(100)
+    hold = budget.try_hold(40)
+    assert hold is not None
+    seen: list[int] = []
+
+    def decode() -> None:
+        with budget.reserve(1_000):
+            seen.append(budget.reserved)
+
+    await asyncio.wait_for(asyncio.to_thread(decode), WAIT)
+    assert seen == [100]  # 40 held + the 60 they leave
+    hold.release()
+    assert budget.reserved == budget.held == 0
+
+
+async def test_the_room_of_a_photo_in_memory_goes_back_when_its_check_is_done() -> None:
+    """Released by the check once it no longer reads the bytes, even when its caller went
+    away while it ran."""
+    inside, finish = threading.Event(), threading.Event()
+
+    def slow(field: str, fp: BinaryIO, size: int, rules: PhotoRules) -> Violation | None:
+        inside.set()
+        assert finish.wait(WAIT)
+        return None
+
+    checker = PhotoChecker(workers=1, check=slow)
+    photo = make_jpeg()
+    hold = checker.hold(len(photo))
+    assert hold is not None
+    try:
+        task = asyncio.create_task(checker.check("face_photo", photo, RULES, hold=hold))
+        await in_thread(inside)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert hold.handed and checker.budget.held == len(photo)  # the bytes are in use
+        finish.set()
+        assert await asyncio.to_thread(checker.budget.wait_until, lambda b: b.reserved == 0, WAIT)
+    finally:
+        finish.set()
+        checker.close()
+    assert checker.budget.held == 0

@@ -750,6 +750,56 @@ async def test_a_commit_the_disk_refuses_leaves_nothing_behind_and_the_next_one_
     assert await plaintext(spool, record) == payload(2)
 
 
+async def test_a_failed_fsync_fails_only_its_own_record_of_the_group(
+    store: Store, spool: Spool
+) -> None:
+    """The index thread fsyncs every file of its group before the inserts: the record
+    whose fsync fails gets no row and no file, the others of the same group commit."""
+    await put(store, spool, payload(0))  # the epoch's key exists: nothing else waits
+    started, release = threading.Event(), threading.Event()
+
+    def block(_conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(5)
+
+    blocker = asyncio.ensure_future(spool._index.run(block))
+    await asyncio.to_thread(started.wait, 5)
+    queued = asyncio.Event()
+    real_run = spool._index.run
+    inserts: list[int] = []
+
+    async def counting_run(fn: Callable[[sqlite3.Connection], Any], **kwargs: Any) -> Any:
+        if kwargs.get("sync_files"):
+            inserts.append(1)
+            if len(inserts) == 3:
+                queued.set()
+        return await real_run(fn, **kwargs)
+
+    spool._index.run = counting_run  # type: ignore[method-assign]
+    before = spool._index.commits
+    with DiskFaults() as faults:
+        faults.arm(2, errno.EIO, only=("record", "fsync"))
+        puts = asyncio.gather(
+            *(put(store, spool, payload(n, 100_000)) for n in (1, 2, 3)), return_exceptions=True
+        )
+        await queued.wait()
+        release.set()
+        await blocker
+        outcomes = await puts
+    assert spool._index.commits - before == 2  # the blocker's group, then all three inserts
+    assert faults.failed == [("", "record", "fsync")]
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(failed) == 1 and type(failed[0]) is StorageFailed
+    committed = {n: o[0] for n, o in zip((1, 2, 3), outcomes, strict=True) if isinstance(o, tuple)}
+    assert len(committed) == 2
+    rows = {rid for rid, _, _ in index_rows(store.directory)}
+    assert rows == record_files(store.directory) and len(rows) == 3  # the first one's too
+    for n, record in committed.items():
+        assert record.id in rows
+        assert await plaintext(spool, record) == payload(n, 100_000)
+    assert spool.counts["queued"] == 3
+
+
 async def test_reads_that_shared_a_batch_with_a_failed_write_run_again(
     store: Store, spool: Spool
 ) -> None:

@@ -197,7 +197,7 @@ async def test_discard_removes_an_uncommitted_record(backend: Backend) -> None:
     spool = live(backend)
     pending = await spool.create(new_submission_id(backend.clock))
     pending.write(MARKER)
-    spool.start_sync(pending)
+    pending.finish()
     assert pending.path.exists()
     spool.discard(pending)
     assert not pending.path.exists()
