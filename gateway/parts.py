@@ -341,7 +341,8 @@ class Parts:
         try:
             new = load_config(self.config_path)
             problems = secret_problems(new, str(self.config_path))
-            problems += registry_problems(new, str(self.config_path))
+            # On a thread: with a shared spool it reads the staff registry from the database.
+            problems += await asyncio.to_thread(registry_problems, new, str(self.config_path))
             problems += restart_problems(self.config, new, str(self.config_path))
             if problems:
                 raise ConfigError(problems)

@@ -29,7 +29,10 @@ ROOT = Path("/")
 
 def _dsn_file(path: Path) -> str:
     """A DSN secret: readable by its owner alone, one libpq connection string."""
-    text = read_secret_file(path, what="spool database DSN").decode("utf-8", "replace").strip()
+    try:
+        text = read_secret_file(path, what="spool database DSN").decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SecretFileError(f"spool database DSN file {path} is not UTF-8 text") from None
     if not text or "\n" in text:
         raise SecretFileError(f"{path}: must hold one libpq connection string on one line")
     return text

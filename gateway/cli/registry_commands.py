@@ -30,8 +30,7 @@ from gateway.cli.common import (
 )
 from gateway.config import GatewayConfig
 from gateway.crypto.certs import cert_fingerprint, load_cert_der
-from gateway.crypto.keys import read_secret_file, resolve_secret_path
-from gateway.errors import GatewayError, SecretFileError
+from gateway.errors import GatewayError
 from gateway.identity.passwords import check_password_rule, hash_password
 from gateway.identity.pgregistry import PgRegistryStore
 from gateway.identity.registry import (
@@ -48,7 +47,7 @@ from gateway.identity.registry import (
 )
 from gateway.ops.audit import current_actor
 from gateway.ops.control import DaemonUnavailable, control_request
-from gateway.preflight import ROOT
+from gateway.preflight import database_dsn
 from gateway.spool.reader import spool_in_use
 
 CONFIRM_WITHIN = 2.0
@@ -61,22 +60,14 @@ def shared(config: GatewayConfig) -> bool:
     return config.spool.backend == "postgresql" and config.spool.dsn is not None
 
 
-def database_dsn(spec: str) -> str:
-    """The libpq connection string in the secret file or credential ``spec``."""
-    path = resolve_secret_path(spec, ROOT)
-    try:
-        return read_secret_file(path, what="spool database DSN").decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise SecretFileError(f"spool database DSN file {path} is not UTF-8 text") from None
-
-
 def registry_store(config: GatewayConfig) -> RegistryStore:
     """Where this configuration keeps its registries: the files, or the shared database
     (seeded from the files if no node has written it yet)."""
     auth = config.auth
-    if shared(config) and config.spool.dsn is not None:
+    dsn = database_dsn(config)
+    if dsn is not None:
         return PgRegistryStore(
-            database_dsn(config.spool.dsn),
+            dsn,
             actor=current_actor(),
             seeds={"devices": auth.devices_file, "users": auth.users_file},
         )

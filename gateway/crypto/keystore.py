@@ -123,7 +123,23 @@ def shred(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-class KeyStore:
+class EpochSets:
+    """What a keystore knows of its epochs: the live keys and the destroyed days."""
+
+    _keys: dict[str, bytes]
+    _destroyed: set[str]
+
+    def live(self) -> list[str]:
+        return sorted(self._keys)
+
+    def destroyed(self) -> list[str]:
+        return sorted(self._destroyed)
+
+    def is_destroyed(self, epoch: str) -> bool:
+        return epoch in self._destroyed
+
+
+class KeyStore(EpochSets):
     """The epoch keys of one gateway, held in memory once opened (see the module doc)."""
 
     def __init__(self, directory: Path, master: bytes) -> None:
@@ -266,15 +282,6 @@ class KeyStore:
                 self._write(f"epoch-{epoch}", key)
                 self._keys[epoch] = key
             return self._keys[epoch]
-
-    def live(self) -> list[str]:
-        return sorted(self._keys)
-
-    def destroyed(self) -> list[str]:
-        return sorted(self._destroyed)
-
-    def is_destroyed(self, epoch: str) -> bool:
-        return epoch in self._destroyed
 
     def destroy(self, epoch: str) -> bool:
         """Destroy an epoch's key: tombstone, overwrite, fsync, unlink, fsync the

@@ -51,6 +51,7 @@ import psycopg
 from gateway import pgutil
 from gateway.crypto.keystore import (
     KEY_SIZE,
+    EpochSets,
     check_epoch,
     first_idempotency_key,
     master_key_id,
@@ -115,7 +116,7 @@ def _release(conn: psycopg.Connection[Any]) -> None:
     conn.close()
 
 
-class PgKeyStore:
+class PgKeyStore(EpochSets):
     """The epoch keys of every node, in PostgreSQL; held in memory once opened.
 
     Synchronous (one connection, which also holds the session lock): callers run it on
@@ -323,15 +324,6 @@ class PgKeyStore:
             ).fetchone()
         assert row is not None
         return bytes(row[0])
-
-    def live(self) -> list[str]:
-        return sorted(self._keys)
-
-    def destroyed(self) -> list[str]:
-        return sorted(self._destroyed)
-
-    def is_destroyed(self, epoch: str) -> bool:
-        return epoch in self._destroyed
 
     def destroy(self, epoch: str) -> bool:
         """Destroy an epoch's key: its row deleted and its tombstone written, in one

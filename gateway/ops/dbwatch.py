@@ -73,6 +73,6 @@ class DatabaseWatch:
             leases_lost=spool.leases_lost,
             claims_taken_over=spool.claims_taken_over,
             commit_batches=spool.commit_batches,
-            committed_records=getattr(spool, "committed_records", 0),
+            committed_records=spool.committed_records,
             registry_listener_connected=None if connected is None else connected(),
         )

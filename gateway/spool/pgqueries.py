@@ -14,7 +14,6 @@ Statements that lock several rows lock them in id order, so two nodes never dead
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -30,6 +29,7 @@ from gateway.spool.records import (
     DuplicateIdempotencyKey,
     NewRecord,
     State,
+    queued_row,
     sources_of,
 )
 
@@ -196,26 +196,15 @@ def new_row(
     key_epoch: str,
 ) -> dict[str, Any]:
     """The parameters of :data:`INSERT_RECORD` for a new, queued record."""
-    return {
-        "id": record_id,
-        "channel": meta.channel,
-        "destination": meta.destination,
-        "device_id": meta.device_id,
-        "user_id": meta.user_id,
-        "state": State.QUEUED.value,
-        "received_at": meta.received_at,
-        "expires_at": meta.expires_at,
-        "content_type": meta.content_type,
-        "plaintext_size": plaintext_size,
-        "ciphertext_size": ciphertext_size,
-        "ciphertext_sha256": ciphertext_sha256,
-        "body_sha256": meta.body_sha256,
-        "content_sha256": meta.content_sha256,
-        "field_names": json.dumps(list(meta.field_names)),
-        "wrapped_key": wrapped_key,
-        "key_epoch": key_epoch,
-        "idempotency_key": meta.idempotency_key,
-    }
+    return queued_row(
+        record_id,
+        meta,
+        plaintext_size=plaintext_size,
+        ciphertext_size=ciphertext_size,
+        ciphertext_sha256=ciphertext_sha256,
+        wrapped_key=wrapped_key,
+        key_epoch=key_epoch,
+    )
 
 
 async def move(

@@ -43,6 +43,7 @@ from gateway.crypto.keystore import epoch_of
 from gateway.errors import KeyEpochGone, SpoolError
 from gateway.spool import pgqueries, pgread, pgview
 from gateway.spool.backend import EpochKeys
+from gateway.spool.moves import MoveSql, StateMoves
 from gateway.spool.pending import PendingRecord, abandon_unclaimed
 from gateway.spool.pgcommit import AccessPending, GroupCommit, Insert
 from gateway.spool.pgleases import Leases
@@ -61,10 +62,11 @@ from gateway.spool.records import (
 )
 
 
-class PgSpool(PgRetentionView, NodeCounters, AccessPending):
+class PgSpool(StateMoves, PgRetentionView, NodeCounters, AccessPending):
     """The PostgreSQL spool backend of one node (see the module's docstring)."""
 
     shared = True
+    MOVES = MoveSql(pgqueries.SET_DELIVERED, pgqueries.SET_HELD, pgqueries.SET_REQUEUED)
 
     def __init__(
         self,
@@ -368,24 +370,6 @@ class PgSpool(PgRetentionView, NodeCounters, AccessPending):
     async def renew_leases(self) -> list[str]:
         """Extend this node's leases now; returns the ids found lost to another node."""
         return await self._leases.renew()
-
-    async def mark_delivered(self, record_id: str, *, at: float, receipt: str | None) -> None:
-        await self._move(record_id, State.DELIVERED, pgqueries.SET_DELIVERED, (at, receipt))
-
-    async def mark_held(self, record_id: str, *, at: float, reason: str) -> None:
-        await self._move(record_id, State.HELD, pgqueries.SET_HELD, (at, reason))
-
-    async def requeue(self, record_id: str) -> Record:
-        """Put a held record back in the queue (an operator's decision); returns it.
-
-        Raises SpoolError when there is no such live record or it is not held.
-        """
-        changed = await self._move(record_id, State.QUEUED, pgqueries.SET_REQUEUED, ())
-        record = await self.get(record_id)
-        if not changed or record is None:
-            state = "unknown" if record is None else record.state
-            raise SpoolError(f"{record_id} is {state}; only a held record can be requeued")
-        return record
 
     async def note_failed_attempt(self, record_id: str, reason: str) -> None:
         """Count a failed attempt; the claim stays (the worker tries again under it)."""

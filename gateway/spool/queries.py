@@ -8,7 +8,6 @@ transition, whatever its caller believes the record's state to be.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from gateway.spool.records import (
     Record,
     State,
     check_transition,
+    queued_row,
     sources_of,
 )
 
@@ -113,26 +113,15 @@ def insert_record(
     key_epoch: str,
 ) -> None:
     """The new record's row, queued; DuplicateIdempotencyKey if its key is taken."""
-    row = {
-        "id": record_id,
-        "channel": meta.channel,
-        "destination": meta.destination,
-        "device_id": meta.device_id,
-        "user_id": meta.user_id,
-        "state": State.QUEUED.value,
-        "received_at": meta.received_at,
-        "expires_at": meta.expires_at,
-        "content_type": meta.content_type,
-        "plaintext_size": plaintext_size,
-        "ciphertext_size": ciphertext_size,
-        "ciphertext_sha256": ciphertext_sha256,
-        "body_sha256": meta.body_sha256,
-        "content_sha256": meta.content_sha256,
-        "field_names": json.dumps(list(meta.field_names)),
-        "wrapped_key": wrapped_key,
-        "key_epoch": key_epoch,
-        "idempotency_key": meta.idempotency_key,
-    }
+    row = queued_row(
+        record_id,
+        meta,
+        plaintext_size=plaintext_size,
+        ciphertext_size=ciphertext_size,
+        ciphertext_sha256=ciphertext_sha256,
+        wrapped_key=wrapped_key,
+        key_epoch=key_epoch,
+    )
     sql = f"INSERT INTO records ({', '.join(row)}) VALUES ({_marks(row)})"  # noqa: S608
     try:
         conn.execute(sql, tuple(row.values()))

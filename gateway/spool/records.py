@@ -170,6 +170,39 @@ class NewRecord:
     idempotency_key: str | None
 
 
+def queued_row(
+    record_id: str,
+    meta: NewRecord,
+    *,
+    plaintext_size: int,
+    ciphertext_size: int,
+    ciphertext_sha256: str,
+    wrapped_key: bytes,
+    key_epoch: str,
+) -> dict[str, Any]:
+    """A new record's row, queued, by column name (every backend inserts this)."""
+    return {
+        "id": record_id,
+        "channel": meta.channel,
+        "destination": meta.destination,
+        "device_id": meta.device_id,
+        "user_id": meta.user_id,
+        "state": State.QUEUED.value,
+        "received_at": meta.received_at,
+        "expires_at": meta.expires_at,
+        "content_type": meta.content_type,
+        "plaintext_size": plaintext_size,
+        "ciphertext_size": ciphertext_size,
+        "ciphertext_sha256": ciphertext_sha256,
+        "body_sha256": meta.body_sha256,
+        "content_sha256": meta.content_sha256,
+        "field_names": json.dumps(list(meta.field_names)),
+        "wrapped_key": wrapped_key,
+        "key_epoch": key_epoch,
+        "idempotency_key": meta.idempotency_key,
+    }
+
+
 class DuplicateIdempotencyKey(SpoolError):
     """Another record of this device already holds the Idempotency-Key."""
 

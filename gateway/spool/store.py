@@ -36,6 +36,7 @@ from gateway.fsutil import fsync_dir
 from gateway.spool import queries
 from gateway.spool.epochs import hold_unreadable, migrate_legacy_keys
 from gateway.spool.index import IndexThread
+from gateway.spool.moves import MoveSql, StateMoves
 from gateway.spool.pending import PendingRecord, abandon_unclaimed
 from gateway.spool.records import (
     DELIVERING,
@@ -49,10 +50,11 @@ from gateway.spool.records import (
 from gateway.spool.retention_view import RetentionView
 
 
-class Spool(RetentionView):
+class Spool(StateMoves, RetentionView):
     """The local spool backend (SQLite index + one encrypted file per record)."""
 
     shared = False
+    MOVES = MoveSql(queries.SET_DELIVERED, queries.SET_HELD, queries.SET_REQUEUED)
 
     def __init__(
         self,
@@ -319,24 +321,6 @@ class Spool(RetentionView):
     @property
     def delivering(self) -> int:
         return len(self._delivering)
-
-    async def mark_delivered(self, record_id: str, *, at: float, receipt: str | None) -> None:
-        await self._move(record_id, State.DELIVERED, queries.SET_DELIVERED, (at, receipt))
-
-    async def mark_held(self, record_id: str, *, at: float, reason: str) -> None:
-        await self._move(record_id, State.HELD, queries.SET_HELD, (at, reason))
-
-    async def requeue(self, record_id: str) -> Record:
-        """Put a held record back in the queue (an operator's decision); returns it.
-
-        Raises SpoolError when there is no such live record or it is not held.
-        """
-        changed = await self._move(record_id, State.QUEUED, queries.SET_REQUEUED, ())
-        record = await self.get(record_id)
-        if not changed or record is None:
-            state = "unknown" if record is None else record.state
-            raise SpoolError(f"{record_id} is {state}; only a held record can be requeued")
-        return record
 
     async def note_failed_attempt(self, record_id: str, reason: str) -> None:
         await self._index.run(lambda c: queries.note_attempt(c, record_id, reason))
