@@ -31,7 +31,7 @@ log = get_logger("gateway.daemon")
 
 def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
     """The ``gatewayd`` program; returns its exit status."""
-    logs.configure(level=getattr(logging, log_level.upper()))
+    logs.configure(level=getattr(logging, log_level.upper()), once=True)
     # No core file, whoever starts us: memory holds decrypted submissions and keys (the
     # photo-check workers inherit the limit).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -87,3 +87,32 @@ def test_no_prefix_on_a_stream_that_is_not_the_journal(
         finally:
             structlog.configure(**saved)
     assert (tmp_path / "terminal").read_text("utf-8").startswith("{")
+
+
+def test_lines_are_the_standard_json_and_a_value_json_cannot_write_keeps_its_line() -> None:
+    """The serializer's fast path writes what ``json.dumps`` writes; a value JSON has no
+    form for (a safe key given an object) is written as its repr, not lost."""
+    event = {"event": "request", "status": 202, "channel": "窓口", "duration_ms": 1.5}
+    assert logs.to_json(event) == json.dumps(event)
+    odd = {"event": "x", "error": Path("/spool")}
+    assert json.loads(logs.to_json(odd)) == {"event": "x", "error": "PosixPath('/spool')"}
+
+
+def test_configured_once_each_logger_is_bound_on_its_first_line(tmp_path: Path) -> None:
+    """gatewayd configures logging once: a logger is bound on its first line and reused
+    (not rebuilt per line), and its lines still pass the allow-list."""
+    saved = structlog.get_config()
+    log = logs.get_logger("gateway.test.once")
+    with open(tmp_path / "out", "w", encoding="utf-8") as stream:
+        try:
+            logs.configure(stream, once=True)
+            log.info("request", status=202, name="新宿 花子")
+            bound = vars(log).get("bind")
+            log.info("request", status=503)
+            assert bound is not None and vars(log).get("bind") is bound
+        finally:
+            structlog.configure(**saved)
+    lines = [json.loads(x) for x in (tmp_path / "out").read_text("utf-8").splitlines()]
+    assert [x["status"] for x in lines] == [202, 503]
+    assert lines[0]["name"] == REDACTED
+    assert "新宿" not in (tmp_path / "out").read_text("utf-8")
