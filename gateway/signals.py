@@ -21,6 +21,7 @@ from gateway.daemon import Daemon
 from gateway.errors import EXIT_CONFIG, ConfigError, GatewayError
 from gateway.ops import logs
 from gateway.ops.logs import get_logger
+from gateway.ops.loops import LoopFactory, loop_name
 from gateway.ops.memory import tune_malloc, tune_tls_reads
 from gateway.ops.sdnotify import Notifier
 from gateway.ops.supervisor import TaskGaveUp
@@ -29,8 +30,11 @@ from gateway.preflight import registry_problems, secret_problems
 log = get_logger("gateway.daemon")
 
 
-def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
-    """The ``gatewayd`` program; returns its exit status."""
+def run_until_signalled(
+    config_path: Path, log_level: str = "info", loop_factory: LoopFactory = asyncio.new_event_loop
+) -> int:
+    """The ``gatewayd`` program on the event loops ``loop_factory`` makes; returns its
+    exit status."""
     logs.configure(level=getattr(logging, log_level.upper()), once=True)
     # No core file, whoever starts us: memory holds decrypted submissions and keys (the
     # photo-check workers inherit the limit).
@@ -52,7 +56,8 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
             print(f"gatewayd: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        asyncio.run(_serve_with_signals(config, config_path))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve_with_signals(config, config_path))
     except ConfigError as exc:  # the registries changed between the check and the start
         for problem in exc.problems:
             print(f"gatewayd: {problem}", file=sys.stderr)
@@ -69,6 +74,7 @@ def run_until_signalled(config_path: Path, log_level: str = "info") -> int:
 
 async def _serve_with_signals(config: GatewayConfig, config_path: Path) -> None:
     loop = asyncio.get_running_loop()
+    log.info("starting", event_loop=loop_name(loop), pid=os.getpid())
     stop = asyncio.Event()
 
     def on_signal(signum: signal.Signals) -> None:

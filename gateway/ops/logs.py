@@ -77,6 +77,7 @@ SAFE_KEYS = frozenset(
         "in_flight",
         "access_file",
         "last_seq",
+        "event_loop",
     }
 )
 REDACTED = "[redacted]"

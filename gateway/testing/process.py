@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,15 @@ class DaemonProcess:
     """
 
     def __init__(
-        self, config_path: Path, log_path: Path, *, env: Mapping[str, str] | None = None
+        self,
+        config_path: Path,
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.config_path = config_path
+        self.args = tuple(args)  # more of gatewayd's options
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.process: asyncio.subprocess.Process | None = None
@@ -47,6 +53,7 @@ class DaemonProcess:
             "gateway.cli.gatewayd",
             "--config",
             str(self.config_path),
+            *self.args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
