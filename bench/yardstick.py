@@ -10,6 +10,9 @@ connections, closed loop), the same upstream simulator (mutual TLS, keep-alive) 
   rest, delivery and erasure.
 * **gatewayd** as shipped: the same, with the payload sealed for its recipient (HPKE).
 
+Both gatewayd rows run on asyncio's loop (the default), then on uvloop
+(``--event-loop uvloop``).
+
 CPU per request is read from /proc (utime + stime) of nginx's master and workers, and of
 gatewayd and its child processes, over the measured run, including the delivery of every
 accepted submission (the run ends when the upstream has them all).
@@ -30,6 +33,8 @@ from typing import Any
 import tomli_w
 
 from bench.load import closed_loop, latency_ms, progress
+from gateway.ops.loops import DEFAULT as DEFAULT_LOOP
+from gateway.ops.loops import LOOPS
 from gateway.testing.client import DeviceClient
 from gateway.testing.process import DaemonProcess, cpu_seconds_of
 from gateway.testing.sandbox import Sandbox
@@ -193,24 +198,32 @@ async def run(
 ) -> list[dict[str, Any]]:
     sim = sandbox.simulators[DESTINATION]
     load = (body, ctype, total, concurrency)
-    opener, sim.opener = sim.opener, None  # nginx and the unsealed gatewayd post plain bodies
     rows = []
+    upstream_port = int(sim.url.split(":")[2].split("/")[0])
+    opener, sim.opener = sim.opener, None  # nginx and the unsealed gatewayd post plain bodies
     try:
-        upstream_port = int(sim.url.split(":")[2].split("/")[0])
         async with Nginx(sandbox, directory / "nginx", upstream_port, sim.path) as nginx:
             label = "nginx (mTLS relay, 2 workers)"
             rows.append(await _measure(label, sandbox, nginx.port, nginx.cpu_seconds, *load))
-        unsealed = unsealed_config(sandbox)
-        async with DaemonProcess(unsealed, directory / "daemon-unsealed.log") as daemon:
-            label = "gatewayd (validation, fsync, encryption)"
-            port = daemon.port_of("tablet-01")
-            rows.append(await _measure(label, sandbox, port, daemon.total_cpu_seconds, *load))
     finally:
         sim.opener = opener
-    async with DaemonProcess(sandbox.config_path, directory / "daemon-sealed.log") as daemon:
-        label = "gatewayd with HPKE sealing (shipped)"
-        port = daemon.port_of("tablet-01")
-        rows.append(await _measure(label, sandbox, port, daemon.total_cpu_seconds, *load))
+    unsealed = unsealed_config(sandbox)
+    for loop in LOOPS:
+        for config, label in (
+            (unsealed, "gatewayd (validation, fsync, encryption)"),
+            (sandbox.config_path, "gatewayd with HPKE sealing (shipped)"),
+        ):
+            if loop != DEFAULT_LOOP:
+                label = f"{label}, --event-loop {loop}"
+            sim.opener = opener if config == sandbox.config_path else None
+            try:
+                log = directory / f"daemon-{config.stem}-{loop}.log"
+                async with DaemonProcess(config, log, args=("--event-loop", loop)) as daemon:
+                    port = daemon.port_of("tablet-01")
+                    cpu = daemon.total_cpu_seconds
+                    rows.append(await _measure(label, sandbox, port, cpu, *load))
+            finally:
+                sim.opener = opener
     base = rows[0]["cpu_ms_per_request"] or 1e-9
     for row in rows:
         row["cpu_vs_nginx"] = round(row["cpu_ms_per_request"] / base, 1)
