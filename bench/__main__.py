@@ -159,7 +159,7 @@ async def throughput(
             progress(f"settling {SETTLE:.0f} s, then open loop: {rate}/s for {args.seconds:.0f} s")
             # The simulator keeps every body it received (300 KB each): forgotten here, so
             # the load generator in this process does not slow down with its own heap.
-            sim.received.clear()
+            sim.forget()
             await asyncio.sleep(SETTLE)
             lat, failed = await open_loop(poster, body, ctype, rate=rate, seconds=args.seconds)
             results[f"at_{rate}_per_second"] = {

@@ -51,7 +51,6 @@ from gateway.testing.client import DeviceClient
 from gateway.testing.postgres import Postgres, free_loopback_port
 from gateway.testing.process import DaemonProcess
 from gateway.testing.sandbox import Sandbox
-from gateway.testing.upstream import UpstreamSimulator
 
 DESTINATION = "dnp-relay"
 DEVICE = "tablet-01"
@@ -196,12 +195,6 @@ async def _load(
     return elapsed, [t for _, lat, _ in runs for t in lat], sum(f for *_, f in runs)
 
 
-def _forget(sim: UpstreamSimulator) -> None:
-    """The simulator's bodies dropped (300 KB each): the load generator stays light."""
-    sim.received.clear()
-    sim.deliveries.clear()
-
-
 def _row(elapsed: float, latencies: list[float], failures: int, cpu: Cpu) -> dict[str, Any]:
     return {
         "submissions": len(latencies),
@@ -233,11 +226,11 @@ async def _sustained(
             for d in daemons
         ]
         progress(f"{label}: warming up")
-        _forget(sim)
+        sim.forget()
         _, _, failed = await _load(posters, body, ctype, total=WARM_UP, concurrency=concurrency)
         await sim.wait_for(WARM_UP - failed, timeout=60)
         await asyncio.sleep(1)  # the warm-up's deliveries and erasures settle
-        _forget(sim)
+        sim.forget()
         progress(f"{label}: {total} × {len(body) // 1000} KB, {concurrency} devices")
         cpu = Cpu(daemons, server)
         cpu.start()
@@ -246,7 +239,7 @@ async def _sustained(
         )
         await sim.wait_for(len(latencies) - failed, timeout=300)
         cpu.stop()
-        _forget(sim)
+        sim.forget()
     return {"spool": label, "nodes": len(configs), **_row(elapsed, latencies, failed, cpu)}
 
 

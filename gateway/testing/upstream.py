@@ -222,6 +222,13 @@ class UpstreamSimulator:
 
     # ------------------------------------------------------------------ observation
 
+    def forget(self) -> None:
+        """Drop every body received so far (a bench holds thousands of 300 KB bodies
+        otherwise, in its load generator's process); a key seen before is new again."""
+        self.received.clear()
+        self.deliveries.clear()
+        self._received_at.clear()
+
     async def wait_for(self, count: int, timeout: float) -> None:  # noqa: ASYNC109 (brief API)
         """Wait until at least ``count`` submissions were received; TimeoutError otherwise."""
         async with asyncio.timeout(timeout), self._condition:

@@ -125,6 +125,23 @@ async def test_duplicate_key_returns_original_receipt(
     assert [r.receipt_id for r in sim.received] == [first["receipt_id"]]
 
 
+async def test_forget_drops_the_bodies_and_a_key_is_new_again(
+    sim: UpstreamSimulator, session: aiohttp.ClientSession
+) -> None:
+    """What a bench calls between phases: nothing received is kept, so the same key is
+    recorded afresh (201, a new receipt) rather than answered as a duplicate."""
+    async with session.post(sim.url, data=form(), headers=headers("k")) as resp:
+        assert resp.status == 201
+    sim.forget()
+    assert sim.received == [] and sim.deliveries == {}
+    async with session.post(sim.url, data=form(), headers=headers("k")) as resp:
+        assert resp.status == 201
+        again = await resp.json()
+    assert again["receipt_id"] == "jlis-00000002"
+    assert [r.receipt_id for r in sim.received] == ["jlis-00000002"]
+    assert sim.duplicates == 0
+
+
 async def test_fail_next_then_success(
     sim: UpstreamSimulator, session: aiohttp.ClientSession
 ) -> None:
