@@ -21,7 +21,8 @@ simulated upstreams in this process, both legs over mutual TLS on loopback. Repo
   database, CPU of the database server included, and the accept cost with 1,000 and
   100,000 records queued (``bench/postgresql.py``).
 
-Figures go to stdout and to ``bench-results.json``.
+Figures go to stdout and to ``bench-results.json`` (a run of some phases replaces their
+figures there and keeps the others').
 """
 
 from __future__ import annotations
@@ -206,6 +207,16 @@ async def big_uploads(
         }
 
 
+def merged(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` over what ``path`` already holds: a run of some phases replaces their
+    figures and keeps the other phases' from earlier runs (each phase's own keys)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    return {**earlier, **results} if isinstance(earlier, dict) else results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -278,7 +289,7 @@ def main() -> int:
             results["retention"] = asyncio.run(retention.run(Path(tmp), args.sweep_records))
     progress("sealing: 300 KB and 7 MB payloads with each suite")
     results["seal"] = seal.run()
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    args.output.write_text(json.dumps(merged(args.output, results), indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
 
