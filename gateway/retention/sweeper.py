@@ -119,7 +119,10 @@ class Sweeper:
                 due = await self._spool.due(now, BATCH)
                 if not due:
                     break
-                total += await self._erase(due, [self._reason(d) for d in due], now)
+                # On a thread: a shared keystore asks its database about an epoch it
+                # has not seen (another node's), which would block the event loop.
+                reasons = await asyncio.to_thread(self._reasons, due)
+                total += await self._erase(due, reasons, now)
                 if progress is not None:
                     progress(total)
             await self.destroy_epochs(self._clock())
@@ -130,6 +133,9 @@ class Sweeper:
                 overdue = await self._spool.overdue(self._clock(), 2 * self._interval)
                 self._metrics.spool_overdue.set(overdue)
         return total
+
+    def _reasons(self, due: Sequence[Due]) -> list[str]:
+        return [self._reason(d) for d in due]
 
     def _reason(self, due: Due) -> str:
         epoch = due.key_epoch

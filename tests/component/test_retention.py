@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -343,3 +344,24 @@ async def test_the_certificate_says_when_each_key_and_its_epoch_were_destroyed(
     header = as_csv(done).decode("utf-8-sig").splitlines()[0]
     assert "鍵エポックの破棄日時 (epoch_destroyed_at)" in header
     assert done["records"][0]["epoch_destroyed_at"] == "2027-01-23T00:00:05+09:00"
+
+
+async def test_a_sweep_asks_the_keystore_off_the_event_loop(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Choosing each record's reason asks the keystore whether its epoch is gone; a
+    shared keystore may ask its database, so the sweep asks on a thread."""
+    await put(rig)
+    loop_thread = threading.get_ident()
+    keys = rig.spool.keys
+    asked: list[int] = []
+    real_get = keys.get
+
+    def get(epoch: str) -> bytes | None:
+        asked.append(threading.get_ident())
+        return real_get(epoch)
+
+    monkeypatch.setattr(keys, "get", get)
+    rig.clock.now = T0 + WEEK + 1
+    assert await rig.sweeper.sweep() == 1
+    assert asked and loop_thread not in asked
