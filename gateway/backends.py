@@ -88,10 +88,18 @@ def build_audit(
     return AuditLog(config.audit_log, via=via, actor=actor, clock=clock, dsn=database_dsn(config))
 
 
+class NodeNameTaken(SpoolError):
+    """Another running process holds this node's ``node_id``."""
+
+
 class NodeName:
     """This node's name, held for as long as the node runs: a session advisory lock on
     it, so a second process started with the same ``node_id`` (a configuration copied
-    from another node) is refused instead of releasing the first one's claims."""
+    from another node) is refused instead of releasing the first one's claims.
+
+    A restart of the database ends the session and its lock: :meth:`keep` (the database
+    watch calls it every check) takes the name again, or raises NodeNameTaken if a
+    process with the same ``node_id`` took it meanwhile."""
 
     def __init__(self, dsn: str, node: str) -> None:
         self._dsn = dsn
@@ -113,7 +121,7 @@ class NodeName:
             )
             row = await cursor.fetchone()
             if not (row and row[0]):
-                raise SpoolError(
+                raise NodeNameTaken(
                     f"another gateway node runs with node_id {self.node!r}: give each node "
                     "its own [spool] node_id"
                 )
@@ -123,6 +131,25 @@ class NodeName:
             raise
         self._conn = conn
         return warnings
+
+    async def keep(self) -> bool:
+        """Hold the name still; True when it had to be taken again (the session was
+        gone). A database that does not answer is left for the next call."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                await conn.execute("SELECT 1")
+                return False
+            except psycopg.Error:
+                pass  # the session ended (the server restarted): its lock is gone
+        await self.release()
+        try:
+            await self.hold()
+        except NodeNameTaken:
+            raise
+        except SpoolError:  # unavailable: the watch reports the database down
+            return False
+        return True
 
     async def release(self) -> None:
         if self._conn is not None:

@@ -105,7 +105,6 @@ class Daemon(Parts):
         self.admin: web.AppRunner | None = None
         self.control: web.AppRunner | None = None
         self.bound: Bound | None = None
-        self.node_name: NodeName | None = None  # a shared spool's: this node's, held
 
     # ------------------------------------------------------------------ start
 

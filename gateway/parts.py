@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gateway.backends import build_audit, build_ledger
+from gateway.backends import NodeName, build_audit, build_ledger
 from gateway.channels.policy import ChannelPolicy
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import resolve_secret_path
@@ -126,6 +126,7 @@ class Parts:
                 spool,
                 self.readiness,
                 listener_connected=None if follower is None else lambda: follower.connected,
+                keep_name=None if self.node_name is None else self.node_name.keep,
             )
             metrics.registry.register(DatabaseCollector(self.database_watch.snapshot))
         self.export(config)
@@ -244,6 +245,7 @@ class Parts:
                 await asyncio.wait_for(asyncio.shield(task), within)
 
     registry_follower: PgRegistryFollower | None = None
+    node_name: NodeName | None = None  # with a shared spool: this node's name, held
     registry_feed: RegistryFeed | None = None
     """With a shared spool: the registries as the database has them (kept current by
     the daemon's LISTEN gateway_registry follower)."""

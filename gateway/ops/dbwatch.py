@@ -32,9 +32,11 @@ class DatabaseWatch:
         readiness: MutableMapping[str, str],
         *,
         listener_connected: Callable[[], bool] | None = None,
+        keep_name: Callable[[], Awaitable[bool]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._spool = spool
+        self.keep_name = keep_name  # the node's name lock, taken again after a restart
         self._readiness = readiness
         self._listener_connected = listener_connected
         self._sleep = sleep
@@ -54,6 +56,10 @@ class DatabaseWatch:
             if not self.up:
                 log.info("database_available")
             self.up = True
+            # Raises when another process took this node's name (the task fails and,
+            # failing again, stops the daemon: two nodes must not share a node_id).
+            if self.keep_name is not None and await self.keep_name():
+                log.warning("node_name_taken_again", reason="the database session had ended")
         self._readiness["database"] = "up" if self.up else "down"
         return self.up
 

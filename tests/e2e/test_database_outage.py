@@ -131,6 +131,10 @@ async def test_a_database_crash_gives_503_then_the_node_reconnects(tmp_path: Pat
                 for n in range(200, 203):
                     assert await post(n) == 202
                 await sim.wait_for(len(accepted), timeout=30)
+                # The restart ended the session holding the node's name: taken again.
+                async with asyncio.timeout(15):
+                    while b'"node_name_taken_again"' not in log.read_bytes():  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)
         finally:
             assert await daemon.terminate() == 0
             await box.stop_simulators()
