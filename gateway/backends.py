@@ -9,6 +9,7 @@ ingress and the command line are the same code whichever backend is configured.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socket
@@ -20,7 +21,7 @@ import psycopg
 
 from gateway.config import GatewayConfig
 from gateway.crypto.pgkeystore import PgKeyStore
-from gateway.errors import SpoolError
+from gateway.errors import SpoolError, Unrecoverable
 from gateway.ops.audit import AuditLog
 from gateway.ops.pgchain import ChainLog
 from gateway.pgutil import CONNECT_TIMEOUT, KEYS_SCHEMA, unavailable
@@ -88,7 +89,19 @@ def build_audit(
     return AuditLog(config.audit_log, via=via, actor=actor, clock=clock, dsn=database_dsn(config))
 
 
-class NodeNameTaken(SpoolError):
+KEEP_TIMEOUT = 5.0
+"""Seconds :meth:`NodeName.keep` gives the database to answer."""
+TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+END_OWN = """
+SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+WHERE l.locktype = 'advisory' AND l.granted AND l.pid = %(pid)s AND l.objsubid = 1
+  AND l.classid::bigint = ((hashtextextended(%(key)s, 0) >> 32) & 4294967295)
+  AND l.objid::bigint = (hashtextextended(%(key)s, 0) & 4294967295)
+"""
+"""End this node's previous session if (and only if) it still holds the name's lock."""
+
+
+class NodeNameTaken(SpoolError, Unrecoverable):
     """Another running process holds this node's ``node_id``."""
 
 
@@ -101,14 +114,17 @@ class NodeName:
     watch calls it every check) takes the name again, or raises NodeNameTaken if a
     process with the same ``node_id`` took it meanwhile."""
 
-    def __init__(self, dsn: str, node: str) -> None:
+    def __init__(self, dsn: str, node: str, *, timeout: float = KEEP_TIMEOUT) -> None:
         self._dsn = dsn
         self.node = node
+        self._timeout = timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._pid: int | None = None  # the server process of the session holding the name
 
     async def hold(self) -> list[str]:
         """Take the name; returns warnings about the database's durability settings.
-        Raises SpoolError when another running node has the name."""
+        Raises NodeNameTaken when another running node has the name, StorageUnavailable
+        when the database cannot be asked."""
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT
@@ -116,38 +132,57 @@ class NodeName:
         except psycopg.Error as exc:
             raise unavailable(exc) from None
         try:
-            cursor = await conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (NODE_LOCK + self.node,)
-            )
-            row = await cursor.fetchone()
-            if not (row and row[0]):
+            if not await self._lock(conn):
                 raise NodeNameTaken(
                     f"another gateway node runs with node_id {self.node!r}: give each node "
                     "its own [spool] node_id"
                 )
             warnings = await durability_warnings(conn)
+        except psycopg.Error as exc:
+            await conn.close()
+            raise unavailable(exc) from None
         except BaseException:
             await conn.close()
             raise
-        self._conn = conn
+        self._conn, self._pid = conn, conn.info.backend_pid
         return warnings
+
+    async def _lock(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Take the name's lock on ``conn``. A lock still held by this node's previous
+        session (the server kept it after the client lost it) is ended first."""
+        key = NODE_LOCK + self.node
+        taken = await (await conn.execute(TRY_LOCK, (key,))).fetchone()
+        if (taken and taken[0]) or self._pid is None:
+            return bool(taken and taken[0])
+        ended = await (await conn.execute(END_OWN, {"pid": self._pid, "key": key})).fetchone()
+        if not (ended and ended[0]):
+            return False  # held by another process
+        for _ in range(20):  # the ended session lets go of its locks as it exits
+            taken = await (await conn.execute(TRY_LOCK, (key,))).fetchone()
+            if taken and taken[0]:
+                return True
+            await asyncio.sleep(0.05)
+        return False
 
     async def keep(self) -> bool:
         """Hold the name still; True when it had to be taken again (the session was
-        gone). A database that does not answer is left for the next call."""
+        gone). A database that does not answer (within the timeout) is left for the
+        next call; another process holding the name raises NodeNameTaken."""
         conn = self._conn
         if conn is not None and not conn.closed:
             try:
-                await conn.execute("SELECT 1")
+                async with asyncio.timeout(self._timeout):
+                    await conn.execute("SELECT 1")
                 return False
-            except psycopg.Error:
-                pass  # the session ended (the server restarted): its lock is gone
+            except (psycopg.Error, TimeoutError):
+                pass  # the session ended (the server restarted), or cannot be reached
         await self.release()
         try:
-            await self.hold()
+            async with asyncio.timeout(self._timeout):
+                await self.hold()
         except NodeNameTaken:
             raise
-        except SpoolError:  # unavailable: the watch reports the database down
+        except (SpoolError, TimeoutError):  # unavailable: the watch reports the database
             return False
         return True
 

@@ -57,6 +57,11 @@ class SecretFileError(GatewayError):
     """A secret file is missing, unreadable, or readable by others."""
 
 
+class Unrecoverable(GatewayError):
+    """Raised by a supervised task when restarting it cannot help: its supervisor gives
+    up at once and the daemon stops (systemd's restart then says why)."""
+
+
 class SpoolError(GatewayError):
     """The spool cannot store or read a record (never raised for bad input)."""
 

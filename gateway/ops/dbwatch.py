@@ -56,8 +56,8 @@ class DatabaseWatch:
             if not self.up:
                 log.info("database_available")
             self.up = True
-            # Raises when another process took this node's name (the task fails and,
-            # failing again, stops the daemon: two nodes must not share a node_id).
+            # Raises NodeNameTaken when another process took this node's name: an
+            # Unrecoverable error, so the daemon stops at once (no two nodes share one).
             if self.keep_name is not None and await self.keep_name():
                 log.warning("node_name_taken_again", reason="the database session had ended")
         self._readiness["database"] = "up" if self.up else "down"

@@ -4,7 +4,8 @@ on (and the daemon stopped) when it keeps failing, cancelled and awaited at shut
 A task that raises is logged with its name and the exception's type (never its text),
 counted in ``gateway_task_failures_total{task}``, and started again after a backoff
 that doubles up to ``max_backoff``. If a task fails ``max_failures`` times within
-``window`` seconds the supervisor stops restarting it and says so: ``/readyz`` names the
+``window`` seconds, or raises :class:`~gateway.errors.Unrecoverable` once, the
+supervisor stops restarting it and says so: ``/readyz`` names the
 task and the daemon stops with a non-zero exit, so that systemd restarts the whole
 process (a fresh one may succeed where a wedged one cannot). No task is ever left
 running unowned: :meth:`Supervisor.stop` cancels and awaits each one.
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Unrecoverable
 from gateway.ops.logs import get_logger
 
 Sleep = Callable[[float], Awaitable[object]]
@@ -103,7 +104,7 @@ class Supervisor:
             except Exception as exc:
                 log.error("task_failed", task=name, error=type(exc).__name__)
                 self._on_failure(name)
-                if self._gives_up(name):
+                if isinstance(exc, Unrecoverable) or self._gives_up(name):
                     log.error("task_gave_up", task=name, count=self._max_failures)
                     self.failed = self.failed or name
                     self._gave_up.set()

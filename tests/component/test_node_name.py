@@ -51,6 +51,26 @@ async def test_a_process_that_took_the_name_meanwhile_is_said(pg_dsn: str) -> No
         await b.release()
 
 
+async def test_a_session_the_server_kept_is_this_nodes_own_and_is_ended(pg_dsn: str) -> None:
+    """The client lost its connection but the server kept the session (and the lock):
+    the node ends its own old session and holds the name again, not a false alarm."""
+    a = NodeName(pg_dsn, "node-a")
+    await a.hold()
+    kept = a._conn  # the server's session lives on; the node no longer has it
+    a._conn = None
+    try:
+        assert await a.keep() is True
+        assert kept is not None
+        with pytest.raises(psycopg.OperationalError):
+            await kept.execute("SELECT 1")  # ended by the node
+        with pytest.raises(NodeNameTaken):
+            await NodeName(pg_dsn, "node-a").hold()
+    finally:
+        await a.release()
+        if kept is not None:
+            await kept.close()
+
+
 class _Spool:
     async def check(self) -> None:
         pass

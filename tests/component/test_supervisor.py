@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.backends import NodeNameTaken
 from gateway.ops.chain import HashChainLog
 from gateway.ops.metrics import Metrics
 from gateway.ops.supervisor import Supervisor
@@ -72,6 +73,23 @@ async def test_a_task_that_keeps_failing_is_given_up_on() -> None:
     assert await asyncio.wait_for(boss.gave_up(), 5) == "broken"
     assert len(starts) == 5 and failures.names == ["broken"] * 5
     assert boss.failed == "broken"
+    await boss.stop()
+
+
+async def test_an_unrecoverable_failure_is_given_up_on_at_once() -> None:
+    """A task that says restarting cannot help (another process took the node's name)
+    is not restarted: the supervisor gives up on the first failure, without a backoff."""
+    sleep, failures = FakeSleep(clock=FakeClock(T0)), Failures()
+    starts: list[int] = []
+
+    async def taken() -> None:
+        starts.append(1)
+        raise NodeNameTaken("another gateway node runs with node_id 'gw01'")
+
+    boss = supervisor(sleep, failures)
+    boss.start("database-watch", taken)
+    assert await asyncio.wait_for(boss.gave_up(), 5) == "database-watch"
+    assert len(starts) == 1 and sleep.calls == []
     await boss.stop()
 
 
