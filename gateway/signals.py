@@ -31,11 +31,16 @@ log = get_logger("gateway.daemon")
 
 
 def run_until_signalled(
-    config_path: Path, log_level: str = "info", loop_factory: LoopFactory = asyncio.new_event_loop
+    config_path: Path,
+    log_level: str = "info",
+    loop_factory: LoopFactory = asyncio.new_event_loop,
+    *,
+    whole_process: bool = False,
 ) -> int:
     """The ``gatewayd`` program on the event loops ``loop_factory`` makes; returns its
-    exit status."""
-    logs.configure(level=getattr(logging, log_level.upper()), once=True)
+    exit status. ``whole_process``: the process is gatewayd and nothing else, so its
+    logging is configured once for good (each logger bound on first use)."""
+    logs.configure(level=getattr(logging, log_level.upper()), once=whole_process)
     # No core file, whoever starts us: memory holds decrypted submissions and keys (the
     # photo-check workers inherit the limit).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

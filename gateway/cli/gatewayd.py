@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         default="asyncio",
         choices=["asyncio", "uvloop"],
         help="asyncio's own loop (default), or uvloop: less CPU per request, more memory "
-        "per upload (its TLS reads are 256 KiB, asyncio's 64); needs the uvloop extra",
+        "with many large uploads at once; needs the uvloop extra (exit 78 without it)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -69,9 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         factory = loop_factory(args.event_loop)
-    except LoopUnavailable as exc:
+    except LoopUnavailable as exc:  # as unusable as a bad configuration: no restart loop
         print(f"gatewayd: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
 
     path = config_path(args.config)
     try:
@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"gatewayd: {plain_os_error(exc, path)}", file=sys.stderr)
         return EXIT_CONFIG
-    status = run_until_signalled(path, args.log_level, factory)
+    # Called without arguments it is the program itself (the console script, python -m);
+    # with them, a caller in the same process (a test) that may configure logging again.
+    status = run_until_signalled(path, args.log_level, factory, whole_process=argv is None)
     return status
 
 

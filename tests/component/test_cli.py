@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 from conftest import ctl
 
 from gateway.cli import gatewayctl, gatewayd
@@ -159,6 +160,9 @@ def test_gatewayd_with_missing_config_exits_78(
     assert code == 78
     assert out == ""
     assert f"gatewayd: {missing}: file not found" in err
+    # Called in-process with arguments, gatewayd leaves loggers free to follow a later
+    # configure() (a test's capture); only the program itself binds them for good.
+    assert structlog.get_config()["cache_logger_on_first_use"] is False
 
 
 # ---------------------------------------------------------------------------- help
