@@ -6,11 +6,13 @@ install has it). Measured by ``make bench``'s yardstick, two runs each way alter
 on this project's 2-core machine: 3 % less CPU per unsealed 300 KB submission (14.1 vs
 14.6 ms) and 10 % less with HPKE sealing (14.9 vs 16.5 ms).
 
-asyncio stays the default because of memory: uvloop's TLS transport reads up to 256 KiB
-per connection at once, a constant compiled into it, where :func:`gateway.ops.memory.
-tune_tls_reads` holds asyncio's to 64 KiB. A hundred 7 MB uploads at once peaked at
-250 MB of RSS on uvloop against 175 MB on asyncio; the gateway's bound is 200 MB. A site
-whose devices send small photos, or that has the memory, may prefer the CPU.
+asyncio stays the default because of memory: a hundred 7 MB uploads at once peaked at
+250 MB of RSS on uvloop against 175 MB on asyncio; the gateway's bound is 200 MB. The
+cause is not pinned down: the device listeners wrap each connection in asyncio's own TLS
+protocol on either loop (its reads held to 64 KiB by :func:`gateway.ops.memory.
+tune_tls_reads`), so it lies in uvloop's transports or its own TLS on the relay's client
+side (256 KiB reads, a constant compiled into it). A site whose devices send small
+photos, or that has the memory, may prefer the CPU.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def test_uvloop_not_installed_is_said_with_how_to_install_it(
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now fails
     with pytest.raises(LoopUnavailable, match=r"jp-mynumber-gateway\[uvloop\]"):
         loop_factory("uvloop")
-    assert gatewayd.main(["--event-loop", "uvloop"]) == 2
+    assert gatewayd.main(["--event-loop", "uvloop"]) == 78  # EX_CONFIG: no restart loop
     assert "uvloop is not installed" in capsys.readouterr().err
 
 
