@@ -162,9 +162,10 @@ async def scan_cost(directory: Path, count: int = 300) -> dict[str, Any]:
                 DaemonProcess(config, directory / f"daemon-{label}.log") as daemon,
                 DeviceClient(sandbox, "tablet-01", port=daemon.port_of("tablet-01")) as poster,
             ):
-                await _sequential(poster, body, ctype, 30)  # warm up
                 sim = sandbox.simulators["dnp-relay"]
-                await sim.wait_for(len(sim.received), timeout=60)
+                start = len(sim.received)
+                await _sequential(poster, body, ctype, 30)  # warm up (each one a 202)
+                await sim.wait_for(start + 30, timeout=60)  # and delivered
                 before = len(sim.received)
                 cpu = daemon.total_cpu_seconds()
                 clamd_cpu = cpu_seconds_of(clamd.process.pid)

@@ -170,8 +170,9 @@ async def _measure(
     sim = sandbox.simulators[DESTINATION]
     async with DeviceClient(sandbox, "tablet-01", port=port, limit=concurrency) as poster:
         progress(f"{label}: warming up")
-        await closed_loop(poster, body, ctype, total=100, concurrency=concurrency)
-        await sim.wait_for(len(sim.received), timeout=60)
+        start = len(sim.received)
+        *_, failed = await closed_loop(poster, body, ctype, total=100, concurrency=concurrency)
+        await sim.wait_for(start + 100 - failed, timeout=60)  # every warm-up post delivered
         await asyncio.sleep(1)  # the warm-up's deliveries and erasures settle
         progress(f"{label}: {total} × {len(body) // 1000} KB, {concurrency} connections")
         before, cpu_before = len(sim.received), cpu()
