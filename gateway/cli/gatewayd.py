@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "--event-loop",
         default="asyncio",
         choices=["asyncio", "uvloop"],
-        help="asyncio's own loop (default), or uvloop: less CPU per request, more memory "
+        help="asyncio's own loop (default), or uvloop: about the same CPU here, more memory "
         "with many large uploads at once; needs the uvloop extra (exit 78 without it)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

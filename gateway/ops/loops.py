@@ -2,17 +2,19 @@
 
 ``gatewayd --event-loop uvloop`` runs the same daemon on uvloop (libuv, compiled), which
 must be installed (``pip install 'jp-mynumber-gateway[uvloop]'``; the development
-install has it). Measured by ``make bench``'s yardstick, two runs each way alternating
-on this project's 2-core machine: 3 % less CPU per unsealed 300 KB submission (14.1 vs
-14.6 ms) and 10 % less with HPKE sealing (14.9 vs 16.5 ms).
+install has it). Measured by ``make bench``'s yardstick (2,000 × 318 KB, 16 devices) on
+this project's 2-core machine: its CPU per submission was 3–10 % lower in two runs and
+higher in a fourth; over four runs the means are within the noise of asyncio's (14.6 vs
+14.7 ms unsealed, 16.0 vs 16.6 ms with HPKE sealing).
 
 asyncio stays the default because of memory: a hundred 7 MB uploads at once peaked at
 250 MB of RSS on uvloop against 175 MB on asyncio; the gateway's bound is 200 MB. The
 cause is not pinned down: the device listeners wrap each connection in asyncio's own TLS
 protocol on either loop (its reads held to 64 KiB by :func:`gateway.ops.memory.
 tune_tls_reads`), so it lies in uvloop's transports or its own TLS on the relay's client
-side (256 KiB reads, a constant compiled into it). A site whose devices send small
-photos, or that has the memory, may prefer the CPU.
+side (256 KiB reads, a constant compiled into it). It stays on offer, tested like the
+default, for a site to measure on its own machine: with more cores the loop's thread
+carries a larger share of the work, and uvloop's saving may then show.
 """
 
 from __future__ import annotations
