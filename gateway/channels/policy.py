@@ -9,16 +9,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime
 from functools import cached_property
 
 from gateway.channels.fields import TextRule
 from gateway.channels.photo import PhotoRules
 from gateway.config import FILE_FORMATS, ChannelConfig
 from gateway.errors import Violation, WindowClosed
-
-JST = timezone(timedelta(hours=9), "JST")
-"""Active windows are calendar dates in Japan Standard Time (no daylight saving)."""
+from gateway.japan import JST
 
 KNOWN_FIELD_NAMES = frozenset(
     {

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -20,6 +20,7 @@ import shtab
 
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, ConfigProblem, GatewayError
+from gateway.japan import JST
 
 DEFAULT_CONFIG = Path("/etc/gateway/gateway.toml")
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -172,9 +173,6 @@ def iso_date(text: str) -> date:
         ) from None
 
 
-_JST = timezone(timedelta(hours=9), "JST")
-
-
 def time_zone(text: str) -> tzinfo:
     """``UTC`` or an IANA time zone name (the argparse type of ``--timezone``)."""
     if text.upper() in ("UTC", "Z"):
@@ -183,7 +181,7 @@ def time_zone(text: str) -> tzinfo:
         return ZoneInfo(text)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         if text == DEFAULT_TIMEZONE:
-            return _JST  # no tz database installed: Japan has one offset all year
+            return JST  # no tz database installed: Japan has one offset all year
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a time zone: give UTC or an IANA name such as Asia/Tokyo"
         ) from None

@@ -35,7 +35,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -43,8 +43,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.errors import KeystoreError
 from gateway.fsutil import fsync_dir, write_atomic
+from gateway.japan import JST
 
-JST = timezone(timedelta(hours=9), "JST")
 KEY_SIZE = 32
 MAGIC = b"GWKS1\0"
 _NONCE = 12

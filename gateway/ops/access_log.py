@@ -18,17 +18,17 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from gateway import fsutil
 from gateway.errors import StorageFailed
+from gateway.japan import JST
 from gateway.ops.chain import GENESIS, ChainBroken, ChainEntry, HashChainLog
 from gateway.ops.logs import get_logger
 from gateway.ops.metrics import Metrics
 from gateway.spool.backend import SpoolBackend as Spool
 
-JST = timezone(timedelta(hours=9), "JST")
 DAY_FILE = re.compile(r"(\d{4}-\d{2}-\d{2})\.jsonl")
 EXPORT_BATCH = 5000
 EXPORT_INTERVAL = 0.25

@@ -30,7 +30,7 @@ from typing import Any
 
 import holidays
 
-from gateway.ops.access_log import JST
+from gateway.japan import JST
 
 HOLIDAY_SOURCE = (
     f"python-holidays {version('holidays')}, Japan: 国民の祝日に関する法律 (内閣府「国民の祝日」"

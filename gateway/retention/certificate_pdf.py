@@ -28,6 +28,7 @@ from reportlab.platypus import (  # type: ignore[import-untyped]
     TableStyle,
 )
 
+from gateway.japan import JST
 from gateway.retention.pdf_layout import (
     GOTHIC,
     GREY,
@@ -51,7 +52,6 @@ from gateway.retention.pdf_layout import (
 )
 from gateway.retention.report import (
     JA,
-    JST,
     REASON_NAMES,
     SHARED_PREFIX,
     channel_name,

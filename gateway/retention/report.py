@@ -24,14 +24,14 @@ import csv
 import io
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from gateway import __version__
+from gateway.japan import JST
 from gateway.ops.chain import GENESIS, ChainEntry, HashChainLog
 from gateway.ops.pgchain import ChainLog
 
-JST = timezone(timedelta(hours=9), "JST")
 EPOCH_EVENT = "key_epoch_destroyed"
 TITLE = "消去証明書（サーバー上の一時保存データ） / Certificate of erasure of server copies"
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from gateway.ingress.access import HANDSHAKE_BURST, HANDSHAKE_WINDOW, AccessRecorder, encode
-from gateway.ops.access_log import JST, AccessExporter, AccessLog, Expired
+from gateway.japan import JST
+from gateway.ops.access_log import AccessExporter, AccessLog, Expired
 from gateway.ops.chain import ChainBroken
 from gateway.ops.metrics import Metrics
 from gateway.spool.store import Spool

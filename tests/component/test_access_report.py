@@ -16,7 +16,8 @@ import pytest
 from conftest import ctl
 
 from gateway.ingress.access import encode
-from gateway.ops.access_log import JST, AccessLog
+from gateway.japan import JST
+from gateway.ops.access_log import AccessLog
 from gateway.ops.access_report import OfficeHours, as_document, review
 from gateway.testing.sandbox import Sandbox, build_sandbox
 

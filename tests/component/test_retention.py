@@ -16,9 +16,10 @@ import pytest
 
 from gateway.crypto.keystore import epoch_end, epoch_of
 from gateway.errors import KeystoreError
+from gateway.japan import JST
 from gateway.ops.chain import HashChainLog
 from gateway.ops.metrics import Metrics
-from gateway.retention.report import JST, as_csv, certificate
+from gateway.retention.report import as_csv, certificate
 from gateway.retention.sweeper import Sweeper
 from gateway.spool.records import NewRecord, new_submission_id
 from gateway.spool.store import Spool

@@ -23,8 +23,9 @@ from conftest import FakeSleep, hold, start_gateway
 from gateway.crypto.envelope import unwrap_key
 from gateway.crypto.envelope_reader import iter_plaintext
 from gateway.crypto.keys import load_master_key
-from gateway.crypto.keystore import JST, KeyStore, epoch_of
+from gateway.crypto.keystore import KeyStore, epoch_of
 from gateway.errors import RecordCorrupt
+from gateway.japan import JST
 from gateway.retention.ledger import erasure_ledger
 from gateway.testing.samples import sample_submission
 from gateway.testing.sandbox import build_sandbox

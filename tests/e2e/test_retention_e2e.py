@@ -14,9 +14,9 @@ import pytest
 from conftest import FakeSleep, Running, actl, start_gateway, until
 
 from gateway.cli import gatewayctl
+from gateway.japan import JST
 from gateway.ops.chain import HashChainLog
 from gateway.retention.ledger import erasure_ledger
-from gateway.retention.report import JST
 from gateway.testing.samples import sample_submission
 from gateway.testing.sandbox import CHANNEL_DEVICE, Sandbox, build_sandbox
 

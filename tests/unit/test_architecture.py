@@ -31,7 +31,10 @@ PURE = (
 IMPURE = {"asyncio", "aiohttp", "sqlite3", "os", "shutil", "pathlib", "io", "tempfile", "socket"}
 
 LAYERS = (
-    ("core", ("gateway", "gateway.errors", "gateway.config", "gateway.shipped", *PURE)),
+    (
+        "core",
+        ("gateway", "gateway.errors", "gateway.japan", "gateway.config", "gateway.shipped", *PURE),
+    ),
     (
         "edges",
         (

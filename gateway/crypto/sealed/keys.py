@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time
 from functools import cached_property
 from pathlib import Path
 from typing import Final, cast
@@ -50,6 +50,7 @@ from gateway.crypto.sealed.keyformat import (
     key_id,
 )
 from gateway.errors import SecretFileError
+from gateway.japan import JST
 
 __all__ = [
     "MIN_RSA_BITS",
@@ -62,7 +63,6 @@ __all__ = [
 
 MIN_RSA_BITS: Final = 3072
 
-JST = timezone(timedelta(hours=9), "JST")
 _MAX_PUBLIC_FILE_SIZE = 1 << 20
 _RULE_SIGNER = "the signing key must be Ed25519 or ECDSA P-256 (secp256r1)"
 
