@@ -56,7 +56,7 @@ def _read_chunks(path: Path, first: int) -> list[bytes]:
 
 @dataclass
 class Insert:
-    """A new record: its row (:func:`gateway.spool.pgqueries.new_row`) and the staging
+    """A new record: its row (:func:`gateway.spool.records.queued_row`) and the staging
     file its ciphertext is copied from."""
 
     row: dict[str, Any]

@@ -27,9 +27,7 @@ from gateway.pgutil import unavailable
 from gateway.spool.records import (
     RECORD_COLUMNS,
     DuplicateIdempotencyKey,
-    NewRecord,
     State,
-    queued_row,
     sources_of,
 )
 
@@ -183,28 +181,6 @@ async def connection(
 
 
 # ------------------------------------------------------------------------ writing
-
-
-def new_row(
-    record_id: str,
-    meta: NewRecord,
-    *,
-    plaintext_size: int,
-    ciphertext_size: int,
-    ciphertext_sha256: str,
-    wrapped_key: bytes,
-    key_epoch: str,
-) -> dict[str, Any]:
-    """The parameters of :data:`INSERT_RECORD` for a new, queued record."""
-    return queued_row(
-        record_id,
-        meta,
-        plaintext_size=plaintext_size,
-        ciphertext_size=ciphertext_size,
-        ciphertext_sha256=ciphertext_sha256,
-        wrapped_key=wrapped_key,
-        key_epoch=key_epoch,
-    )
 
 
 async def move(

@@ -58,6 +58,7 @@ from gateway.spool.records import (
     Record,
     RecoveryReport,
     State,
+    queued_row,
     sources_of,
 )
 
@@ -241,7 +242,7 @@ class PgSpool(StateMoves, PgRetentionView, NodeCounters, AccessPending):
         else:  # a new epoch (made durable before any row uses it), or another node's
             epoch_key = await asyncio.to_thread(self.keys.key_for, epoch)
         ciphertext_sha256 = writer.ciphertext_sha256()
-        row = pgqueries.new_row(
+        row = queued_row(
             pending.id,
             meta,
             plaintext_size=writer.plaintext_size,
