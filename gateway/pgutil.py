@@ -32,10 +32,11 @@ CONNECT_TIMEOUT = 5
 def unavailable(error: BaseException) -> BaseException:
     """The spool's error for a driver error: StorageUnavailable when the server cannot
     be reached or went away (the device gets 503 and tries again), StorageFailed for
-    a refused write (a full disk on the server, say); anything else as it is.
+    a refused write (a full disk on the server, say), SpoolError for any other error of
+    the driver (a row refused by a constraint among them); a non-driver error as it is.
 
     The message names the error's class and SQLSTATE, never the driver's text, which
-    may quote the statement's parameters."""
+    may quote the statement's parameters ("Key (...)=(...)", "Failing row contains")."""
     if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
         return StorageUnavailable(
             f"the spool database is unavailable ({type(error).__name__}"
@@ -43,9 +44,11 @@ def unavailable(error: BaseException) -> BaseException:
         )
     if isinstance(error, psycopg.errors.DiskFull | psycopg.errors.InsufficientResources):
         return StorageFailed(f"the spool database refused the write ({_sqlstate(error)[2:]})")
-    if isinstance(error, psycopg.DatabaseError) and not isinstance(
-        error, psycopg.errors.IntegrityError
-    ):
+    if isinstance(error, psycopg.errors.IntegrityError):
+        return SpoolError(
+            f"the spool database refused the row ({type(error).__name__}{_sqlstate(error)})"
+        )
+    if isinstance(error, psycopg.Error):
         return SpoolError(f"the spool database failed ({type(error).__name__}{_sqlstate(error)})")
     return error
 

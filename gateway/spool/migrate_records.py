@@ -178,7 +178,7 @@ class RecordCopier:
                     with self._conn.cursor() as cur:
                         cur.executemany(INSERT, new)
                         self._copy_files(cur, [row for row in new if row["wrapped_key"]])
-        except psycopg.errors.UniqueViolation as exc:
+        except psycopg.errors.IntegrityError as exc:  # its text quotes the row: not shown
             if exc.diag.constraint_name != pgqueries.IDEMPOTENCY_INDEX:
                 raise MigrationFailed(
                     STEP, f"the database refused a row ({exc.sqlstate})"

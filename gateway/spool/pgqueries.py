@@ -22,7 +22,6 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.errors import SpoolError
 from gateway.pgutil import unavailable
 from gateway.spool.records import (
     RECORD_COLUMNS,
@@ -157,14 +156,7 @@ def spool_error(error: BaseException) -> BaseException:
         and error.diag.constraint_name == IDEMPOTENCY_INDEX
     ):
         return DuplicateIdempotencyKey("idempotency key already used")
-    if isinstance(error, psycopg.errors.IntegrityError):
-        # The driver's text quotes the row ("Key (...)=(...)"): only the class is named.
-        state = f", SQLSTATE {error.sqlstate}" if error.sqlstate else ""
-        return SpoolError(f"the spool database refused the row ({type(error).__name__}{state})")
-    translated = unavailable(error)
-    if isinstance(translated, psycopg.Error):  # never the driver's own text
-        return SpoolError(f"the spool database failed ({type(error).__name__})")
-    return translated
+    return unavailable(error)
 
 
 @asynccontextmanager
