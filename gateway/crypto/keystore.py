@@ -124,10 +124,29 @@ def shred(path: Path) -> None:
 
 
 class EpochSets:
-    """What a keystore knows of its epochs: the live keys and the destroyed days."""
+    """What a keystore knows of its epochs: the live keys and the destroyed days, held in
+    memory under the master key ``master``, and the idempotency key once opened."""
 
-    _keys: dict[str, bytes]
-    _destroyed: set[str]
+    def __init__(self, master: bytes) -> None:
+        self._master = master
+        self.kid = master_key_id(master)
+        self._keys: dict[str, bytes] = {}
+        self._destroyed: set[str] = set()
+        self._idempotency: bytes | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def idempotency_key(self) -> bytes:
+        assert self._idempotency is not None, "open the keystore first"
+        return self._idempotency
+
+    def refresh(self) -> None:
+        """Learn the epochs other nodes made and destroyed: nothing to learn for a
+        keystore one node owns (the shared one asks its database)."""
+
+    def vacuum(self) -> None:
+        """Clear the dead versions of destroyed keys: nothing to do for files, which
+        are overwritten and unlinked (the shared one vacuums its tables)."""
 
     def live(self) -> list[str]:
         return sorted(self._keys)
@@ -143,13 +162,8 @@ class KeyStore(EpochSets):
     """The epoch keys of one gateway, held in memory once opened (see the module doc)."""
 
     def __init__(self, directory: Path, master: bytes) -> None:
+        super().__init__(master)
         self.directory = directory
-        self._master = master
-        self.kid = master_key_id(master)
-        self._keys: dict[str, bytes] = {}
-        self._destroyed: set[str] = set()
-        self._idempotency: bytes | None = None
-        self._lock = threading.Lock()
         self._lock_fd: int | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -258,11 +272,6 @@ class KeyStore(EpochSets):
         write_atomic(path, seal_key(master, name, key), kind=KIND)
 
     # ------------------------------------------------------------------- keys
-
-    @property
-    def idempotency_key(self) -> bytes:
-        assert self._idempotency is not None, "open the keystore first"
-        return self._idempotency
 
     def get(self, epoch: str) -> bytes | None:
         """The epoch's key; None once destroyed (or never made)."""

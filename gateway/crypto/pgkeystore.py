@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -123,13 +122,8 @@ class PgKeyStore(EpochSets):
     a thread. Thread-safe."""
 
     def __init__(self, dsn: str, master: bytes) -> None:
+        super().__init__(master)
         self._dsn = dsn
-        self._master = master
-        self.kid = master_key_id(master)
-        self._keys: dict[str, bytes] = {}
-        self._destroyed: set[str] = set()
-        self._idempotency: bytes | None = None
-        self._lock = threading.Lock()
         self._slot: list[psycopg.Connection[Any] | None] = [None]
         self._closer = weakref.finalize(self, _close, self._slot)
         self._opened = False
@@ -256,11 +250,6 @@ class PgKeyStore(EpochSets):
                 self._keys.pop(epoch, None)
 
     # ------------------------------------------------------------------- keys
-
-    @property
-    def idempotency_key(self) -> bytes:
-        assert self._idempotency is not None, "open the keystore first"
-        return self._idempotency
 
     def get(self, epoch: str) -> bytes | None:
         """The epoch's key; None once destroyed (or never made). An epoch not held here

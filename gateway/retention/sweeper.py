@@ -50,6 +50,7 @@ from gateway.retention.due import (
     ledger_body,
     reason_for,
 )
+from gateway.spool.backend import EpochKeys
 from gateway.spool.backend import SpoolBackend as Spool
 from gateway.spool.records import Due
 
@@ -188,22 +189,17 @@ class Sweeper:
         return contextlib.nullcontext() if self._shared is None else self._shared.exclusive()
 
     @staticmethod
-    async def _refresh(keys: object) -> None:
+    async def _refresh(keys: EpochKeys) -> None:
         """A shared keystore learns what the other nodes made and destroyed (on a thread:
         it asks the database); a keystore of one node has nothing to learn."""
-        refresh = getattr(keys, "refresh", None)
-        if refresh is not None:
-            await asyncio.to_thread(refresh)
+        await asyncio.to_thread(keys.refresh)
 
     @staticmethod
-    async def _vacuum(keys: object) -> None:
+    async def _vacuum(keys: EpochKeys) -> None:
         """A keystore in a database vacuums the dead row versions of destroyed keys out
         of its tables; if that fails, autovacuum does it later (the keys are destroyed)."""
-        vacuum = getattr(keys, "vacuum", None)
-        if vacuum is None:
-            return
         try:
-            await asyncio.to_thread(vacuum)
+            await asyncio.to_thread(keys.vacuum)
         except GatewayError as exc:
             log.warning("keystore_vacuum_failed", reason=str(exc))
 

@@ -39,6 +39,10 @@ class EpochKeys(Protocol):
 
     def destroy(self, epoch: str) -> bool: ...
 
+    def refresh(self) -> None: ...
+
+    def vacuum(self) -> None: ...
+
 
 class SpoolBackend(Protocol):
     """What every spool backend offers (see the module's docstring)."""

@@ -322,9 +322,8 @@ class PgSpool(StateMoves, PgRetentionView, NodeCounters, AccessPending):
         if epoch in self.keys.live():
             return self.keys.get(epoch)
         key = await asyncio.to_thread(self.keys.get, epoch)
-        refresh = getattr(self.keys, "refresh", None)
-        if key is None and callable(refresh) and not self.keys.is_destroyed(epoch):
-            await asyncio.to_thread(refresh)
+        if key is None and not self.keys.is_destroyed(epoch):
+            await asyncio.to_thread(self.keys.refresh)
             key = await asyncio.to_thread(self.keys.get, epoch)
         return key
 
