@@ -16,10 +16,13 @@ without mocking the gateway's logic.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+
+from gateway.errors import SpoolError
 
 FaultHook = Callable[[str, str], None]
 """Called as ``hook(kind, operation)`` before a write; raises OSError to fail it."""
@@ -114,3 +117,16 @@ def write_atomic(
     finally:
         tmp.unlink(missing_ok=True)  # gone after a rename; the spare name after a link
     fsync_dir(path.parent, kind=kind)
+
+
+def lock_directory(directory: Path) -> int:
+    """Lock a spool's (or a node's staging) directory for this process: another one's
+    start-up would delete the files it is writing. Returns the descriptor holding the
+    lock; SpoolError if another process holds it."""
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolError(f"{directory} is in use by another gateway process") from None
+    return fd

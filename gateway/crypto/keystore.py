@@ -30,6 +30,7 @@ epochs are destroyed; without it, never.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import hmac
 import os
 import re
@@ -140,6 +141,12 @@ class EpochSets:
         assert self._idempotency is not None, "open the keystore first"
         return self._idempotency
 
+    def idempotency_token(self, device_id: str, channel: str, key: str) -> str:
+        """What a spool keeps of an Idempotency-Key: an HMAC under the idempotency key,
+        bound to the device and the channel (never the key itself)."""
+        material = f"{device_id}\0{channel}\0{key}".encode()
+        return hmac.new(self.idempotency_key, material, hashlib.sha256).hexdigest()
+
     def refresh(self) -> None:
         """Learn the epochs other nodes made and destroyed: nothing to learn for a
         keystore one node owns (the shared one asks its database)."""
@@ -150,6 +157,10 @@ class EpochSets:
 
     def live(self) -> list[str]:
         return sorted(self._keys)
+
+    def holds(self, epoch: str) -> bool:
+        """Whether the epoch's key is in memory (no I/O to answer :meth:`get`)."""
+        return epoch in self._keys
 
     def destroyed(self) -> list[str]:
         return sorted(self._destroyed)

@@ -40,6 +40,7 @@ from gateway import pgutil
 from gateway.crypto.keystore import KeyStore
 from gateway.crypto.pgkeystore import PgKeyStore
 from gateway.errors import KeystoreError
+from gateway.fsutil import lock_directory
 from gateway.identity import pgregistry
 from gateway.identity.registry import RegistryError
 from gateway.ops.chain import HashChainLog
@@ -47,7 +48,6 @@ from gateway.spool import pgqueries
 from gateway.spool.migrate_chains import MIGRATE_ACTION, ChainCopied, copy_chain
 from gateway.spool.migrate_keys import KeysCopied, MigrationFailed, import_keys
 from gateway.spool.migrate_records import RecordCopier, RecordsCopied
-from gateway.spool.pgnode import lock_directory
 from gateway.spool.queries import SCHEMA_VERSION
 
 __all__ = ["MIGRATE_ACTION", "MigrationFailed", "Report", "Source", "migrate"]

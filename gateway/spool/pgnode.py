@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
-from pathlib import Path
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -165,18 +162,6 @@ class NodeCounters:
     async def check(self) -> None:
         """Raise StorageUnavailable unless the database answers within 2 s (readiness)."""
         await self._db.check()
-
-
-def lock_directory(directory: Path) -> int:
-    """Lock the node's staging directory (one process each: another one's start would
-    delete the uploads it is receiving); returns the descriptor holding the lock."""
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SpoolError(f"{directory} is in use by another gateway process") from None
-    return fd
 
 
 _KEY_USERS: dict[int, int] = {}

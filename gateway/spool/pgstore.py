@@ -29,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import hashlib
-import hmac
 import os
 import time
 from collections import Counter
@@ -41,13 +39,14 @@ from typing import Any
 from gateway.crypto.envelope import new_data_key, unwrap_key, wrap_key
 from gateway.crypto.keystore import epoch_of
 from gateway.errors import KeyEpochGone, SpoolError
+from gateway.fsutil import lock_directory
 from gateway.spool import pgqueries, pgread, pgview
 from gateway.spool.backend import EpochKeys
 from gateway.spool.moves import MoveSql, StateMoves
 from gateway.spool.pending import PendingRecord, abandon_unclaimed
 from gateway.spool.pgcommit import AccessPending, GroupCommit, Insert
 from gateway.spool.pgleases import Leases
-from gateway.spool.pgnode import Database, NodeCounters, close_keys, lock_directory, open_keys
+from gateway.spool.pgnode import Database, NodeCounters, close_keys, open_keys
 from gateway.spool.pgqueries import Conn
 from gateway.spool.pgstats import WINDOW, OldestUndelivered
 from gateway.spool.pgview import PgRetentionView
@@ -237,7 +236,7 @@ class PgSpool(StateMoves, PgRetentionView, NodeCounters, AccessPending):
             raise SpoolError("the spool is not open")
         writer = pending.writer
         epoch = epoch_of(meta.expires_at)
-        if epoch in self.keys.live():  # held in memory: no I/O
+        if self.keys.holds(epoch):  # held in memory: no I/O
             epoch_key = self.keys.key_for(epoch)
         else:  # a new epoch (made durable before any row uses it), or another node's
             epoch_key = await asyncio.to_thread(self.keys.key_for, epoch)
@@ -282,10 +281,8 @@ class PgSpool(StateMoves, PgRetentionView, NodeCounters, AccessPending):
         pending.abandon()
 
     def idempotency_token(self, device_id: str, channel: str, key: str) -> str:
-        """What the spool keeps of an Idempotency-Key: an HMAC under the keystore's
-        idempotency key, bound to the device and the channel (as :class:`Spool`)."""
-        material = f"{device_id}\0{channel}\0{key}".encode()
-        return hmac.new(self.keys.idempotency_key, material, hashlib.sha256).hexdigest()
+        """What the spool keeps of an Idempotency-Key (the keystore's HMAC of it)."""
+        return self.keys.idempotency_token(device_id, channel, key)
 
     # ------------------------------------------------------------------ reading
 
@@ -319,7 +316,7 @@ class PgSpool(StateMoves, PgRetentionView, NodeCounters, AccessPending):
         """The epoch's key, or None when it is gone. One this node does not hold yet is
         looked up on a thread (the shared keystore asks the database), after reading
         the keystore again when it can (``refresh``)."""
-        if epoch in self.keys.live():
+        if self.keys.holds(epoch):
             return self.keys.get(epoch)
         key = await asyncio.to_thread(self.keys.get, epoch)
         if key is None and not self.keys.is_destroyed(epoch):

@@ -17,9 +17,6 @@ A restart forgets which records were being delivered, so they go back to the que
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import hashlib
-import hmac
 import os
 import time
 from collections import Counter
@@ -32,7 +29,7 @@ from gateway.crypto.envelope import new_data_key, unwrap_key, wrap_key
 from gateway.crypto.envelope_reader import iter_plaintext
 from gateway.crypto.keystore import KeyStore, epoch_of
 from gateway.errors import KeyEpochGone, SpoolError
-from gateway.fsutil import fsync_dir
+from gateway.fsutil import fsync_dir, lock_directory
 from gateway.spool import queries
 from gateway.spool.epochs import hold_unreadable, migrate_legacy_keys
 from gateway.spool.index import IndexThread
@@ -88,7 +85,8 @@ class Spool(StateMoves, RetentionView):
     async def open(self) -> RecoveryReport:
         """Open the index, remove orphans, forget in-flight claims; safe after a crash."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_spool()
+        # One process per spool: another one's recovery would delete our pending files.
+        self._lock_fd = lock_directory(self.directory)
         try:
             await asyncio.to_thread(self.keys.open)
         except BaseException:
@@ -123,16 +121,6 @@ class Spool(StateMoves, RetentionView):
         return RecoveryReport(
             len(keep), self.counts[State.QUEUED], orphans, len(missing), migrated, unreadable
         )
-
-    def _lock_spool(self) -> None:
-        """One process per spool: another one's recovery would delete our pending files."""
-        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolError(f"{self.directory} is in use by another gateway process") from None
-        self._lock_fd = fd
 
     def _remove_orphans(self, keep: set[str]) -> int:
         """Delete files no committed row owns: writes a crash cut short."""
@@ -259,10 +247,8 @@ class Spool(StateMoves, RetentionView):
         pending.abandon()
 
     def idempotency_token(self, device_id: str, channel: str, key: str) -> str:
-        """What the index keeps of an Idempotency-Key: an HMAC under a key derived from
-        the master key, bound to the device and the channel."""
-        material = f"{device_id}\0{channel}\0{key}".encode()
-        return hmac.new(self.keys.idempotency_key, material, hashlib.sha256).hexdigest()
+        """What the spool keeps of an Idempotency-Key (the keystore's HMAC of it)."""
+        return self.keys.idempotency_token(device_id, channel, key)
 
     # ------------------------------------------------------------------ reading
 

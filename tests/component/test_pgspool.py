@@ -439,6 +439,12 @@ class LateKeys:
     def idempotency_key(self) -> bytes:
         return self._shared.idempotency_key
 
+    def idempotency_token(self, device_id: str, channel: str, key: str) -> str:
+        return self._shared.idempotency_token(device_id, channel, key)
+
+    def holds(self, epoch: str) -> bool:
+        return epoch in self._known
+
     def get(self, epoch: str) -> bytes | None:
         return self._shared.get(epoch) if epoch in self._known else None
 
