@@ -96,8 +96,6 @@ class GroupCommit:
         """Transactions committed (each holding one or more operations)."""
         self.records = 0
         """Records committed, over all batches."""
-        self.last_batch = 0
-        """Operations in the last committed batch."""
         self.largest_batch = 0
 
     def start(self, next_seq: int) -> None:
@@ -163,7 +161,6 @@ class GroupCommit:
         numbered = sum(1 for op in batch if op.error is None and op.access is not None)
         self.next_seq = max(self.next_seq, base + numbered)
         self.batches += 1
-        self.last_batch = len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         for op in batch:
             if op.error is None and op.insert is not None:
